@@ -1,0 +1,80 @@
+"""Compare a backend's step with the float64 oracle under a stated, per-dtype rounding bound.
+
+The tolerance
+-------------
+A backend computes in the buffer dtype with unit roundoff ``u`` (2^-24 for float32, 2^-53 for
+float64); the oracle computes in float64 from the same inputs. Each elementary operation adds
+at most ``u`` times the magnitude of its own result, so to first order an output's error is
+bounded by ``k * u * S``, where ``S`` is the output's formula evaluated with every term
+replaced by its absolute value (the "error scale") and ``k`` the longest chain of roundings
+(scalar casts included): about 12 for the parameter update; we allow ``ROUNDINGS = 16``.
+Results that underflow get an absolute floor of ``ROUNDINGS`` smallest subnormals.
+
+A backend off by one wrong constant, a wrong branch or a float32 ``1 - beta2`` computed in
+float32 (a 1e-5 relative error) lands far outside this bound; see ``test_oracle_check.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from fastradam.reference import reference_step
+
+ROUNDINGS = 16
+UNIT_ROUNDOFF = {np.dtype(np.float32): 2.0**-24, np.dtype(np.float64): 2.0**-53}
+_PROBE = 2.0**-100  # a momentum too small to matter, exact to scale by
+
+
+def _f64(array: Any) -> np.ndarray:
+    return np.asarray(array, dtype=np.float64).reshape(-1)
+
+
+def error_scales(before: Sequence[Any], hyper: Mapping[str, Any]) -> tuple[np.ndarray, ...]:
+    """Absolute-value scales ``(S_p, S_m, S_v)`` of one step from ``before = (p, g, m, v)``."""
+    p, g, m, v = (np.abs(_f64(x)) for x in before)
+    lr = hyper.get("lr", 1e-3)
+    weight_decay = hyper.get("weight_decay", 0.0)
+    decoupled = hyper.get("decoupled_weight_decay", False)
+    g_abs = g + (0.0 if decoupled else weight_decay) * p
+    scale_m = m + g_abs
+    scale_v = v + g_abs * g_abs
+    # The oracle's own step multiplier (lr * r_t * sqrt(bc2) / bc1 / (sqrt(v') + eps), or
+    # lr / bc1 below the threshold) read off a probe step whose momentum is _PROBE exactly
+    # and whose v' = beta2 * v <= the real v' (so the multiplier is never underestimated).
+    probe = np.full_like(p, _PROBE)
+    kwargs = {k: hyper[k] for k in ("step", "lr", "betas", "eps") if k in hyper}
+    probe_p, _, _ = reference_step(np.zeros_like(p), probe, probe, v, **kwargs)
+    multiplier = np.abs(probe_p) / _PROBE
+    decay = max(1.0, abs(1.0 - lr * weight_decay)) if decoupled else 1.0
+    scale_p = p * decay + multiplier * scale_m
+    return scale_p, scale_m, scale_v
+
+
+def assert_matches_oracle(
+    before: Sequence[Any], after: Sequence[Any], hyper: Mapping[str, Any]
+) -> None:
+    """Assert ``after = (p, m, v)`` equals the oracle's step from ``before = (p, g, m, v)``.
+
+    ``hyper`` holds ``fused_step``'s keyword arguments (``step`` included). The bound is
+    ``|after - oracle| <= ROUNDINGS * (u * S + smallest_subnormal)`` element-wise.
+    """
+    dtype = np.asarray(before[0]).dtype
+    u = UNIT_ROUNDOFF[dtype]
+    floor = float(np.finfo(dtype).smallest_subnormal)
+    expected = reference_step(*(np.asarray(x) for x in before), **hyper)
+    for name, got, want, scale in zip(("params", "exp_avg", "exp_avg_sq"), after, expected,
+                                      error_scales(before, hyper)):
+        got = _f64(got)
+        want = want.reshape(-1)
+        bound = ROUNDINGS * (u * scale + floor)
+        error = np.abs(got - want)
+        bad = ~(error <= bound)  # NaN counts as a mismatch
+        if np.any(bad):
+            i = int(np.argmax(bad))
+            raise AssertionError(
+                f"{name} ({dtype}) differs from the oracle at {int(bad.sum())} of {bad.size} "
+                f"elements; first at [{i}]: got {got[i]!r}, oracle {want[i]!r}, "
+                f"error {error[i]:.3g} > bound {bound[i]:.3g} (hyper={dict(hyper)})"
+            )

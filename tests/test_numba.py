@@ -1,0 +1,102 @@
+"""The Numba CPU backend (through ``fused_step`` on NumPy arrays) against the oracle."""
+
+from __future__ import annotations
+
+import re
+
+import numba
+import numpy as np
+import pytest
+
+from fastradam import fused_step
+from tests.cases import DTYPES, OPTION_SETS, SIZES, STEPS, random_buffers
+from tests.oracle_check import assert_matches_oracle
+
+
+def _step_and_check(size, dtype, seed, hyper):
+    buffers = random_buffers(size, dtype, seed)
+    before = tuple(b.copy() for b in buffers)
+    fused_step(*buffers, **hyper)
+    assert_matches_oracle(before, (buffers[0], buffers[2], buffers[3]), hyper)
+    np.testing.assert_array_equal(buffers[1], before[1])  # grads are read only
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("step", STEPS)
+def test_matches_oracle_across_sizes_and_steps(dtype, size, step):
+    _step_and_check(size, dtype, seed=size + step, hyper={"step": step, "lr": 1e-2})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", OPTION_SETS, ids=str)
+@pytest.mark.parametrize("step", (3, 8))
+def test_matches_oracle_for_every_option(dtype, options, step):
+    _step_and_check(1023, dtype, seed=step, hyper={"step": step, **options})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_trajectory_stays_on_the_oracle(dtype):
+    """Twenty steps crossing the threshold, each checked from the backend's own state."""
+    buffers = random_buffers(517, dtype, seed=3)
+    rng = np.random.default_rng(4)
+    for step in range(1, 21):
+        buffers[1][:] = rng.standard_normal(517)
+        before = tuple(b.copy() for b in buffers)
+        hyper = {"step": step, "lr": 0.01, "weight_decay": 0.01}
+        fused_step(*buffers, **hyper)
+        assert_matches_oracle(before, (buffers[0], buffers[2], buffers[3]), hyper)
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (2, 3, 5), (4, 0), ()])
+def test_any_shape_is_treated_as_flat(shape):
+    size = int(np.prod(shape))
+    buffers = tuple(b.reshape(shape) for b in random_buffers(size, np.float64, seed=1))
+    before = tuple(b.copy() for b in buffers)
+    fused_step(*buffers, step=9)
+    assert all(b.shape == shape for b in buffers)
+    assert_matches_oracle(before, (buffers[0], buffers[2], buffers[3]), {"step": 9})
+
+
+def test_non_finite_gradients_propagate_as_in_torch():
+    p, g, m, v = random_buffers(4, np.float32, seed=2)
+    g[1], g[2] = np.nan, np.inf
+    fused_step(p, g, m, v, step=10)
+    assert np.isfinite(p[[0, 3]]).all() and np.isnan(p[1]) and np.isnan(p[2])
+
+
+def _run(dtype, threads=None):
+    buffers = random_buffers(2**16 + 5, dtype, seed=11)
+    previous = numba.get_num_threads()
+    if threads is not None:
+        numba.set_num_threads(threads)
+    try:
+        for step in range(1, 9):
+            fused_step(*buffers, step=step, weight_decay=0.01)
+    finally:
+        numba.set_num_threads(previous)
+    return buffers
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bit_identical_reruns_and_thread_counts(dtype):
+    first, again, one_thread = _run(dtype), _run(dtype), _run(dtype, threads=1)
+    for a, b, c in zip(first, again, one_thread):
+        assert a.tobytes() == b.tobytes() == c.tobytes()
+
+
+def test_float32_loop_is_vectorised_and_stays_float32():
+    """The kernel's own source, compiled afresh (cached code cannot be inspected)."""
+    from fastradam.backends import numba_cpu
+
+    kernel = numba.njit(parallel=True)(numba_cpu._radam_kernel.py_func)
+    f32 = np.float32(0.5)
+    buffers = random_buffers(8, np.float32, 0)
+    kernel(*buffers, f32, f32, f32, f32, f32, f32, False, True, f32)
+    asm = kernel.inspect_asm(kernel.signatures[0])
+    packed_sqrt = re.findall(r"vsqrtps\s+%([xyz])mm", asm)
+    assert packed_sqrt, "no packed single-precision sqrt: the loop did not vectorise"
+    assert not re.search(r"vsqrtpd|vcvtps2pd", asm), "float32 loop promoted to float64"
+    with open("/proc/cpuinfo") as cpuinfo:
+        if "avx512f" in cpuinfo.read():
+            assert "z" in packed_sqrt, "AVX-512 CPU but no 512-bit (zmm) sqrt"
