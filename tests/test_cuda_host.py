@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import cuda_harness
-from fastradam.reference import reference_step
 from fastradam.scalars import step_scalars
+from oracle_check import assert_matches_oracle
 
 pytestmark = pytest.mark.skipif(cuda_harness.compiler() is None, reason="no host C++ compiler (g++ or $CXX)")
 
@@ -20,40 +20,11 @@ DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: The CuPy backend's launch shape and deliberately odd ones: one thread, a grid smaller than
 #: the work (grid-stride), one larger than the work (idle threads).
 GRIDS = ((1, 1), (3, 64), (1056, 256), (5000, 32))
-#: Tolerance in units of the dtype's epsilon, relative to each result's error scale.
-ULPS = 8
-EPSILON = {np.dtype(np.float32): 2.0**-24, np.dtype(np.float64): 2.0**-53}
 
 
 @pytest.fixture(scope="module")
 def harness() -> cuda_harness.Harness:
     return cuda_harness.Harness(cuda_harness.build())
-
-
-def assert_matches_oracle(before: tuple, after: tuple, hyper: dict) -> None:
-    """Check ``after = (p, m, v)`` against the oracle applied to ``before = (p, g, m, v)``.
-
-    Each result may differ from the float64 oracle by ``ULPS`` epsilons of the dtype times its
-    error scale: the sum of the magnitudes of the terms that produced it, e.g.
-    ``|p| decay + step_size (|m| + |g| + wd |p|) / (sqrt(v) + eps)`` for the parameters.
-    """
-    dtype = before[0].dtype
-    p, g, m, _ = (x.astype(np.float64) for x in before)
-    expected = reference_step(*before, **hyper)
-    scalars = step_scalars(step=hyper["step"], lr=hyper["lr"], beta1=hyper["betas"][0],
-                           beta2=hyper["betas"][1], eps=hyper["eps"], weight_decay=hyper["weight_decay"],
-                           decoupled_weight_decay=hyper["decoupled_weight_decay"], maximize=hyper["maximize"])
-    m_scale = np.abs(m) + np.abs(g) + scalars.l2_weight_decay * np.abs(p)
-    denominator = np.sqrt(expected[2]) + scalars.eps if scalars.rectified else 1.0
-    scales = (np.abs(p) * scalars.param_decay + scalars.step_size * m_scale / denominator,
-              m_scale, expected[2])
-    for name, got, want, scale in zip(("params", "exp_avg", "exp_avg_sq"), after, expected, scales):
-        assert got.dtype == dtype
-        error = np.abs(got.astype(np.float64) - want)
-        bound = ULPS * EPSILON[dtype] * scale
-        bad = np.flatnonzero(~(error <= bound))
-        assert bad.size == 0, (f"{name}: {bad.size} of {error.size} elements off, first at {bad[0]}: "
-                               f"got {got.flat[bad[0]]!r}, oracle {want.flat[bad[0]]!r}, bound {bound.flat[bad[0]]!r}")
 
 
 def make_buffers(rng: np.random.Generator, dtype: np.dtype, n: int, offsets=(0, 0, 0, 0)) -> tuple:
