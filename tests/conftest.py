@@ -1,23 +1,6 @@
-"""Shared test configuration: the ``gpu`` marker's skip-or-fail rule and hypothesis profiles."""
+"""Test-suite configuration: hypothesis runs without deadlines (JIT compiles happen inside examples)."""
 
-from __future__ import annotations
-
-import os
-
-import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Skip ``gpu`` tests without a CUDA device; with FASTRADAM_REQUIRE_GPU=1 let them fail."""
-    from fastradam import available_backends
-
-    if "cuda" in available_backends() or os.environ.get("FASTRADAM_REQUIRE_GPU") == "1":
-        return
-    skip = pytest.mark.skip(reason="no CUDA device (CuPy with a GPU); set FASTRADAM_REQUIRE_GPU=1 to fail instead")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)

@@ -1,0 +1,214 @@
+"""The CUDA backend on a real device: parity with the oracle, interop, graphs, determinism, bad input.
+
+Every test is marked ``gpu``: skipped without a device, failing with FASTRADAM_REQUIRE_GPU=1
+(tests/conftest.py). CuPy and torch are imported inside the tests, so a missing package fails
+a required run instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+import fastradam
+from oracle_check import assert_matches_oracle
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+OPTIONS = (
+    dict(weight_decay=0.0, decoupled_weight_decay=False, maximize=False),
+    dict(weight_decay=0.05, decoupled_weight_decay=False, maximize=True),
+    dict(weight_decay=0.05, decoupled_weight_decay=True, maximize=False),
+)
+SIZES = (0, 1, 3, 2**20 + 3)
+
+
+@pytest.fixture(scope="module")
+def cp():
+    return importlib.import_module("cupy")
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return importlib.import_module("fastradam.backends.cuda")
+
+
+def host_buffers(rng: np.random.Generator, dtype: np.dtype, n: int) -> tuple[np.ndarray, ...]:
+    """Fresh random (p, g, m, v) on the host: nothing zero, v > 0."""
+    return tuple(x.astype(dtype) for x in (
+        rng.standard_normal(n), rng.standard_normal(n), 0.1 * rng.standard_normal(n),
+        1e-6 + 1e-2 * rng.random(n)))
+
+
+def device_buffers(cp, host: tuple, offset: int = 0) -> tuple:
+    """Copies of ``host`` on the device, each a view ``offset`` elements into its allocation."""
+    out = []
+    for array in host:
+        raw = cp.empty(array.size + offset, dtype=array.dtype)
+        view = raw[offset:]
+        view.set(array)
+        out.append(view)
+    return tuple(out)
+
+
+def hyper_for(step: int, **options) -> dict:
+    return dict(step=step, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, **options)
+
+
+def written(buffers) -> tuple:
+    p, _, m, v = buffers
+    return tuple(x.get() for x in (p, m, v))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("options", OPTIONS, ids=("plain", "l2-maximize", "decoupled"))
+@pytest.mark.parametrize("step", (3, 10))
+def test_fused_step_matches_oracle(cp, dtype, n, options, step):
+    host = host_buffers(np.random.default_rng([n, step, len(str(options))]), dtype, n)
+    buffers = device_buffers(cp, host)
+    hyper = hyper_for(step, **options)
+    fastradam.fused_step(*buffers, **hyper)
+    np.testing.assert_array_equal(buffers[1].get(), host[1])
+    assert_matches_oracle(host, written(buffers), hyper)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("offset", (1, 2, 3))
+@pytest.mark.parametrize("n", (17, 4099, 2**20 + 3))
+def test_views_offset_into_their_allocation(cp, dtype, offset, n):
+    host = host_buffers(np.random.default_rng([offset, n]), dtype, n)
+    buffers = device_buffers(cp, host, offset)
+    assert buffers[0].data.ptr % 16 != 0 or (offset * dtype.itemsize) % 16 == 0
+    hyper = hyper_for(7, weight_decay=0.01)
+    fastradam.fused_step(*buffers, **hyper)
+    assert_matches_oracle(host, written(buffers), hyper)
+
+
+def test_determinism_bit_identical_reruns(cp):
+    host = host_buffers(np.random.default_rng(1), np.dtype(np.float32), 2**20 + 3)
+    results = []
+    for _ in range(3):
+        buffers = device_buffers(cp, host)
+        for step in range(1, 9):
+            fastradam.fused_step(*buffers, **hyper_for(step, weight_decay=0.01))
+        results.append(written(buffers))
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_torch_cuda_tensors_updated_in_place(cp):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA support here")
+    host = host_buffers(np.random.default_rng(2), np.dtype(np.float32), 4099)
+    tensors = [torch.from_numpy(x.copy()).cuda() for x in host]
+    pointers = [t.data_ptr() for t in tensors]
+    hyper = hyper_for(9, weight_decay=0.01)
+    fastradam.fused_step(*tensors, **hyper)
+    torch.cuda.synchronize()
+    assert [t.data_ptr() for t in tensors] == pointers
+    assert_matches_oracle(host, tuple(tensors[i].cpu().numpy() for i in (0, 2, 3)), hyper)
+
+
+def test_numba_device_arrays_updated_in_place():
+    numba_cuda = pytest.importorskip("numba.cuda")
+    if not numba_cuda.is_available():
+        pytest.skip("numba.cuda sees no device")
+    host = host_buffers(np.random.default_rng(3), np.dtype(np.float64), 1023)
+    arrays = [numba_cuda.to_device(x) for x in host]
+    hyper = hyper_for(12, decoupled_weight_decay=True, weight_decay=0.01)
+    fastradam.fused_step(*arrays, **hyper)
+    numba_cuda.synchronize()
+    assert_matches_oracle(host, tuple(arrays[i].copy_to_host() for i in (0, 2, 3)), hyper)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("step_dtype", (np.int32, np.int64, np.float32, np.float64))
+@pytest.mark.parametrize("lr_kind", ("host", np.float32, np.float64))
+def test_graph_replay_advances_the_device_step(cp, backend, dtype, step_dtype, lr_kind):
+    host = host_buffers(np.random.default_rng([dtype.itemsize, lr_kind == "host"]), dtype, 2**16 + 3)
+    buffers = device_buffers(cp, host, 1)
+    options = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.02, decoupled_weight_decay=True, maximize=False)
+    lr_value = 1e-2 if lr_kind == "host" else float(np.asarray(1e-2, dtype=lr_kind))
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        step = cp.zeros((), dtype=step_dtype)
+        lr = lr_value if lr_kind == "host" else cp.asarray(lr_value, dtype=lr_kind)
+        # Compile and load both kernels (the step's and the increment's) before capturing.
+        backend.radam_step_on_device(*device_buffers(cp, host), step + 1, lr, **options)
+        step += 0
+        stream.begin_capture()
+        step += 1  # torch's capturable order: advance, then update with the new step
+        backend.radam_step_on_device(*buffers, step, lr, **options)
+        graph = stream.end_capture()
+        for t in range(1, 9):  # through the threshold: steps 1..5 unrectified, 6.. rectified
+            before = tuple(x.get() for x in buffers)
+            graph.launch(stream)
+            stream.synchronize()
+            assert float(step.get()) == t
+            hyper = dict(step=t, lr=lr_value, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.02,
+                         decoupled_weight_decay=True, maximize=False)
+            assert_matches_oracle(before, written(buffers), hyper)
+
+
+def test_capturable_step_equals_host_scalar_step(cp, backend):
+    host = host_buffers(np.random.default_rng(4), np.dtype(np.float32), 2**20 + 3)
+    device, twin = device_buffers(cp, host), device_buffers(cp, host)
+    for t in range(1, 12):
+        backend.radam_step_on_device(*device, cp.asarray(t, dtype=cp.int64), 1e-2, beta1=0.9, beta2=0.999,
+                                     eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False)
+        fastradam.fused_step(*twin, **hyper_for(t))
+    for got, want in zip(written(device), written(twin)):
+        np.testing.assert_allclose(got, want, rtol=4 * 2.0**-24, atol=0)
+
+
+def test_capturable_step_rejects_bad_step_and_lr(cp, backend):
+    buffers = device_buffers(cp, host_buffers(np.random.default_rng(5), np.dtype(np.float32), 64))
+    before = written(buffers)
+    options = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False)
+    step = cp.ones((), dtype=cp.int64)
+    bad = [
+        (TypeError, dict(step=cp.ones((), dtype=cp.uint8), lr=1e-3)),
+        (TypeError, dict(step=np.ones((), dtype=np.int64), lr=1e-3)),
+        (ValueError, dict(step=cp.ones((1,), dtype=cp.int64), lr=1e-3)),
+        (ValueError, dict(step=buffers[0][:1].view(cp.int32).reshape(()), lr=1e-3)),
+        (TypeError, dict(step=step, lr=True)),
+        (TypeError, dict(step=step, lr=cp.ones((), dtype=cp.float16))),
+        (TypeError, dict(step=step, lr=np.ones((), dtype=np.float32))),
+        (ValueError, dict(step=step, lr=cp.ones((2,), dtype=cp.float32))),
+    ]
+    for error, args in bad:
+        with pytest.raises(error):
+            backend.radam_step_on_device(*buffers, args["step"], args["lr"], **options)
+    for got, want in zip(written(buffers), before):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_mixed_host_and_device_raises_before_writing(cp):
+    host = host_buffers(np.random.default_rng(6), np.dtype(np.float32), 1023)
+    buffers = list(device_buffers(cp, host))
+    before = written(buffers)
+    buffers[1] = host[1]
+    with pytest.raises(TypeError):
+        fastradam.fused_step(*buffers, **hyper_for(3))
+    for got, want in zip(written(buffers), before):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_two_devices_raise_before_writing(cp):
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two CUDA devices")
+    host = host_buffers(np.random.default_rng(7), np.dtype(np.float32), 1023)
+    buffers = list(device_buffers(cp, host))
+    with cp.cuda.Device(1):
+        buffers[3] = cp.asarray(host[3])
+    before = written(buffers)
+    with pytest.raises(ValueError, match="device"):
+        fastradam.fused_step(*buffers, **hyper_for(3))
+    for got, want in zip(written(buffers), before):
+        np.testing.assert_array_equal(got, want)
