@@ -10,7 +10,6 @@ kernel and speedups are derived there). Run by ``bench/gpu_check.sh``.
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import numpy as np
@@ -18,11 +17,7 @@ import pytest
 
 import fastradam
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif("cuda" not in fastradam.available_backends() and os.environ.get("FASTRADAM_REQUIRE_GPU") != "1",
-                       reason="no CUDA device (CuPy with a GPU)"),
-]
+pytestmark = pytest.mark.gpu  # skipped without a device by the root conftest.py
 
 MEBI = 2**20
 CASES = [(n * MEBI, np.float32) for n in (1, 4, 16, 64, 256)] + [(64 * MEBI, np.float64)]
