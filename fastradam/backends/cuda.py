@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.resources
 import math
 import numbers
 from pathlib import Path
@@ -76,18 +75,14 @@ NAME_EXPRESSIONS = tuple(
 
 
 def kernel_dir() -> Path:
-    """The folder holding the CUDA sources: ``fastradam.kernels`` when installed, else ``kernels/``.
+    """The folder holding the CUDA sources.
 
-    An installed package (regular or editable) maps ``fastradam.kernels`` to it; when running
-    from a source tree without installing (``PYTHONPATH=.``), it is the top-level ``kernels/``.
+    A regular install ships them as ``fastradam/kernels``; in the source tree (editable
+    install, or ``PYTHONPATH=.``) they are the top-level ``kernels/`` beside ``fastradam/``.
     """
-    try:
-        installed = Path(str(importlib.resources.files("fastradam.kernels")))
-    except ModuleNotFoundError:
-        installed = None
-    if installed is not None and (installed / KERNEL_FILE).is_file():
-        return installed
-    return Path(__file__).resolve().parents[2] / "kernels"
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "kernels"
+    return installed if (installed / KERNEL_FILE).is_file() else package.parent / "kernels"
 
 
 def kernel_source() -> str:
