@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from fastradam.flavours import FlavourLike, resolve_flavour
+
 
 def reference_step(
     params: np.ndarray,
@@ -26,6 +28,7 @@ def reference_step(
     weight_decay: float = 0.0,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
+    flavour: FlavourLike = "torch",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One RAdam step of ``torch.optim.RAdam``, computed in float64 on copies of the inputs.
 
@@ -38,6 +41,8 @@ def reference_step(
         The 1-based number of this update.
     lr, betas, eps, weight_decay, decoupled_weight_decay, maximize
         As in ``torch.optim.RAdam``.
+    flavour : str or Flavour, default "torch"
+        The RAdam variant (see :mod:`fastradam.flavours`).
 
     Returns
     -------
@@ -46,22 +51,28 @@ def reference_step(
 
     Notes
     -----
-    With :math:`t` the step and :math:`g` the gradient (negated when maximizing)::
+    With :math:`t` the step and :math:`g` the gradient (negated when maximizing), in the
+    default ``torch`` flavour::
 
         g      = g + wd * p                  (L2 weight decay)
-        p      = p * (1 - lr * wd)           (decoupled weight decay)
         m      = beta1 * m + (1 - beta1) * g
         v      = beta2 * v + (1 - beta2) * g^2
         m_hat  = m / (1 - beta1^t)
         rho_inf = 2 / (1 - beta2) - 1
         rho_t  = rho_inf - 2 t beta2^t / (1 - beta2^t)
+        p      = p * (1 - lr * wd)           (decoupled weight decay, on steps that update p)
         if rho_t > 5:
             r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
             l_t = sqrt(1 - beta2^t) / (sqrt(v) + eps)
             p   = p - lr * m_hat * r_t * l_t
         else:
             p   = p - lr * m_hat
+
+    Other flavours change the comparison (``>=``, threshold 4), use
+    ``l_t = 1 / (sqrt(v_hat) + eps)`` with ``v_hat = v / (1 - beta2^t)``, or leave ``p``
+    untouched below the threshold.
     """
+    flavour = resolve_flavour(flavour)
     beta1, beta2 = betas
     p = np.array(params, dtype=np.float64)
     g = np.array(grads, dtype=np.float64)
@@ -70,11 +81,8 @@ def reference_step(
 
     if maximize:
         g = -g
-    if weight_decay != 0:
-        if decoupled_weight_decay:
-            p = p * (1 - lr * weight_decay)
-        else:
-            g = g + weight_decay * p
+    if weight_decay != 0 and not decoupled_weight_decay:
+        g = g + weight_decay * p
 
     m = beta1 * m + (1 - beta1) * g
     v = beta2 * v + (1 - beta2) * g * g
@@ -82,11 +90,20 @@ def reference_step(
 
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * step * beta2**step / (1 - beta2**step)
-    if rho_t > 5:
+    rectify = rho_t >= flavour.threshold if flavour.inclusive else rho_t > flavour.threshold
+    if not rectify and flavour.below_threshold == "none":
+        return p, m, v
+    if weight_decay != 0 and decoupled_weight_decay:
+        p = p * (1 - lr * weight_decay)
+    if rectify:
         r_t = math.sqrt(
             (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
         )
-        adaptive_lr = math.sqrt(1 - beta2**step) / (np.sqrt(v) + eps)
+        if flavour.eps_on_v_hat:
+            v_hat = v / (1 - beta2**step)
+            adaptive_lr = 1 / (np.sqrt(v_hat) + eps)
+        else:
+            adaptive_lr = math.sqrt(1 - beta2**step) / (np.sqrt(v) + eps)
         p = p - lr * m_hat * r_t * adaptive_lr
     else:
         p = p - lr * m_hat

@@ -1,17 +1,32 @@
 """Per-step RAdam scalars, computed once on the host in float64 for every backend.
 
 Kernels do only per-element work; everything that depends on the step number alone
-(bias corrections, the SMA length ``rho_t``, the rectification term ``r_t``, the
-branch, the folded step size) is decided here.
+(bias corrections, the SMA length ``rho_t``, the rectification term ``r_t``, the branch, the
+folded step size) is decided here, once per call for a flat buffer, or once per distinct
+(group, step) pair for a multi-tensor layout (:func:`scalar_rows`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
-#: ``torch.optim.RAdam`` rectifies the adaptive step when ``rho_t > RECTIFY_THRESHOLD``.
-RECTIFY_THRESHOLD = 5.0
+import numpy as np
+
+from fastradam.flavours import PRESETS, Flavour
+from fastradam.validation import GroupHyperparameters
+
+#: The three element updates, chosen per step (and per segment) on the host.
+MOMENTUM = 0  #: below the threshold: p -= step_size * m
+RECTIFIED = 1  #: above it: p -= step_size * m / (sqrt(v) + eps)
+HOLD = 2  #: below it, in flavours that skip the update: moments update, p is left alone
+
+#: Column order of the float rows that kernels read (see :func:`scalar_rows`).
+FLOAT_FIELDS = ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2_weight_decay",
+                "param_decay", "step_size")
+#: Column order of the int rows that kernels read.
+INT_FIELDS = ("negate_grad", "mode")
 
 
 @dataclass(frozen=True)
@@ -20,24 +35,28 @@ class StepScalars:
 
     The element update every backend implements, with ``g`` the gradient::
 
-        g  = -g if maximize else g
-        g  = g + l2_weight_decay * p          # L2 (coupled) weight decay; 0 when decoupled
-        p  = p * param_decay                  # decoupled: 1 - lr*wd; else exactly 1
+        g  = -g if negate_grad else g
+        g  = g + l2_weight_decay * p          # L2 (coupled) weight decay, when nonzero
         m  = m + one_minus_beta1 * (g - m)    # lerp(m, g, 1 - beta1)
         v  = beta2 * v + one_minus_beta2 * g * g
-        p  = p - step_size * m / (sqrt(v) + eps)   if rectified
-        p  = p - step_size * m                     otherwise
+        p  = p * param_decay - step_size * m / (sqrt(v) + eps)   mode RECTIFIED
+        p  = p * param_decay - step_size * m                     mode MOMENTUM
+        p  unchanged                                             mode HOLD
+
+    ``param_decay`` is ``1 - lr * wd`` for decoupled weight decay and exactly 1 otherwise;
+    ``eps`` is already scaled by ``sqrt(1 - beta2^t)`` in flavours that add it to
+    ``sqrt(v_hat)``, since ``m_hat / (sqrt(v_hat) + eps) = sqrt(bc2)/bc1 * m / (sqrt(v) + eps sqrt(bc2))``.
     """
 
-    beta2: float
     one_minus_beta1: float
+    beta2: float
     one_minus_beta2: float
     eps: float
     l2_weight_decay: float
     param_decay: float
-    negate_grad: bool
-    rectified: bool
     step_size: float
+    negate_grad: bool
+    mode: int
 
 
 def sma_length(step: int, beta2: float) -> tuple[float, float]:
@@ -60,6 +79,7 @@ def step_scalars(
     weight_decay: float,
     decoupled_weight_decay: bool,
     maximize: bool,
+    flavour: Flavour = PRESETS["torch"],
 ) -> StepScalars:
     """Fold the hyperparameters of step ``step`` (1-based) into a :class:`StepScalars`.
 
@@ -71,22 +91,66 @@ def step_scalars(
     bias_correction1 = 1.0 - beta1**step
     bias_correction2 = 1.0 - beta2**step
     rho_inf, rho_t = sma_length(step, beta2)
-    rectified = rho_t > RECTIFY_THRESHOLD
-    if rectified:
+    if flavour.rectifies(rho_t):
+        mode = RECTIFIED
         rect = math.sqrt(
             (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)
         )
         step_size = lr * rect * math.sqrt(bias_correction2) / bias_correction1
     else:
-        step_size = lr / bias_correction1
+        mode = MOMENTUM if flavour.below_threshold == "momentum" else HOLD
+        step_size = lr / bias_correction1 if mode == MOMENTUM else 0.0
+    decays = decoupled_weight_decay and mode != HOLD
     return StepScalars(
-        beta2=beta2,
         one_minus_beta1=1.0 - beta1,
+        beta2=beta2,
         one_minus_beta2=1.0 - beta2,
-        eps=eps,
+        eps=eps * math.sqrt(bias_correction2) if flavour.eps_on_v_hat else eps,
         l2_weight_decay=0.0 if decoupled_weight_decay else weight_decay,
-        param_decay=1.0 - lr * weight_decay if decoupled_weight_decay else 1.0,
-        negate_grad=maximize,
-        rectified=rectified,
+        param_decay=1.0 - lr * weight_decay if decays else 1.0,
         step_size=step_size,
+        negate_grad=maximize,
+        mode=mode,
     )
+
+
+def pack_rows(rows: Sequence[StepScalars], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel tables of ``rows``: floats ``(R, 7)`` rounded to ``dtype``, ints ``(R, 2)`` int32.
+
+    Columns follow :data:`FLOAT_FIELDS` and :data:`INT_FIELDS`. The float64 values are
+    rounded once, here, exactly as a kernel argument ``np.float32(x)`` would be.
+    """
+    floats = np.array([[getattr(r, f) for f in FLOAT_FIELDS] for r in rows], dtype=np.float64)
+    ints = np.array([[int(getattr(r, f)) for f in INT_FIELDS] for r in rows], dtype=np.int32)
+    return floats.astype(dtype).reshape(-1, len(FLOAT_FIELDS)), ints.reshape(-1, len(INT_FIELDS))
+
+
+def group_step_scalars(group: GroupHyperparameters, step: int) -> StepScalars:
+    """The scalars of step ``step`` for a validated group (its schedule, if any, sets the lr)."""
+    lr = group.schedule.lr_at(step, group.lr) if group.schedule is not None else group.lr
+    return step_scalars(step=step, lr=lr, beta1=group.beta1, beta2=group.beta2, eps=group.eps,
+                        weight_decay=group.weight_decay, decoupled_weight_decay=group.decoupled_weight_decay,
+                        maximize=group.maximize, flavour=group.flavour)
+
+
+def scalar_rows(groups: Sequence[GroupHyperparameters], tensor_groups: np.ndarray, steps: np.ndarray,
+                active: np.ndarray) -> tuple[list[StepScalars], np.ndarray]:
+    """Scalars for many tensors, computed once per distinct (group, step) pair.
+
+    Returns the rows and, per tensor, the int32 index of its row (-1 for inactive tensors).
+    In the usual case every tensor of a group shares its step, so there is one row a group.
+    """
+    tensor_row = np.full(tensor_groups.shape, -1, dtype=np.int32)
+    rows: list[StepScalars] = []
+    for index, group in enumerate(groups):
+        members = np.flatnonzero((tensor_groups == index) & active)
+        if members.size == 0:
+            continue
+        member_steps = steps[members]
+        if member_steps.min() == member_steps.max():
+            distinct, inverse = member_steps[:1], np.zeros(members.size, dtype=np.int64)
+        else:
+            distinct, inverse = np.unique(member_steps, return_inverse=True)
+        tensor_row[members] = len(rows) + inverse
+        rows.extend(group_step_scalars(group, int(step)) for step in distinct)
+    return rows, tensor_row

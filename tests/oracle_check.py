@@ -44,7 +44,7 @@ def error_scales(before: Sequence[Any], hyper: Mapping[str, Any]) -> tuple[np.nd
     # lr / bc1 below the threshold) read off a probe step whose momentum is _PROBE exactly
     # and whose v' = beta2 * v <= the real v' (so the multiplier is never underestimated).
     probe = np.full_like(p, _PROBE)
-    kwargs = {k: hyper[k] for k in ("step", "lr", "betas", "eps") if k in hyper}
+    kwargs = {k: hyper[k] for k in ("step", "lr", "betas", "eps", "flavour") if k in hyper}
     probe_p, _, _ = reference_step(np.zeros_like(p), probe, probe, v, **kwargs)
     multiplier = np.abs(probe_p) / _PROBE
     decay = max(1.0, abs(1.0 - lr * weight_decay)) if decoupled else 1.0

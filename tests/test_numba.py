@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fastradam import fused_step
+from fastradam.scalars import pack_rows, step_scalars
 from tests.cases import DTYPES, OPTION_SETS, SIZES, STEPS, random_buffers
 from tests.oracle_check import assert_matches_oracle
 
@@ -89,10 +90,12 @@ def test_float32_loop_is_vectorised_and_stays_float32():
     """The kernel's own source, compiled afresh (cached code cannot be inspected)."""
     from fastradam.backends import numba_cpu
 
-    kernel = numba.njit(parallel=True)(numba_cpu._radam_kernel.py_func)
-    f32 = np.float32(0.5)
+    kernel = numba.njit(parallel=True)(numba_cpu._radam_blocks.py_func)
+    scalars = step_scalars(step=6, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                           decoupled_weight_decay=False, maximize=False)
+    floats, ints = pack_rows([scalars], np.dtype(np.float32))
     buffers = random_buffers(8, np.float32, 0)
-    kernel(*buffers, f32, f32, f32, f32, f32, f32, False, True, f32)
+    kernel(*buffers, np.array([0]), np.array([8]), np.array([0], np.int32), floats, ints)
     asm = kernel.inspect_asm(kernel.signatures[0])
     packed_sqrt = re.findall(r"vsqrtps\s+%([xyz])mm", asm)
     assert packed_sqrt, "no packed single-precision sqrt: the loop did not vectorise"

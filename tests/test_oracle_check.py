@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fastradam.backends import numba_cpu
-from fastradam.scalars import step_scalars
+from fastradam.scalars import MOMENTUM, pack_rows, step_scalars
 from tests.cases import random_buffers
 from tests.oracle_check import assert_matches_oracle
 
@@ -25,7 +25,7 @@ def _check(dtype, scalars):
     buffers = random_buffers(1023, dtype, seed=1)
     buffers[3][:] *= 1e-6  # a small second moment, as early in training: eps and 1-beta2 matter
     before = tuple(b.copy() for b in buffers)
-    numba_cpu.radam_step(*buffers, scalars)
+    numba_cpu.radam_step(*buffers, *pack_rows([scalars], np.dtype(dtype)))
     assert_matches_oracle(before, (buffers[0], buffers[2], buffers[3]), HYPER)
 
 
@@ -37,7 +37,7 @@ def test_correct_scalars_pass(dtype):
 BUGS = {
     "1-beta2 computed in float32 arithmetic": lambda s: {
         "one_minus_beta2": float(np.float32(1) - np.float32(s.beta2))},
-    "wrong branch": lambda s: {"rectified": False},
+    "wrong branch": lambda s: {"mode": MOMENTUM},
     "eps dropped": lambda s: {"eps": 0.0},
     "step size off by 1e-4": lambda s: {"step_size": s.step_size * (1 + 1e-4)},
     "weight decay lost": lambda s: {"l2_weight_decay": 0.0},

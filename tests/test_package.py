@@ -9,7 +9,11 @@ import fastradam
 
 
 def test_public_names():
-    assert set(fastradam.__all__) == {"available_backends", "fused_step", "__version__"}
+    assert set(fastradam.__all__) == {
+        "available_backends", "fused_step", "fused_step_layout", "fused_step_multi", "FlatLayout",
+        "Flavour", "PRESETS", "KerasWarmup", "__version__",
+    }
+    assert all(hasattr(fastradam, name) for name in fastradam.__all__)
 
 
 def test_numba_backend_is_available_here():
