@@ -1,7 +1,8 @@
 """Turn pytest-benchmark JSON into the fastradam table: bandwidth, roofline share, speedups.
 
 Every benchmark in the suites records ``extra_info`` with ``implementation``, ``n``,
-``dtype``, ``device`` and ``bytes_per_element``; the rest is derived here, in one place,
+``dtype``, ``device``, ``bytes_per_element`` and, for multi-tensor cases, ``tensors`` (how
+the N elements are split, e.g. ``16384x1024``); the rest is derived here, in one place,
 for the JSON hook in ``bench/conftest.py`` and for ``python -m fastradam.bench``.
 
 Usage: ``python bench/report.py RESULTS.json [MORE.json ...] [--markdown REPORT.md]``
@@ -29,10 +30,17 @@ class Row:
     device: str
     bytes_per_element: int
     median_s: float
+    tensors: str = "flat"
 
     @property
-    def key(self) -> tuple[int, str, str]:
+    def machine_key(self) -> tuple[int, str, str]:
+        """What the roofline depends on: the element count, dtype and device."""
         return self.n, self.dtype, self.device
+
+    @property
+    def key(self) -> tuple[int, str, str, str]:
+        """What peers are compared on: the machine key and the split into tensors."""
+        return self.n, self.dtype, self.device, self.tensors
 
     @property
     def bandwidth(self) -> float:
@@ -48,16 +56,25 @@ def rows_from_json(data: dict[str, Any]) -> list[Row]:
         if "implementation" not in info:
             continue
         rows.append(Row(info["implementation"], int(info["n"]), info["dtype"], info["device"],
-                        int(info["bytes_per_element"]), float(bench["stats"]["median"])))
+                        int(info["bytes_per_element"]), float(bench["stats"]["median"]),
+                        info.get("tensors", "flat")))
     return rows
 
 
 def derived(row: Row, rows: Iterable[Row]) -> dict[str, float]:
-    """Bandwidth, share of the same-traffic kernel and speedup vs each peer, where measured."""
+    """Bandwidth, share of the same-traffic kernel and speedup vs each peer, where measured.
+
+    Multi-tensor rows also get their share of fastradam's time on one flat buffer of the
+    same N (``share_of_flat``).
+    """
+    rows = list(rows)
     same = {r.implementation: r for r in rows if r.key == row.key}
+    flat = {r.implementation: r for r in rows if r.machine_key == row.machine_key and r.tensors == "flat"}
     out = {"gb_per_s": row.bandwidth / 1e9}
-    if ROOFLINE in same:
-        out["share_of_same_traffic"] = same[ROOFLINE].median_s / row.median_s
+    if ROOFLINE in flat:
+        out["share_of_same_traffic"] = flat[ROOFLINE].median_s / row.median_s
+    if row.tensors != "flat" and "fastradam" in flat:
+        out["share_of_flat"] = flat["fastradam"].median_s / row.median_s
     for peer in PEERS:
         if peer in same:
             out[f"speedup_vs_{peer}"] = same[peer].median_s / row.median_s
@@ -71,7 +88,7 @@ def add_derived_to_json(data: dict[str, Any]) -> None:
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
         if "implementation" in info:
-            key = (int(info["n"]), info["dtype"], info["device"])
+            key = (int(info["n"]), info["dtype"], info["device"], info.get("tensors", "flat"))
             info.update(derived(by_name[(info["implementation"], key)], rows))
 
 
@@ -82,17 +99,18 @@ def _ratio(value: float | None) -> str:
 def markdown_table(rows: list[Row]) -> str:
     """The report table, one line per benchmark, grouped by device, dtype and size."""
     lines = [
-        "| device | dtype | N | implementation | median ms | GB/s | share of same-traffic | "
-        "vs torch RAdam foreach | vs torch Adam fused |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|",
+        "| device | dtype | N | tensors | implementation | median ms | GB/s | share of same-traffic | "
+        "share of flat fastradam | vs torch RAdam foreach | vs torch Adam fused |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in sorted(rows, key=lambda r: (r.device, r.dtype, r.n, r.median_s)):
+    for row in sorted(rows, key=lambda r: (r.device, r.dtype, r.n, r.tensors, r.median_s)):
         d = derived(row, rows)
         share = d.get("share_of_same_traffic")
+        flat = d.get("share_of_flat")
         lines.append(
-            f"| {row.device} | {row.dtype} | {row.n:,} | {row.implementation} | "
+            f"| {row.device} | {row.dtype} | {row.n:,} | {row.tensors} | {row.implementation} | "
             f"{row.median_s * 1e3:.3f} | {d['gb_per_s']:.1f} | "
-            f"{'' if share is None else f'{share:.2f}'} | "
+            f"{'' if share is None else f'{share:.2f}'} | {'' if flat is None else f'{flat:.2f}'} | "
             f"{_ratio(d.get('speedup_vs_torch_radam_foreach'))} | {_ratio(d.get('speedup_vs_torch_adam_fused'))} |"
         )
     return "\n".join(lines)

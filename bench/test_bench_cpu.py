@@ -34,7 +34,7 @@ def _make_step(implementation: str, buffers):
         return lambda: same_traffic_step(*buffers)
     if implementation == "oracle":
         return lambda: reference_step(*buffers, step=STEADY_STEP)
-    return torch_optimizer_step(implementation, buffers)
+    return torch_optimizer_step(implementation, [buffers])
 
 
 def _cases():

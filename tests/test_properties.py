@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastradam import fused_step
+from fastradam import PRESETS, fused_step
 from tests.oracle_check import assert_matches_oracle
 
 shapes = st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple)
@@ -24,6 +24,7 @@ hyperparameters = st.fixed_dictionaries(
         "weight_decay": st.sampled_from([0.0, 1e-4, 0.1, 1.0]),
         "decoupled_weight_decay": st.booleans(),
         "maximize": st.booleans(),
+        "flavour": st.sampled_from(sorted(PRESETS)),
     }
 )
 
