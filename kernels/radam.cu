@@ -1,10 +1,16 @@
-// RAdam step kernels over flat buffers, one template source for every dtype; instantiated by
+// RAdam step kernels, one template source for every dtype; instantiated by
 // fastradam/backends/cuda.py with RawModule(name_expressions=...).
 //
-// Memory-bound design: a grid-stride loop moves 16-byte packs (4 floats / 2 doubles) when the
-// four pointers share one offset modulo 16 bytes (a scalar head reaches the boundary, a scalar
-// tail finishes odd sizes); otherwise every element takes the scalar path. The grid is sized
-// from the SM count by the host. Compiled with --fmad=false (see the backend's notes).
+// Memory-bound design: threads move 16-byte packs (4 floats / 2 doubles) when the four pointers
+// share one offset modulo 16 bytes (a scalar head reaches the boundary, a scalar tail finishes
+// odd sizes); otherwise every element takes the scalar path. One routine (radam_apply) does this
+// over a range for every kernel:
+//   - radam_step / radam_step_capturable: one flat range, grid-stride over the whole grid;
+//   - radam_step_segments / radam_step_tensors: a tile table (start, stop, index) of ranges of a
+//     few thousand elements inside the segments of flat buffers, or inside separate tensors
+//     reached through a pointer table; each block takes tiles in turn (grid-stride over tiles),
+//     reads the tile's row of scalars once, and its threads stride over the tile.
+// The grid is sized from the SM count by the host. Compiled with --fmad=false (see the backend).
 #include "radam.cuh"
 
 // Instrumentation hooks for the CPU harness (kernels/host_shim.h counts vector and scalar
@@ -58,16 +64,15 @@ __device__ __forceinline__ void update_pack(Pack<T>* __restrict__ p, const Pack<
     FASTRADAM_COUNT_VECTOR(16 / sizeof(T));
 }
 
-//! One RAdam step over n elements, grid-stride: vector body when the pointers are co-aligned,
-//! scalar head and tail (or everything scalar when they are not).
+//! One RAdam step over the n elements at p, g, m, v, by threads `first`, `first + stride`, ...:
+//! vector body when the pointers are co-aligned, scalar head and tail (or everything scalar
+//! when they are not).
 template <typename T>
 __device__ __forceinline__ void radam_apply(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
                                             T* __restrict__ v, long long n,
-                                            const ElementScalars<typename MathType<T>::type>& s) {
+                                            const ElementScalars<typename MathType<T>::type>& s,
+                                            long long first, long long stride) {
     constexpr long long width = 16 / sizeof(T);
-    const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-    const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-
     const unsigned offset = offset16(p);
     const bool coaligned = offset % sizeof(T) == 0 && offset16(g) == offset && offset16(m) == offset &&
                            offset16(v) == offset;
@@ -88,6 +93,12 @@ __device__ __forceinline__ void radam_apply(T* __restrict__ p, const T* __restri
     }
 }
 
+__device__ __forceinline__ long long grid_thread() {
+    return static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
+__device__ __forceinline__ long long grid_threads() { return static_cast<long long>(gridDim.x) * blockDim.x; }
+
 //! One RAdam step with host-computed scalars (already rounded to the math type).
 template <typename T>
 __global__ void radam_step(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v,
@@ -95,11 +106,91 @@ __global__ void radam_step(T* __restrict__ p, const T* __restrict__ g, T* __rest
                            typename MathType<T>::type beta2, typename MathType<T>::type one_minus_beta2,
                            typename MathType<T>::type eps, typename MathType<T>::type l2_weight_decay,
                            typename MathType<T>::type param_decay, typename MathType<T>::type step_size,
-                           int negate_grad, int rectified) {
+                           int negate_grad, int mode) {
     const ElementScalars<typename MathType<T>::type> s{one_minus_beta1, beta2,     one_minus_beta2,
                                                        eps,             l2_weight_decay, param_decay,
-                                                       step_size,       negate_grad,     rectified};
-    radam_apply(p, g, m, v, n, s);
+                                                       step_size,       negate_grad,     mode};
+    radam_apply(p, g, m, v, n, s, grid_thread(), grid_threads());
+}
+
+//! Columns of a tile row: the range [start, stop) of the tile inside its segment's flat
+//! buffers (or inside its tensor), and the segment's (tensor's) index.
+constexpr int kTileFields = 3;
+
+//! Row `row` of the host tables: floats (R, 7) in the buffer dtype, columns as
+//! fastradam.scalars.FLOAT_FIELDS, and ints (R, 2), columns as INT_FIELDS.
+template <typename T>
+__device__ __forceinline__ ElementScalars<typename MathType<T>::type> load_row(const T* __restrict__ floats,
+                                                                               const int* __restrict__ ints,
+                                                                               int row) {
+    using M = typename MathType<T>::type;
+    constexpr int kFloatFields = 7;
+    constexpr int kIntFields = 2;
+    const T* f = floats + static_cast<long long>(row) * kFloatFields;
+    const int* i = ints + static_cast<long long>(row) * kIntFields;
+    return ElementScalars<M>{load_as<M>(f[0]), load_as<M>(f[1]), load_as<M>(f[2]), load_as<M>(f[3]),
+                             load_as<M>(f[4]), load_as<M>(f[5]), load_as<M>(f[6]), i[0],
+                             i[1]};
+}
+
+//! One tile's work: its range and the row of scalars it uses. Every thread of a block reads
+//! the same entries, once per tile (uniform loads, broadcast by the cache), and keeps the row
+//! in registers: the element loop reads no table.
+struct Tile {
+    long long start;
+    long long stop;
+    int index;  // segment or tensor
+    int row;    // < 0: skipped
+};
+
+__device__ __forceinline__ Tile load_tile(const long long* __restrict__ tiles, const int* __restrict__ index_row,
+                                          long long tile) {
+    const long long* t = tiles + tile * kTileFields;
+    const int index = static_cast<int>(t[2]);
+    return Tile{t[0], t[1], index, index_row[index]};
+}
+
+//! One RAdam step over the segments of flat buffers, in one launch. Tile `t` covers elements
+//! [start, stop) of segment `index`, which uses row segment_row[index] of floats/ints (< 0: the
+//! segment is neither read nor written). Padding between segments is in no tile.
+template <typename T>
+__global__ void radam_step_segments(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
+                                    T* __restrict__ v, const long long* __restrict__ tiles, long long n_tiles,
+                                    const int* __restrict__ segment_row, const T* __restrict__ floats,
+                                    const int* __restrict__ ints) {
+    for (long long tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+        const Tile t = load_tile(tiles, segment_row, tile);
+        if (t.row < 0) continue;
+        radam_apply(p + t.start, g + t.start, m + t.start, v + t.start, t.stop - t.start,
+                    load_row(floats, ints, t.row), threadIdx.x, blockDim.x);
+    }
+}
+
+//! `ptr`, declared to point into global memory: the compiler cannot infer that of a pointer
+//! loaded from a table (only of kernel arguments), and would emit generic loads and stores.
+template <typename T>
+__device__ __forceinline__ T* in_global(T* ptr) {
+#if defined(__CUDA_ARCH__)
+    __builtin_assume(__isGlobal(ptr));
+#endif
+    return ptr;
+}
+
+//! One RAdam step over separate tensors, in one launch: tensor `i` is the four buffers at
+//! pointers[4 i .. 4 i + 3] (params, grads, exp_avg, exp_avg_sq); tile `t` covers elements
+//! [start, stop) of tensor `index`, which uses row tensor_row[index] (< 0: skipped).
+template <typename T>
+__global__ void radam_step_tensors(T* const* __restrict__ pointers, const long long* __restrict__ tiles,
+                                   long long n_tiles, const int* __restrict__ tensor_row,
+                                   const T* __restrict__ floats, const int* __restrict__ ints) {
+    for (long long tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+        const Tile t = load_tile(tiles, tensor_row, tile);
+        if (t.row < 0) continue;
+        T* const* q = pointers + 4LL * t.index;
+        radam_apply(in_global(q[0]) + t.start, static_cast<const T*>(in_global(q[1])) + t.start,
+                    in_global(q[2]) + t.start, in_global(q[3]) + t.start, t.stop - t.start,
+                    load_row(floats, ints, t.row), threadIdx.x, blockDim.x);
+    }
 }
 
 __host__ __device__ __forceinline__ double read_scalar(double x) { return x; }
@@ -111,16 +202,19 @@ __host__ __device__ __forceinline__ double read_scalar(const X* x) {
 
 //! Capturable RAdam step: the step count (StepT: int, long long, float or double) is read from
 //! device memory and the learning rate either passed by value (LrT = double) or read from device
-//! memory (LrT = const float* / const double*); every thread folds the float64 scalars itself, so
-//! a CUDA graph replay follows the values on the device.
+//! memory (LrT = const float* / const double*); every thread folds the float64 scalars itself
+//! (with the flavour's threshold, inclusive, hold_below and eps_on_v_hat), so a CUDA graph
+//! replay follows the values on the device.
 template <typename T, typename StepT, typename LrT>
 __global__ void radam_step_capturable(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
                                       T* __restrict__ v, long long n, const StepT* step, LrT lr, double beta1,
                                       double beta2, double eps, double weight_decay, int decoupled,
-                                      int maximize) {
+                                      int maximize, double threshold, int inclusive, int hold_below,
+                                      int eps_on_v_hat) {
+    const FlavourRule flavour{threshold, inclusive != 0, hold_below != 0, eps_on_v_hat != 0};
     const ElementScalars<double> s = radam_step_scalars(read_scalar(step), read_scalar(lr), beta1, beta2, eps,
-                                                        weight_decay, decoupled != 0, maximize != 0);
-    radam_apply(p, g, m, v, n, cast_scalars<typename MathType<T>::type>(s));
+                                                        weight_decay, decoupled != 0, maximize != 0, flavour);
+    radam_apply(p, g, m, v, n, cast_scalars<typename MathType<T>::type>(s), grid_thread(), grid_threads());
 }
 
 }  // namespace fastradam

@@ -23,8 +23,10 @@ __host__ __device__ __forceinline__ M load_as(T x) { return static_cast<M>(x); }
 template <typename T, typename M>
 __host__ __device__ __forceinline__ T store_as(M x) { return static_cast<T>(x); }
 
-//! torch.optim.RAdam rectifies the adaptive step when rho_t > this.
-constexpr double kRectifyThreshold = 5.0;
+//! The element update of a step (fastradam.scalars MOMENTUM, RECTIFIED, HOLD).
+constexpr int kMomentum = 0;   // below the threshold: p = p * param_decay - step_size * m
+constexpr int kRectified = 1;  // above it: p = p * param_decay - step_size * m / (sqrt(v) + eps)
+constexpr int kHold = 2;       // below it, in flavours that skip the update: p unchanged
 
 //! The folded per-step scalars of fastradam.scalars.StepScalars, in math type M.
 template <typename M>
@@ -32,12 +34,12 @@ struct ElementScalars {
     M one_minus_beta1;
     M beta2;
     M one_minus_beta2;
-    M eps;
+    M eps;              // pre-scaled by sqrt(bc2) in flavours that add eps to sqrt(v_hat)
     M l2_weight_decay;  // 0 when the weight decay is decoupled
-    M param_decay;      // 1 - lr*wd when decoupled, else exactly 1
-    M step_size;        // lr*r_t*sqrt(bc2)/bc1 when rectified, else lr/bc1
+    M param_decay;      // 1 - lr*wd when decoupled and p updates, else exactly 1
+    M step_size;        // lr*r_t*sqrt(bc2)/bc1 (RECTIFIED), lr/bc1 (MOMENTUM), 0 (HOLD)
     int negate_grad;
-    int rectified;
+    int mode;           // kMomentum, kRectified or kHold
 };
 
 //! Rounds float64 scalars to the math type M (as the host backend casts with np.float32(...)).
@@ -47,61 +49,80 @@ __host__ __device__ __forceinline__ ElementScalars<M> cast_scalars(const Element
                              static_cast<M>(s.one_minus_beta2), static_cast<M>(s.eps),
                              static_cast<M>(s.l2_weight_decay), static_cast<M>(s.param_decay),
                              static_cast<M>(s.step_size),      s.negate_grad,
-                             s.rectified};
+                             s.mode};
 }
 
-//! The scalars of step `step` (1-based), in float64: fastradam.scalars.step_scalars on the device.
+//! The choices of a fastradam.flavours.Flavour that the device scalars need.
+struct FlavourRule {
+    double threshold;   // rectify when rho_t > threshold (>= when inclusive)
+    bool inclusive;
+    bool hold_below;    // below_threshold == "none": HOLD instead of MOMENTUM
+    bool eps_on_v_hat;  // eps added to sqrt(v_hat): scaled by sqrt(bc2) here
+
+    __host__ __device__ bool rectifies(double rho_t) const {
+        return inclusive ? rho_t >= threshold : rho_t > threshold;
+    }
+};
+
+//! The scalars of step `step` (1-based), in float64: fastradam.scalars.step_scalars on the device,
+//! operation for operation.
 //!
 //! bc1 = 1 - beta1^t, bc2 = 1 - beta2^t, rho_inf = 2/(1-beta2) - 1,
-//! rho_t = rho_inf - 2 t beta2^t / bc2; rectified iff rho_t > 5, then
+//! rho_t = rho_inf - 2 t beta2^t / bc2; RECTIFIED when the flavour rectifies rho_t, then
 //! step_size = lr r_t sqrt(bc2) / bc1 with
-//! r_t = sqrt((rho_t-4)(rho_t-2) rho_inf / ((rho_inf-4)(rho_inf-2) rho_t)), else lr / bc1.
-//! The step must be >= 1; it is not checked (the capturable kernel cannot raise).
+//! r_t = sqrt((rho_t-4)(rho_t-2) rho_inf / ((rho_inf-4)(rho_inf-2) rho_t)); else MOMENTUM with
+//! lr / bc1, or HOLD with 0 (and no decoupled decay). The step must be >= 1; it is not checked
+//! (the capturable kernel cannot raise).
 __host__ __device__ inline ElementScalars<double> radam_step_scalars(double step, double lr, double beta1,
                                                                      double beta2, double eps,
                                                                      double weight_decay, bool decoupled,
-                                                                     bool maximize) {
+                                                                     bool maximize, const FlavourRule& flavour) {
     const double bias_correction1 = 1.0 - pow(beta1, step);
     const double bias_correction2 = 1.0 - pow(beta2, step);
     const double rho_inf = 2.0 / (1.0 - beta2) - 1.0;
     const double beta2_t = pow(beta2, step);
     const double rho_t = rho_inf - 2.0 * step * beta2_t / (1.0 - beta2_t);
-    const bool rectified = rho_t > kRectifyThreshold;
+    int mode;
     double step_size;
-    if (rectified) {
+    if (flavour.rectifies(rho_t)) {
+        mode = kRectified;
         const double rect =
             sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t));
         step_size = lr * rect * sqrt(bias_correction2) / bias_correction1;
     } else {
-        step_size = lr / bias_correction1;
+        mode = flavour.hold_below ? kHold : kMomentum;
+        step_size = mode == kMomentum ? lr / bias_correction1 : 0.0;
     }
+    const bool decays = decoupled && mode != kHold;
     return ElementScalars<double>{1.0 - beta1,
                                   beta2,
                                   1.0 - beta2,
-                                  eps,
+                                  flavour.eps_on_v_hat ? eps * sqrt(bias_correction2) : eps,
                                   decoupled ? 0.0 : weight_decay,
-                                  decoupled ? 1.0 - lr * weight_decay : 1.0,
+                                  decays ? 1.0 - lr * weight_decay : 1.0,
                                   step_size,
                                   maximize ? 1 : 0,
-                                  rectified ? 1 : 0};
+                                  mode};
 }
 
-//! One element of the RAdam update, in place on (p, m, v), in math type M:
+//! One element of the RAdam update, in place on (p, m, v), in math type M, in exactly the
+//! operation order of the Numba backend's _radam_element:
 //!
-//!     g = -g if negate_grad;  g = g + l2_weight_decay * p (when nonzero);  p = p * param_decay
+//!     g = -g if negate_grad;  g = g + l2_weight_decay * p (when nonzero)
 //!     m = m + (1 - beta1) (g - m);  v = beta2 v + (1 - beta2) g g
-//!     p = p - step_size m / (sqrt(v) + eps)  if rectified,  else  p = p - step_size m
+//!     p = p * param_decay - step_size m / (sqrt(v) + eps)   RECTIFIED
+//!     p = p * param_decay - step_size m                     MOMENTUM
+//!     p unchanged                                           HOLD
 template <typename M>
 __host__ __device__ __forceinline__ void radam_element(M& p, M g, M& m, M& v, const ElementScalars<M>& s) {
     if (s.negate_grad) g = -g;
     if (s.l2_weight_decay != M(0)) g = g + s.l2_weight_decay * p;
-    p = p * s.param_decay;
     m = m + s.one_minus_beta1 * (g - m);
     v = s.beta2 * v + s.one_minus_beta2 * g * g;
-    if (s.rectified) {
-        p = p - s.step_size * m / (sqrt(v) + s.eps);
-    } else {
-        p = p - s.step_size * m;
+    if (s.mode == kRectified) {
+        p = p * s.param_decay - s.step_size * m / (sqrt(v) + s.eps);
+    } else if (s.mode != kHold) {
+        p = p * s.param_decay - s.step_size * m;
     }
 }
 

@@ -14,7 +14,15 @@ Notes
   contraction would buy no speed. CuPy itself appends ``-ftz=true``: float32 subnormals flush
   to zero on the GPU (float64 is unaffected).
 - Grid: ``min(ceil(n / (block * lanes)), SMs * blocks_per_SM)`` blocks of 256 threads, each
-  thread striding over 16-byte packs (``lanes`` = 4 floats or 2 doubles).
+  thread striding over 16-byte packs (``lanes`` = 4 floats or 2 doubles). The multi-tensor
+  kernels cut the work into :data:`TILE`-element tiles (``tile_table``) and launch
+  ``min(tiles, SMs * blocks_per_SM)`` blocks, each taking tiles in turn.
+- Tables: a flat step passes its one row of scalars by value (no copy). A layout's tile table
+  goes to the device once per device (cached in ``SegmentArrays.derived["cuda"]``); the small
+  per-call tables (rows, scalars, a tensor list's pointers and tiles) go in one asynchronous
+  host-to-device copy on the current stream, into memory from CuPy's pool (which reuses a
+  block only on the stream it was freed on, so a later call cannot overwrite a table that a
+  queued launch still reads).
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ import cupy
 import numpy as np
 
 from fastradam.backends import backend_for
-from fastradam.scalars import StepScalars
+from fastradam.flavours import PRESETS, Flavour, resolve_flavour
+from fastradam.layout import SegmentArrays
 
 #: The kernel source, relative to the kernel folder (``fastradam.kernels`` when installed).
 KERNEL_FILE = "radam.cu"
@@ -51,12 +60,27 @@ LR_TYPES = {None: "double", np.dtype(np.float32): "const float*", np.dtype(np.fl
 
 BLOCK = 256
 BLOCKS_PER_SM = 8
+#: Elements per tile of the multi-tensor kernels: a multiple of the 64-element layout alignment
+#: (so tiles of an aligned layout stay 16-byte co-aligned) and of BLOCK * 4 float32 lanes.
+TILE = 4096
 _PACK_BYTES = 16
+#: Byte alignment of each table inside the one per-call upload.
+_TABLE_ALIGN = 16
 
 
 def step_kernel_name(dtype: np.dtype) -> str:
     """Name expression of the kernel that takes host scalars, for buffers of ``dtype``."""
     return f"fastradam::radam_step<{STORAGE_TYPES[np.dtype(dtype)]}>"
+
+
+def segments_kernel_name(dtype: np.dtype) -> str:
+    """Name expression of the kernel over the segments of flat buffers, for ``dtype``."""
+    return f"fastradam::radam_step_segments<{STORAGE_TYPES[np.dtype(dtype)]}>"
+
+
+def tensors_kernel_name(dtype: np.dtype) -> str:
+    """Name expression of the kernel over a list of separate tensors, for ``dtype``."""
+    return f"fastradam::radam_step_tensors<{STORAGE_TYPES[np.dtype(dtype)]}>"
 
 
 def capturable_kernel_name(dtype: np.dtype, step_dtype: np.dtype, lr_dtype: np.dtype | None) -> str:
@@ -68,7 +92,8 @@ def capturable_kernel_name(dtype: np.dtype, step_dtype: np.dtype, lr_dtype: np.d
 
 #: Every template instantiation the backend launches.
 NAME_EXPRESSIONS = tuple(
-    [step_kernel_name(dtype) for dtype in STORAGE_TYPES]
+    [name(dtype) for name in (step_kernel_name, segments_kernel_name, tensors_kernel_name)
+     for dtype in STORAGE_TYPES]
     + [capturable_kernel_name(dtype, step_dtype, lr_dtype)
        for dtype in STORAGE_TYPES for step_dtype in STEP_TYPES for lr_dtype in LR_TYPES]
 )
@@ -121,6 +146,49 @@ def _grid(n: int, dtype: np.dtype, device_id: int) -> int:
     return max(1, min(math.ceil(n / (BLOCK * lanes)), _sm_count(device_id) * BLOCKS_PER_SM))
 
 
+def _tile_grid(n_tiles: int, device_id: int) -> int:
+    return max(1, min(n_tiles, _sm_count(device_id) * BLOCKS_PER_SM))
+
+
+def tile_table(offsets: np.ndarray, sizes: np.ndarray, tile: int = TILE) -> np.ndarray:
+    """The ``(K, 3)`` int64 tiles ``(start, stop, index)`` of ranges ``[offsets[i], offsets[i] + sizes[i])``.
+
+    Range ``i`` is cut into ``ceil(sizes[i] / tile)`` tiles starting at ``offsets[i]``; empty
+    ranges get none. The kernels' tile rows (``kTileFields`` in radam.cu).
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    counts = -(-sizes // tile)
+    index = np.repeat(np.arange(sizes.size, dtype=np.int64), counts)
+    rank = np.arange(index.size, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    start = offsets[index] + rank * tile
+    return np.stack([start, np.minimum(start + tile, offsets[index] + sizes[index]), index], axis=1)
+
+
+def pack_tables(*tables: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    """One host byte buffer holding ``tables`` (C order), each at a 16-byte-aligned byte offset.
+
+    Returns the buffer and the offsets, so the per-call tables cross to the device in one copy.
+    """
+    offsets, end = [], 0
+    for table in tables:
+        start = -(-end // _TABLE_ALIGN) * _TABLE_ALIGN
+        offsets.append(start)
+        end = start + table.nbytes
+    packed = np.zeros(end, dtype=np.uint8)
+    for table, start in zip(tables, offsets):
+        packed[start:start + table.nbytes] = np.ascontiguousarray(table).reshape(-1).view(np.uint8)
+    return packed, tuple(offsets)
+
+
+def _upload(*tables: np.ndarray) -> list[cupy.ndarray]:
+    """Device copies of ``tables`` (1-D views into one pooled allocation), by one async copy."""
+    packed, offsets = pack_tables(*tables)
+    device = cupy.empty(packed.size, dtype=np.uint8)
+    device.set(packed, stream=cupy.cuda.get_current_stream())
+    return [device[start:start + table.nbytes].view(table.dtype) for table, start in zip(tables, offsets)]
+
+
 def as_array(obj: Any) -> cupy.ndarray:
     """Return ``obj`` as a CuPy array sharing its memory (DLPack or ``__cuda_array_interface__``)."""
     if isinstance(obj, cupy.ndarray):
@@ -144,25 +212,99 @@ def check_devices(arrays: Sequence[cupy.ndarray], names: Sequence[str] = ("param
 
 
 def radam_step(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray,
-               exp_avg_sq: cupy.ndarray, scalars: StepScalars) -> None:
+               exp_avg_sq: cupy.ndarray, floats: np.ndarray, ints: np.ndarray) -> None:
     """Launch one RAdam step, in place, on validated C-contiguous CuPy buffers of one dtype.
 
-    The float64 host scalars are rounded to the buffer dtype (``np.float32(...)``: CuPy would
-    pass a Python float as a double unchecked). Asynchronous on CuPy's current stream.
+    ``floats`` (1, 7) in the buffers' dtype and ``ints`` (1, 2) int32 are the host tables of
+    :func:`fastradam.scalars.pack_rows`; row 0 is passed by value, as NumPy scalars of exactly
+    the kernel's parameter types (CuPy would pass a Python float as a double unchecked).
+    Asynchronous on CuPy's current stream.
     """
     n = params.size
     if n == 0:
         return
-    cast = params.dtype.type
     device_id = _device_id(params)
+    row = (*np.asarray(floats, dtype=params.dtype)[0], *np.asarray(ints, dtype=np.int32)[0])
     with cupy.cuda.Device(device_id):
         _kernel(device_id, step_kernel_name(params.dtype))(
             (_grid(n, params.dtype, device_id),), (BLOCK,),
-            (params, grads, exp_avg, exp_avg_sq, np.int64(n),
-             cast(scalars.one_minus_beta1), cast(scalars.beta2), cast(scalars.one_minus_beta2),
-             cast(scalars.eps), cast(scalars.l2_weight_decay), cast(scalars.param_decay),
-             cast(scalars.step_size), np.int32(scalars.negate_grad), np.int32(scalars.rectified)),
+            (params, grads, exp_avg, exp_avg_sq, np.int64(n), *row),
         )
+
+
+def _layout_tiles(segments: SegmentArrays, device_id: int) -> cupy.ndarray:
+    """The layout's tile table on ``device_id``: built on the host and uploaded once per device."""
+    cached = segments.derived.setdefault("cuda", {})
+    if "tiles" not in cached:
+        cached["tiles"] = tile_table(segments.offsets, segments.sizes)
+    if device_id not in cached:
+        with cupy.cuda.Device(device_id):
+            cached[device_id] = cupy.asarray(cached["tiles"])
+    return cached[device_id]
+
+
+def radam_step_segments(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray,
+                        exp_avg_sq: cupy.ndarray, segments: SegmentArrays, segment_row: np.ndarray,
+                        floats: np.ndarray, ints: np.ndarray) -> None:
+    """One launch over the segments of flat buffers; segment ``i`` uses row ``segment_row[i]`` (< 0: skipped).
+
+    ``segment_row`` (int32, one per segment), ``floats`` (R, 7, the buffers' dtype) and ``ints``
+    (R, 2, int32) are host arrays, uploaded in one asynchronous copy; the layout's tile table is
+    uploaded once per device. Skipped segments and the padding are neither read nor written.
+    """
+    device_id = _device_id(params)
+    segment_row = np.asarray(segment_row, dtype=np.int32)
+    with cupy.cuda.Device(device_id):
+        tiles = _layout_tiles(segments, device_id)
+        if tiles.shape[0] == 0 or not np.any(segment_row >= 0):
+            return
+        rows, floats_d, ints_d = _upload(segment_row, np.asarray(floats, dtype=params.dtype),
+                                         np.asarray(ints, dtype=np.int32))
+        _kernel(device_id, segments_kernel_name(params.dtype))(
+            (_tile_grid(tiles.shape[0], device_id),), (BLOCK,),
+            (params, grads, exp_avg, exp_avg_sq, tiles, np.int64(tiles.shape[0]), rows, floats_d, ints_d),
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _tensor_tiles(sizes: tuple[int, ...]) -> np.ndarray:
+    table = tile_table(np.zeros(len(sizes), dtype=np.int64), np.array(sizes, dtype=np.int64))
+    table.flags.writeable = False
+    return table
+
+
+def radam_step_tensors(params: list[cupy.ndarray], grads: list[cupy.ndarray], exp_avg: list[cupy.ndarray],
+                       exp_avg_sq: list[cupy.ndarray], tensor_row: np.ndarray, floats: np.ndarray,
+                       ints: np.ndarray) -> None:
+    """One launch over lists of separate tensors; tensor ``i`` uses row ``tensor_row[i]`` (< 0: skipped).
+
+    The tensors (validated, C-contiguous, one dtype, one device) are reached through a table of
+    their addresses; it, the tile table over their sizes and the host tables go to the device in
+    one asynchronous copy per call. An empty list launches nothing.
+    """
+    if not params:
+        return
+    dtype = params[0].dtype
+    device_id = _device_id(params[0])
+    tensor_row = np.asarray(tensor_row, dtype=np.int32)
+    tiles = _tensor_tiles(tuple(int(a.size) for a in params))
+    if tiles.shape[0] == 0 or not np.any(tensor_row >= 0):
+        return
+    pointers = np.array([[a.data.ptr for a in quad] for quad in zip(params, grads, exp_avg, exp_avg_sq)],
+                        dtype=np.uint64)
+    with cupy.cuda.Device(device_id):
+        pointers_d, tiles_d, rows, floats_d, ints_d = _upload(
+            pointers, tiles, tensor_row, np.asarray(floats, dtype=dtype), np.asarray(ints, dtype=np.int32))
+        _kernel(device_id, tensors_kernel_name(dtype))(
+            (_tile_grid(tiles.shape[0], device_id),), (BLOCK,),
+            (pointers_d, tiles_d, np.int64(tiles.shape[0]), rows, floats_d, ints_d),
+        )
+
+
+def flavour_arguments(flavour: Flavour) -> tuple[np.float64, np.int32, np.int32, np.int32]:
+    """The capturable kernel's flavour arguments: ``threshold, inclusive, hold_below, eps_on_v_hat``."""
+    return (np.float64(flavour.threshold), np.int32(flavour.inclusive),
+            np.int32(flavour.below_threshold == "none"), np.int32(flavour.eps_on_v_hat))
 
 
 def _device_scalar(name: str, value: Any, dtypes: Sequence[np.dtype], buffers: Sequence[cupy.ndarray]) -> cupy.ndarray:
@@ -187,7 +329,7 @@ def _device_scalar(name: str, value: Any, dtypes: Sequence[np.dtype], buffers: S
 def radam_step_on_device(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray,
                          exp_avg_sq: cupy.ndarray, step: Any, lr: Any, *, beta1: float, beta2: float,
                          eps: float, weight_decay: float, decoupled_weight_decay: bool,
-                         maximize: bool) -> None:
+                         maximize: bool, flavour: Flavour = PRESETS["torch"]) -> None:
     """Launch one capturable RAdam step whose step count (and optionally lr) live on the device.
 
     The kernel reads ``step`` (and ``lr``) when it runs and folds the scalars of
@@ -205,8 +347,10 @@ def radam_step_on_device(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cup
         >= 1; it is not checked (that would synchronise).
     lr : float or 0-d device array
         A real number (passed by value) or a 0-d float32/float64 array on the buffers' device.
-    beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize
-        Validated hyperparameters, as for :func:`fastradam.scalars.step_scalars`.
+    beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, flavour
+        Validated hyperparameters, as for :func:`fastradam.scalars.step_scalars` (the
+        flavour's threshold, comparison, below-threshold update and eps placement are
+        applied on the device, as there).
 
     Raises
     ------
@@ -215,6 +359,7 @@ def radam_step_on_device(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cup
     ValueError
         ``step`` or ``lr`` is not 0-d, is on another device, or overlaps a written buffer.
     """
+    flavour = resolve_flavour(flavour)
     step_array = _device_scalar("step", step, tuple(STEP_TYPES), (params, grads, exp_avg, exp_avg_sq))
     if isinstance(lr, numbers.Real) and not isinstance(lr, (bool, np.bool_)):
         lr_arg, lr_dtype = np.float64(lr), None
@@ -234,5 +379,5 @@ def radam_step_on_device(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cup
             (_grid(n, params.dtype, device_id),), (BLOCK,),
             (params, grads, exp_avg, exp_avg_sq, np.int64(n), step_array, lr_arg,
              np.float64(beta1), np.float64(beta2), np.float64(eps), np.float64(weight_decay),
-             np.int32(decoupled_weight_decay), np.int32(maximize)),
+             np.int32(decoupled_weight_decay), np.int32(maximize), *flavour_arguments(flavour)),
         )
