@@ -1,4 +1,5 @@
-"""The CUDA backend on a real device: parity with the oracle, interop, graphs, determinism, bad input.
+"""The CUDA backend on a real device: parity with the oracle, interop, graphs, determinism, bad input,
+and the multi-tensor kernels (layout segments, tensor lists) against the oracle.
 
 Every test is marked ``gpu``: skipped without a device, failing with FASTRADAM_REQUIRE_GPU=1
 (tests/conftest.py). CuPy and torch are imported inside the tests, so a missing package fails
@@ -13,6 +14,9 @@ import numpy as np
 import pytest
 
 import fastradam
+from cuda_harness import MultiCase, bits
+from fastradam.flavours import PRESETS
+from fastradam.layout import FlatLayout
 from oracle_check import assert_matches_oracle
 
 pytestmark = pytest.mark.gpu
@@ -156,6 +160,30 @@ def test_graph_replay_advances_the_device_step(cp, backend, dtype, step_dtype, l
             assert_matches_oracle(before, written(buffers), hyper)
 
 
+@pytest.mark.parametrize("flavour", ("authors", "optax", "paper"))
+def test_graph_replay_follows_the_flavour(cp, backend, flavour):
+    host = host_buffers(np.random.default_rng(len(flavour)), np.dtype(np.float32), 4099)
+    buffers = device_buffers(cp, host, 1)
+    options = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.02, decoupled_weight_decay=True,
+                   maximize=False, flavour=PRESETS[flavour])
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        step = cp.zeros((), dtype=cp.int64)
+        backend.radam_step_on_device(*device_buffers(cp, host), step + 1, 1e-2, **options)
+        step += 0
+        stream.begin_capture()
+        step += 1
+        backend.radam_step_on_device(*buffers, step, 1e-2, **options)
+        graph = stream.end_capture()
+        for t in range(1, 9):
+            before = tuple(x.get() for x in buffers)
+            graph.launch(stream)
+            stream.synchronize()
+            hyper = dict(step=t, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.02,
+                         decoupled_weight_decay=True, maximize=False, flavour=flavour)
+            assert_matches_oracle(before, written(buffers), hyper)
+
+
 def test_capturable_step_equals_host_scalar_step(cp, backend):
     host = host_buffers(np.random.default_rng(4), np.dtype(np.float32), 2**20 + 3)
     device, twin = device_buffers(cp, host), device_buffers(cp, host)
@@ -212,3 +240,81 @@ def test_two_devices_raise_before_writing(cp):
         fastradam.fused_step(*buffers, **hyper_for(3))
     for got, want in zip(written(buffers), before):
         np.testing.assert_array_equal(got, want)
+
+
+# --- Multi-tensor kernels, through the backend functions ------------------------------------------
+
+
+def sentinel_view(cp, values: np.ndarray, dtype: np.dtype, offset: int) -> tuple:
+    """``(raw, view)`` on the device: ``view`` holds ``values``, ``offset`` elements into ``raw``;
+    the rest of ``raw`` (8 elements past the end at least) is NaN."""
+    raw = cp.full(values.size + offset + 8, np.nan, dtype=dtype)
+    view = raw[offset:offset + values.size]
+    view.set(values.astype(dtype))
+    return raw, view
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("flavour", tuple(PRESETS))
+@pytest.mark.parametrize("base", (0, 1))
+def test_segments_match_oracle_and_leave_the_rest_alone(cp, backend, dtype, flavour, base):
+    case = MultiCase(PRESETS[flavour])
+    layout = case.layout()
+    buffers = tuple(sentinel_view(cp, value, dtype, base)[1] for value in case.flat_values(layout))
+    before = tuple(b.get() for b in buffers)
+    floats, ints = case.tables(dtype)
+    backend.radam_step_segments(*buffers, layout.arrays, case.index_row, floats, ints)
+    assert "cuda" in layout.arrays.derived  # the tile table is cached with the layout
+    case.check_segments(layout, before, tuple(b.get() for b in buffers))
+
+
+def test_segments_second_call_reuses_the_cached_tiles_and_skips_all(cp, backend):
+    case = MultiCase(PRESETS["torch"])
+    layout = case.layout()
+    buffers = device_buffers(cp, host_buffers(np.random.default_rng(8), np.dtype(np.float32), layout.size))
+    floats, ints = case.tables(np.float32)
+    backend.radam_step_segments(*buffers, layout.arrays, case.index_row, floats, ints)
+    cached = dict(layout.arrays.derived["cuda"])
+    before = written(buffers)
+    backend.radam_step_segments(*buffers, layout.arrays, np.full(len(layout), -1, np.int32), floats, ints)
+    for got, want in zip(written(buffers), before):
+        np.testing.assert_array_equal(got, want)
+    assert all(layout.arrays.derived["cuda"][k] is v for k, v in cached.items())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("flavour", ("torch", "authors", "optax"))
+def test_tensors_match_oracle_and_leave_the_rest_alone(cp, backend, dtype, flavour):
+    case = MultiCase(PRESETS[flavour])
+    all_bases = [((0, 0, 0, 0), (1, 1, 1, 1), (0, 1, 0, 0))[i % 3] for i in range(len(case.sizes))]
+    raws, tensors = [], []
+    for i, bases in enumerate(all_bases):
+        pairs = [sentinel_view(cp, value, dtype, base) for value, base in zip(case.random_values(i), bases)]
+        raws.append(tuple(raw for raw, _ in pairs))
+        tensors.append(tuple(view for _, view in pairs))
+    raws_before = [tuple(r.get() for r in quad) for quad in raws]
+    floats, ints = case.tables(dtype)
+    backend.radam_step_tensors(*(list(t) for t in zip(*tensors)), case.index_row, floats, ints)
+
+    for i, (raw, raw_before, bases) in enumerate(zip(raws, raws_before, all_bases)):
+        case.check_tensor(i, raw_before, tuple(r.get() for r in raw), bases)
+
+
+def test_tensors_empty_list_launches_nothing(backend):
+    floats, ints = MultiCase(PRESETS["torch"]).tables(np.float32)
+    backend.radam_step_tensors([], [], [], [], np.zeros(0, np.int32), floats, ints)
+
+
+def test_multi_tensor_kernels_equal_the_flat_kernel(cp, backend):
+    """One segment, one tensor and the flat kernel give bit-identical results."""
+    host = host_buffers(np.random.default_rng(9), np.dtype(np.float32), 2**20 + 3)
+    case = MultiCase(PRESETS["torch"])
+    floats, ints = case.tables(np.float32)
+    layout = FlatLayout([(host[0].size,)])
+    flat, segment, tensor = (device_buffers(cp, host) for _ in range(3))
+    backend.radam_step(*flat, floats[2:3], ints[2:3])
+    backend.radam_step_segments(*segment, layout.arrays, np.array([2], np.int32), floats, ints)
+    backend.radam_step_tensors(*([b] for b in tensor), np.array([2], np.int32), floats, ints)
+    for other in (segment, tensor):
+        for got, want in zip(written(other), written(flat)):
+            np.testing.assert_array_equal(got, want)
