@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 
 import fastradam
+from peers import STEADY_STEP, torch_optimizer_step
 
 pytestmark = pytest.mark.gpu  # skipped without a device by the root conftest.py
 
 MEBI = 2**20
 CASES = [(n * MEBI, np.float32) for n in (1, 4, 16, 64, 256)] + [(64 * MEBI, np.float64)]
 IMPLEMENTATIONS = ("fastradam", "same_traffic", "torch_radam_foreach", "torch_adam_fused")
-#: Steps taken before timing, so RAdam is past the threshold (rectified, the costly path).
-STEADY_STEP = 10
 #: GPU time aimed at per round, and a rough bandwidth to plan the iterations with.
 ROUND_SECONDS = 5e-3
 PLANNING_BYTES_PER_SECOND = 3e12
@@ -93,31 +92,15 @@ def same_traffic_step(buffers: tuple):
     return lambda: kernel(grid, (256,), args)
 
 
-def torch_step(kind: str, buffers: tuple):
-    """A zero-argument step of torch optimizer ``kind`` on device copies of ``buffers`` at STEADY_STEP."""
-    import torch
-
-    params, grads, exp_avg, exp_avg_sq = (torch.from_dlpack(b.copy()) for b in buffers)
-    param = torch.nn.Parameter(params)
-    param.grad = grads
-    if kind == "torch_adam_fused":
-        optimizer = torch.optim.Adam([param], lr=1e-3, fused=True)
-    else:
-        optimizer = torch.optim.RAdam([param], lr=1e-3, foreach=True)
-    optimizer.step()  # creates the state
-    state = optimizer.state[param]
-    state["exp_avg"].copy_(exp_avg)
-    state["exp_avg_sq"].copy_(exp_avg_sq)
-    state["step"].fill_(STEADY_STEP)
-    return optimizer.step
-
-
 def make_step(implementation: str, buffers: tuple):
     if implementation == "fastradam":
         return lambda: fastradam.fused_step(*buffers, step=STEADY_STEP)
     if implementation == "same_traffic":
         return same_traffic_step(buffers)
-    return torch_step(implementation, buffers)
+    import torch
+
+    # zero-copy CuPy -> torch; kinds are peers.py's without the "torch_" prefix
+    return torch_optimizer_step(implementation.removeprefix("torch_"), [buffers], to_tensor=torch.from_dlpack)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
