@@ -30,6 +30,21 @@ class Segment:
     group: int
 
 
+def tiles(offsets: np.ndarray, sizes: np.ndarray, tile: int) -> np.ndarray:
+    """The ``(K, 3)`` int64 tiles ``(start, stop, index)`` of ranges ``[offsets[i], offsets[i] + sizes[i])``.
+
+    Range ``i`` is cut into ``ceil(sizes[i] / tile)`` tiles of at most ``tile`` elements,
+    starting at ``offsets[i]``; empty ranges get none. Both backends cut their work this way.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    counts = -(-sizes // tile)
+    index = np.repeat(np.arange(sizes.size, dtype=np.int64), counts)
+    rank = np.arange(index.size, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    start = offsets[index] + rank * tile
+    return np.stack([start, np.minimum(start + tile, offsets[index] + sizes[index]), index], axis=1)
+
+
 @dataclass(eq=False)
 class SegmentArrays:
     """The segment table as int64 arrays, plus what each backend derives from it once.

@@ -4,7 +4,7 @@ The very file CuPy compiles is built into a shared library (cached in the temp f
 hash of the sources and flags) and driven through ctypes on NumPy arrays, so the kernels'
 element math, scalar folding, grid-stride indexing, tile tables and head/vector/tail split run
 on the CPU. The multi-tensor calls take their tables from the CUDA backend's own host-side
-builders (``tile_table``, ``pack_tables``), so those are checked too.
+builders (``fastradam.layout.tiles``, ``pack_tables``), so those are checked too.
 """
 
 from __future__ import annotations
@@ -87,30 +87,32 @@ class Harness:
     def step_segments(self, buffers: tuple[np.ndarray, ...], segments, segment_row: np.ndarray,
                       floats: np.ndarray, ints: np.ndarray, grid: int, block: int) -> None:
         """Run ``radam_step_segments<T>`` over ``segments`` (a ``SegmentArrays``), tables as the backend makes them."""
-        from fastradam.backends.cuda import pack_tables, tile_table
+        from fastradam.backends.cuda import TILE, pack_tables
+        from fastradam.layout import tiles
 
-        tiles = tile_table(segments.offsets, segments.sizes)
-        packed, offsets = pack_tables(tiles, np.asarray(segment_row, np.int32), floats, ints)
+        table = tiles(segments.offsets, segments.sizes, TILE)
+        packed, offsets = pack_tables(table, np.asarray(segment_row, np.int32), floats, ints)
         tiles_at, rows_at, floats_at, ints_at = (ctypes.c_void_p(packed.ctypes.data + o) for o in offsets)
         self.lib.reset_counts()
         getattr(self.lib, f"radam_step_segments_{buffers[0].dtype.name}")(
             ctypes.c_uint(grid), ctypes.c_uint(block), *map(_pointer, buffers), tiles_at,
-            ctypes.c_longlong(tiles.shape[0]), rows_at, floats_at, ints_at)
+            ctypes.c_longlong(table.shape[0]), rows_at, floats_at, ints_at)
 
     def step_tensors(self, tensors: list[tuple[np.ndarray, ...]], tensor_row: np.ndarray, floats: np.ndarray,
                      ints: np.ndarray, grid: int, block: int) -> None:
         """Run ``radam_step_tensors<T>`` over separate (p, g, m, v) arrays through a pointer table."""
-        from fastradam.backends.cuda import pack_tables, tile_table
+        from fastradam.backends.cuda import TILE, pack_tables
+        from fastradam.layout import tiles
 
         pointers = np.array([[b.ctypes.data for b in quad] for quad in tensors], dtype=np.uint64).reshape(-1, 4)
         sizes = np.array([quad[0].size for quad in tensors], dtype=np.int64)
-        tiles = tile_table(np.zeros_like(sizes), sizes)
-        packed, offsets = pack_tables(pointers, tiles, np.asarray(tensor_row, np.int32), floats, ints)
+        table = tiles(np.zeros_like(sizes), sizes, TILE)
+        packed, offsets = pack_tables(pointers, table, np.asarray(tensor_row, np.int32), floats, ints)
         pointers_at, tiles_at, rows_at, floats_at, ints_at = (
             ctypes.c_void_p(packed.ctypes.data + o) for o in offsets)
         self.lib.reset_counts()
         getattr(self.lib, f"radam_step_tensors_{floats.dtype.name}")(
-            ctypes.c_uint(grid), ctypes.c_uint(block), pointers_at, tiles_at, ctypes.c_longlong(tiles.shape[0]),
+            ctypes.c_uint(grid), ctypes.c_uint(block), pointers_at, tiles_at, ctypes.c_longlong(table.shape[0]),
             rows_at, floats_at, ints_at)
 
     def step_capturable(self, buffers: tuple[np.ndarray, ...], step: np.ndarray, lr: float | np.ndarray, *,

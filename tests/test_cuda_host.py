@@ -214,25 +214,6 @@ def check_capturable(harness, dtype: np.dtype, step: np.ndarray, lr, flavour: Fl
 # --- The multi-tensor kernels ---------------------------------------------------------------
 
 
-def test_tile_table_covers_every_range_once(backend):
-    rng = np.random.default_rng(0)
-    sizes = np.array([*cuda_harness.MULTI_SIZES, 3 * backend.TILE, 3 * backend.TILE + 1], dtype=np.int64)
-    offsets = np.cumsum(np.concatenate([[5], sizes[:-1] + rng.integers(0, 100, sizes.size - 1)]))
-    tiles = backend.tile_table(offsets, sizes)
-    assert tiles.dtype == np.int64 and tiles.shape[1] == 3 and tiles.flags.c_contiguous
-    start, stop, index = tiles.T
-    assert np.all((stop > start) & (stop - start <= backend.TILE))
-    assert np.all((start - offsets[index]) % backend.TILE == 0)
-    covered = np.zeros(int(offsets[-1] + sizes[-1]), dtype=np.int64)
-    for a, b in zip(start, stop):
-        covered[a:b] += 1
-    want = np.zeros_like(covered)
-    for offset, size in zip(offsets, sizes):
-        want[offset:offset + size] = 1
-    np.testing.assert_array_equal(covered, want)
-    assert backend.tile_table(np.zeros(0), np.zeros(0)).shape == (0, 3)
-
-
 def test_pack_tables_places_each_table_aligned(backend):
     tables = (np.arange(3, dtype=np.int32), np.ones((2, 7), dtype=np.float32), np.arange(8, dtype=np.int64))
     packed, offsets = backend.pack_tables(*tables)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastradam.layout import FlatLayout
+from fastradam.layout import FlatLayout, tiles
 
 
 def test_segments_start_aligned_and_padding_is_accounted():
@@ -62,3 +62,23 @@ def test_pack_checks_count_and_shapes():
         layout.pack([np.ones(2)])
     with pytest.raises(ValueError, match="has shape"):
         layout.pack([np.ones(2), np.ones(4)])
+
+
+@pytest.mark.parametrize("tile", [1, 7, 4096])
+def test_tiles_cover_every_range_exactly_once(tile):
+    rng = np.random.default_rng(0)
+    sizes = np.array([0, 1, 3, 63, 64, 65, 1000, 3 * tile, 3 * tile + 1, 0], dtype=np.int64)
+    offsets = np.cumsum(np.concatenate([[5], sizes[:-1] + rng.integers(0, 100, sizes.size - 1)]))
+    table = tiles(offsets, sizes, tile)
+    assert table.dtype == np.int64 and table.shape[1] == 3 and table.flags.c_contiguous
+    start, stop, index = table.T
+    assert np.all((stop > start) & (stop - start <= tile))
+    assert np.all((start - offsets[index]) % tile == 0)
+    covered = np.zeros(int(offsets[-1] + sizes[-1]), dtype=np.int64)
+    for a, b in zip(start, stop):
+        covered[a:b] += 1
+    want = np.zeros_like(covered)
+    for offset, size in zip(offsets, sizes):
+        want[offset:offset + size] = 1
+    np.testing.assert_array_equal(covered, want)
+    assert tiles(np.zeros(0), np.zeros(0), tile).shape == (0, 3)

@@ -149,3 +149,7 @@ def test_a_host_array_beside_a_device_like_array_is_refused():
     buffers = _buffers()
     buffers[2] = FakeCudaArray()
     _assert_rejected(buffers, TypeError, "all buffers must be on one device")
+
+
+def test_a_host_array_step_is_refused_on_the_cpu():
+    _assert_rejected(_buffers(), TypeError, "step must be an int", step=np.array(3))

@@ -15,7 +15,7 @@ Notes
   to zero on the GPU (float64 is unaffected).
 - Grid: ``min(ceil(n / (block * lanes)), SMs * blocks_per_SM)`` blocks of 256 threads, each
   thread striding over 16-byte packs (``lanes`` = 4 floats or 2 doubles). The multi-tensor
-  kernels cut the work into :data:`TILE`-element tiles (``tile_table``) and launch
+  kernels cut the work into :data:`TILE`-element tiles (``fastradam.layout.tiles``) and launch
   ``min(tiles, SMs * blocks_per_SM)`` blocks, each taking tiles in turn.
 - Tables: a flat step passes its one row of scalars by value (no copy). A layout's tile table
   goes to the device once per device (cached in ``SegmentArrays.derived["cuda"]``); the small
@@ -39,7 +39,7 @@ import numpy as np
 
 from fastradam.backends import backend_for
 from fastradam.flavours import PRESETS, Flavour, resolve_flavour
-from fastradam.layout import SegmentArrays
+from fastradam.layout import SegmentArrays, tiles
 
 #: The kernel source, relative to the kernel folder (``fastradam.kernels`` when installed).
 KERNEL_FILE = "radam.cu"
@@ -150,21 +150,6 @@ def _tile_grid(n_tiles: int, device_id: int) -> int:
     return max(1, min(n_tiles, _sm_count(device_id) * BLOCKS_PER_SM))
 
 
-def tile_table(offsets: np.ndarray, sizes: np.ndarray, tile: int = TILE) -> np.ndarray:
-    """The ``(K, 3)`` int64 tiles ``(start, stop, index)`` of ranges ``[offsets[i], offsets[i] + sizes[i])``.
-
-    Range ``i`` is cut into ``ceil(sizes[i] / tile)`` tiles starting at ``offsets[i]``; empty
-    ranges get none. The kernels' tile rows (``kTileFields`` in radam.cu).
-    """
-    offsets = np.asarray(offsets, dtype=np.int64)
-    sizes = np.asarray(sizes, dtype=np.int64)
-    counts = -(-sizes // tile)
-    index = np.repeat(np.arange(sizes.size, dtype=np.int64), counts)
-    rank = np.arange(index.size, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-    start = offsets[index] + rank * tile
-    return np.stack([start, np.minimum(start + tile, offsets[index] + sizes[index]), index], axis=1)
-
-
 def pack_tables(*tables: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
     """One host byte buffer holding ``tables`` (C order), each at a 16-byte-aligned byte offset.
 
@@ -236,7 +221,7 @@ def _layout_tiles(segments: SegmentArrays, device_id: int) -> cupy.ndarray:
     """The layout's tile table on ``device_id``: built on the host and uploaded once per device."""
     cached = segments.derived.setdefault("cuda", {})
     if "tiles" not in cached:
-        cached["tiles"] = tile_table(segments.offsets, segments.sizes)
+        cached["tiles"] = tiles(segments.offsets, segments.sizes, TILE)
     if device_id not in cached:
         with cupy.cuda.Device(device_id):
             cached[device_id] = cupy.asarray(cached["tiles"])
@@ -255,20 +240,20 @@ def radam_step_segments(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy
     device_id = _device_id(params)
     segment_row = np.asarray(segment_row, dtype=np.int32)
     with cupy.cuda.Device(device_id):
-        tiles = _layout_tiles(segments, device_id)
-        if tiles.shape[0] == 0 or not np.any(segment_row >= 0):
+        tile_rows = _layout_tiles(segments, device_id)
+        if tile_rows.shape[0] == 0 or not np.any(segment_row >= 0):
             return
         rows, floats_d, ints_d = _upload(segment_row, np.asarray(floats, dtype=params.dtype),
                                          np.asarray(ints, dtype=np.int32))
         _kernel(device_id, segments_kernel_name(params.dtype))(
-            (_tile_grid(tiles.shape[0], device_id),), (BLOCK,),
-            (params, grads, exp_avg, exp_avg_sq, tiles, np.int64(tiles.shape[0]), rows, floats_d, ints_d),
+            (_tile_grid(tile_rows.shape[0], device_id),), (BLOCK,),
+            (params, grads, exp_avg, exp_avg_sq, tile_rows, np.int64(tile_rows.shape[0]), rows, floats_d, ints_d),
         )
 
 
 @functools.lru_cache(maxsize=64)
 def _tensor_tiles(sizes: tuple[int, ...]) -> np.ndarray:
-    table = tile_table(np.zeros(len(sizes), dtype=np.int64), np.array(sizes, dtype=np.int64))
+    table = tiles(np.zeros(len(sizes), dtype=np.int64), np.array(sizes, dtype=np.int64), TILE)
     table.flags.writeable = False
     return table
 
@@ -287,17 +272,17 @@ def radam_step_tensors(params: list[cupy.ndarray], grads: list[cupy.ndarray], ex
     dtype = params[0].dtype
     device_id = _device_id(params[0])
     tensor_row = np.asarray(tensor_row, dtype=np.int32)
-    tiles = _tensor_tiles(tuple(int(a.size) for a in params))
-    if tiles.shape[0] == 0 or not np.any(tensor_row >= 0):
+    tile_rows = _tensor_tiles(tuple(int(a.size) for a in params))
+    if tile_rows.shape[0] == 0 or not np.any(tensor_row >= 0):
         return
     pointers = np.array([[a.data.ptr for a in quad] for quad in zip(params, grads, exp_avg, exp_avg_sq)],
                         dtype=np.uint64)
     with cupy.cuda.Device(device_id):
         pointers_d, tiles_d, rows, floats_d, ints_d = _upload(
-            pointers, tiles, tensor_row, np.asarray(floats, dtype=dtype), np.asarray(ints, dtype=np.int32))
+            pointers, tile_rows, tensor_row, np.asarray(floats, dtype=dtype), np.asarray(ints, dtype=np.int32))
         _kernel(device_id, tensors_kernel_name(dtype))(
-            (_tile_grid(tiles.shape[0], device_id),), (BLOCK,),
-            (pointers_d, tiles_d, np.int64(tiles.shape[0]), rows, floats_d, ints_d),
+            (_tile_grid(tile_rows.shape[0], device_id),), (BLOCK,),
+            (pointers_d, tiles_d, np.int64(tile_rows.shape[0]), rows, floats_d, ints_d),
         )
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
-from fastradam.layout import SegmentArrays
+from fastradam.layout import SegmentArrays, tiles
 from fastradam.scalars import HOLD, RECTIFIED
 
 #: Elements per block: 64K float32 is 256 KiB per buffer, enough work to amortise a block's
@@ -93,15 +93,9 @@ def _radam_tensor_blocks(addresses, sizes, block_start, block_stop, block_tensor
 
 
 def blocks(offsets: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(start, stop, segment)`` of every :data:`BLOCK`-element block of the given segments."""
-    offsets = np.asarray(offsets, dtype=np.int64)
-    sizes = np.asarray(sizes, dtype=np.int64)
-    counts = -(-sizes // BLOCK)
-    segment = np.repeat(np.arange(sizes.size, dtype=np.int64), counts)
-    within = np.arange(segment.size, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-    start = offsets[segment] + within * BLOCK
-    stop = np.minimum(start + BLOCK, (offsets + sizes)[segment])
-    return start, stop, segment
+    """``(start, stop, segment)`` columns of the :data:`BLOCK`-element tiles of the given ranges."""
+    table = tiles(offsets, sizes, BLOCK)
+    return tuple(np.ascontiguousarray(table[:, k]) for k in range(3))
 
 
 @functools.lru_cache(maxsize=16)
