@@ -1,0 +1,250 @@
+"""Flat torch buffers of one device and dtype: parameters become views, moments and steps live beside them.
+
+:class:`FlatBucket` is the storage half of :class:`fastradam.torch.RAdam`: it packs the
+parameters of one (device, dtype) into a :class:`~fastradam.layout.FlatLayout`, points each
+``p.data`` at its segment, keeps the moment buffers, the per-parameter step counts and
+(optionally) a flat gradient buffer, and runs one fused step over them. It knows nothing of
+param groups beyond each segment's group index, nor of ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fastradam.api import fused_step, fused_step_layout
+from fastradam.backends import BACKENDS
+from fastradam.layout import FlatLayout
+from fastradam.scalars import pack_rows, scalar_rows
+from fastradam.validation import GroupHyperparameters
+
+#: Parameter dtypes the kernels implement.
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+#: Devices the backends run on.
+SUPPORTED_DEVICES = ("cpu", "cuda")
+
+
+def check_parameter(p: torch.Tensor, where: str) -> None:
+    """TypeError unless ``p`` is a dense float32/float64 tensor on a CPU or CUDA device."""
+    if p.is_complex():
+        raise TypeError(f"{where} is complex ({p.dtype}); fastradam.torch.RAdam supports float32 and "
+                        "float64 parameters only (optimize torch.view_as_real(p) as its own parameter instead)")
+    if p.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{where} has dtype {p.dtype}; supported dtypes are torch.float32 and torch.float64")
+    if p.layout is not torch.strided:
+        raise TypeError(f"{where} has layout {p.layout}; only dense (strided) parameters are supported")
+    if p.device.type not in SUPPORTED_DEVICES:
+        raise TypeError(f"{where} is on device {p.device}; supported devices are CPU and CUDA")
+
+
+def _stream(device: torch.device) -> Any:
+    """CuPy's current stream set to torch's current stream of ``device`` (nothing on the CPU)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    import cupy
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream, index)
+
+
+class FlatBucket:
+    """The parameters of one device and dtype, packed into flat buffers; ``p.data`` are views.
+
+    Parameters
+    ----------
+    params : sequence of torch.Tensor
+        The parameters, all of one device and dtype, in param-group order.
+    groups : sequence of int
+        Each parameter's group index.
+    capturable : bool
+        Keep the step counts on the parameters' device (CUDA) instead of the CPU.
+    describe : callable
+        ``describe(p)`` names a parameter in error messages.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], groups: Sequence[int], *, capturable: bool,
+                 describe: Callable[[torch.Tensor], str]) -> None:
+        self.params = list(params)
+        self.device, self.dtype = self.params[0].device, self.params[0].dtype
+        self.capturable = capturable
+        self.describe = describe
+        self.layout = FlatLayout([tuple(p.shape) for p in self.params], groups=groups)
+        kwargs = {"dtype": self.dtype, "device": self.device}
+        self.param_flat = torch.zeros(self.layout.size, **kwargs)
+        self.exp_avg_flat = torch.zeros(self.layout.size, **kwargs)
+        self.exp_avg_sq_flat = torch.zeros(self.layout.size, **kwargs)
+        self.grad_flat: torch.Tensor | None = None
+        self.steps = torch.zeros(len(self.params), dtype=torch.float32,
+                                 device=self.device if capturable else "cpu")
+        #: Whether the optimizer's state holds an entry (views into these buffers) for each parameter.
+        self.has_state = np.zeros(len(self.params), dtype=bool)
+        self.param_views = self.layout.unpack(self.param_flat)
+        self.exp_avg_views = self.layout.unpack(self.exp_avg_flat)
+        self.exp_avg_sq_views = self.layout.unpack(self.exp_avg_sq_flat)
+        self.grad_views: list[torch.Tensor] | None = None
+        self.param_ptrs = [v.data_ptr() for v in self.param_views]
+        self.grad_ptrs: list[int] | None = None
+        self.on_cpu = self.device.type == "cpu"
+        self.backend = BACKENDS[0 if self.on_cpu else 1].load()
+        self.np_dtype = NUMPY_DTYPES[self.dtype]
+        flats = (self.param_flat, self.exp_avg_flat, self.exp_avg_sq_flat)
+        self.arrays = [self._array(t) for t in flats]
+        self.grad_array: Any = None
+        self.segment_arrays = [self.layout.unpack(self.backend.as_array(a)) for a in self.arrays]
+        self.steps_host = None if capturable else self.steps.numpy()
+
+    # -- moving in ---------------------------------------------------------------------------
+
+    def adopt(self, state: Mapping[torch.Tensor, dict], grad_views: bool) -> None:
+        """Copy each parameter (and its state, if any) into the buffers and point ``p.data`` there.
+
+        ``state`` entries are replaced by views into the buffers. With ``grad_views``, existing
+        gradients are copied into a flat gradient buffer too and ``p.grad`` become its views.
+        """
+        for i, p in enumerate(self.params):
+            self.param_views[i].copy_(p.data)
+            p.data = self.param_views[i]
+        self.load_state(state)
+        if grad_views:
+            self.adopt_grads(copy=True)
+
+    def load_state(self, state: Mapping[torch.Tensor, dict]) -> None:
+        """Refill moments and steps from ``state`` (copies, never aliases) and re-point its entries.
+
+        A parameter without state gets zero moments and step 0, as a fresh torch optimizer.
+        """
+        for i, p in enumerate(self.params):
+            entry = state.get(p)
+            if entry:
+                self.exp_avg_views[i].copy_(entry["exp_avg"])
+                self.exp_avg_sq_views[i].copy_(entry["exp_avg_sq"])
+                self.steps[i].copy_(torch.as_tensor(entry["step"]).reshape(()))
+                self.has_state[i] = True
+            else:
+                self.exp_avg_views[i].zero_()
+                self.exp_avg_sq_views[i].zero_()
+                self.steps[i] = 0.0
+                self.has_state[i] = False
+        for i in np.flatnonzero(self.has_state):
+            state[self.params[i]] = self.state_entry(i)
+
+    def state_entry(self, i: int) -> dict:
+        """Parameter ``i``'s optimizer state, in torch.optim.RAdam's format, as views into the buffers."""
+        return {"step": self.steps[i], "exp_avg": self.exp_avg_views[i], "exp_avg_sq": self.exp_avg_sq_views[i]}
+
+    def adopt_grads(self, copy: bool) -> None:
+        """Point every existing ``p.grad`` at a view of the flat gradient buffer (allocated here).
+
+        With ``copy`` the gradient values carry over; without, the views are left to be zeroed.
+        """
+        if self.grad_flat is None:
+            self.grad_flat = torch.zeros(self.layout.size, dtype=self.dtype, device=self.device)
+            self.grad_views = self.layout.unpack(self.grad_flat)
+            self.grad_ptrs = [v.data_ptr() for v in self.grad_views]
+            self.grad_array = self._array(self.grad_flat)
+        for i, p in enumerate(self.params):
+            grad = p.grad
+            if grad is not None and not self._is_grad_view(i, grad):
+                if copy:
+                    self.grad_views[i].copy_(grad)
+                p.grad = self.grad_views[i]
+
+    def _array(self, tensor: torch.Tensor) -> Any:
+        """What the backends take: a zero-copy NumPy view on the CPU, the torch tensor (DLPack) on CUDA."""
+        return tensor.numpy() if self.on_cpu else tensor
+
+    def _is_grad_view(self, i: int, grad: torch.Tensor) -> bool:
+        return self.grad_ptrs is not None and grad.data_ptr() == self.grad_ptrs[i] and grad.is_contiguous()
+
+    def zero_grad(self, set_to_none: bool) -> None:
+        """torch's ``zero_grad``: drop the gradients, or zero them as one memset of the flat buffer."""
+        if set_to_none:
+            for p in self.params:
+                p.grad = None
+            return
+        if all(p.grad is None for p in self.params):
+            return
+        self.adopt_grads(copy=False)
+        self.grad_flat.zero_()
+
+    # -- stepping ----------------------------------------------------------------------------
+
+    def plan(self) -> tuple[np.ndarray, list[torch.Tensor | None] | None]:
+        """Check every parameter and gradient (no writes) for one step.
+
+        Returns the per-parameter ``has_grad`` mask and, when some gradient is not a view of the
+        flat gradient buffer, the gradients (``None`` where absent); ``None`` when all are views.
+        """
+        active = np.zeros(len(self.params), dtype=bool)
+        grads: list[torch.Tensor | None] = []
+        fresh = False
+        for i, (p, ptr) in enumerate(zip(self.params, self.param_ptrs)):
+            if p.data_ptr() != ptr:
+                raise RuntimeError(
+                    f"{self.describe(p)} no longer lives in the optimizer's flat buffer on {self.device} "
+                    f"(it is now on {p.device}, {p.dtype}): it was moved or its .data replaced after "
+                    "fastradam.torch.RAdam was built (e.g. model.to(...), .cuda(), .double()); "
+                    "move the model first, then build the optimizer")
+            grad = p.grad
+            grads.append(grad)
+            if grad is None:
+                continue
+            if grad.layout is not torch.strided:
+                raise RuntimeError(f"{self.describe(p)} has a sparse gradient; RAdam does not support "
+                                   "sparse gradients")
+            active[i] = True
+            if not fresh and not self._is_grad_view(i, grad):
+                fresh = True
+        return active, grads if fresh else None
+
+    def step(self, active: np.ndarray, grads: list | None, groups: list[dict],
+             checked: list[GroupHyperparameters]) -> None:
+        """One fused step of the parameters in ``active`` (a checked :meth:`plan`); steps advance."""
+        if not active.any():
+            return
+        with _stream(self.device):
+            if self.capturable:
+                self._step_on_device(active, grads, groups)
+                return
+            steps = self.steps_host.astype(np.int64) + active
+            if grads is None:
+                params, exp_avg, exp_avg_sq = self.arrays
+                fused_step_layout(self.layout, params, self.grad_array, exp_avg, exp_avg_sq, steps=steps,
+                                  groups=groups, has_grad=active)
+            else:
+                self._step_tensors(active, grads, steps, checked)
+            self.steps_host[active] += 1
+
+    def _grad_array(self, grad: torch.Tensor) -> Any:
+        if grad.requires_grad:
+            grad = grad.detach()
+        if not grad.is_contiguous():
+            grad = grad.contiguous()
+        return self.backend.as_array(self._array(grad))
+
+    def _step_tensors(self, active: np.ndarray, grads: list, steps: np.ndarray,
+                      checked: list[GroupHyperparameters]) -> None:
+        """The tensor-list path: parameter and moment views with the gradients as they are (no copy)."""
+        index = np.flatnonzero(active)
+        rows, tensor_row = scalar_rows(checked, self.layout.arrays.groups[index], steps[index],
+                                       np.ones(index.size, dtype=bool))
+        floats, ints = pack_rows(rows, self.np_dtype)
+        params, exp_avg, exp_avg_sq = ([views[i] for i in index] for views in self.segment_arrays)
+        self.backend.radam_step_tensors(params, [self._grad_array(grads[i]) for i in index], exp_avg,
+                                        exp_avg_sq, tensor_row, floats, ints)
+
+    def _step_on_device(self, active: np.ndarray, grads: list | None, groups: list[dict]) -> None:
+        """capturable: step counts advance on the device and each parameter's launch reads its own."""
+        index = np.flatnonzero(active)
+        torch._foreach_add_([self.steps[i] for i in index], 1.0)
+        group_of = self.layout.arrays.groups
+        for i in index:
+            grad = self.params[i].grad if grads is None else grads[i]
+            options = dict(groups[group_of[i]])
+            options.pop("schedule", None)
+            fused_step(self.param_views[i], grad.detach().contiguous(), self.exp_avg_views[i],
+                       self.exp_avg_sq_views[i], step=self.steps[i], **options)
