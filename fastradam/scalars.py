@@ -22,9 +22,10 @@ MOMENTUM = 0  #: below the threshold: p -= step_size * m
 RECTIFIED = 1  #: above it: p -= step_size * m / (sqrt(v) + eps)
 HOLD = 2  #: below it, in flavours that skip the update: moments update, p is left alone
 
-#: Column order of the float rows that kernels read (see :func:`scalar_rows`).
+#: Column order of the float rows that kernels read (see :func:`pack_rows`): the
+#: :class:`StepScalars` fields, then the gradient's unscale factor ``1 / grad_scale``.
 FLOAT_FIELDS = ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2_weight_decay",
-                "param_decay", "step_size")
+                "param_decay", "step_size", "inv_grad_scale")
 #: Column order of the int rows that kernels read.
 INT_FIELDS = ("negate_grad", "mode")
 
@@ -114,13 +115,16 @@ def step_scalars(
     )
 
 
-def pack_rows(rows: Sequence[StepScalars], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Kernel tables of ``rows``: floats ``(R, 7)`` rounded to ``dtype``, ints ``(R, 2)`` int32.
+def pack_rows(rows: Sequence[StepScalars], dtype: np.dtype, grad_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel tables of ``rows``: floats ``(R, 8)`` rounded to the math ``dtype``, ints ``(R, 2)`` int32.
 
-    Columns follow :data:`FLOAT_FIELDS` and :data:`INT_FIELDS`. The float64 values are
-    rounded once, here, exactly as a kernel argument ``np.float32(x)`` would be.
+    Columns follow :data:`FLOAT_FIELDS` (the last one is ``1 / grad_scale``, the same for every
+    row) and :data:`INT_FIELDS`. The float64 values are rounded once, here, exactly as a kernel
+    argument ``np.float32(x)`` would be.
     """
-    floats = np.array([[getattr(r, f) for f in FLOAT_FIELDS] for r in rows], dtype=np.float64)
+    inv_grad_scale = 1.0 / grad_scale
+    floats = np.array([[getattr(r, f) for f in FLOAT_FIELDS[:-1]] + [inv_grad_scale] for r in rows],
+                      dtype=np.float64)
     ints = np.array([[int(getattr(r, f)) for f in INT_FIELDS] for r in rows], dtype=np.int32)
     return floats.astype(dtype).reshape(-1, len(FLOAT_FIELDS)), ints.reshape(-1, len(INT_FIELDS))
 

@@ -18,12 +18,18 @@ import numpy as np
 from fastradam.flavours import Flavour, resolve_flavour
 from fastradam.schedules import KerasWarmup
 
-#: The storage dtypes the backends implement.
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: Storage formats (dtype names) a buffer may have; which combinations work: :func:`check_storage`.
+STORAGE_FORMATS = ("float32", "float64", "bfloat16", "float16")
+SIXTEEN_BIT = ("bfloat16", "float16")
+SUPPORTED_STORAGE = (
+    "float64 everywhere (math in float64); or params float32, bfloat16 or float16, grads float32, "
+    "bfloat16 or float16, exp_avg and exp_avg_sq both float32 or both bfloat16, and float32 master "
+    "weights only beside bfloat16/float16 params (math in float32)"
+)
 
 BUFFER_NAMES = ("params", "grads", "exp_avg", "exp_avg_sq")
-#: Buffers a step writes; ``grads`` is only read.
-WRITTEN_BUFFERS = ("params", "exp_avg", "exp_avg_sq")
+#: Which of the four buffers a step writes; ``grads`` is only read.
+WRITTEN = (True, False, True, True)
 
 #: Every option a group (or ``fused_step``) takes besides the step, with its default.
 GROUP_DEFAULTS: dict[str, Any] = {
@@ -122,6 +128,14 @@ def check_groups(groups: Any) -> list[GroupHyperparameters]:
     return [check_group(g, f"groups[{i}].") for i, g in enumerate(groups)]
 
 
+def check_grad_scale(grad_scale: Any) -> float:
+    """``grad_scale`` must be a finite real number > 0."""
+    value = _real("grad_scale", grad_scale)
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"grad_scale must be finite and > 0, got {value!r}")
+    return value
+
+
 def check_per_tensor(name: str, values: Any, count: int, kind: str, active: np.ndarray | None = None) -> np.ndarray:
     """A 1-D host array of ``count`` entries: ``kind`` "step" (ints >= 1 where ``active``),
     "group" (ints >= 0) or "mask" (bools)."""
@@ -147,29 +161,53 @@ def _interface(array: Any) -> dict:
     return array.__cuda_array_interface__
 
 
-def check_buffers(buffers: Sequence[Any], names: Sequence[str] = BUFFER_NAMES) -> list[tuple[int, int]]:
-    """Check one set of four buffers (params, grads, exp_avg, exp_avg_sq) before a step writes them.
+def check_storage(storages: Sequence[str], names: Sequence[str] = BUFFER_NAMES,
+                  master: str | None = None, master_name: str = "master_params") -> np.dtype:
+    """The math dtype for buffers stored as ``storages`` (params, grads, exp_avg, exp_avg_sq
+    dtype names) and an optional master; TypeError naming the buffer and listing what works."""
+    def refuse(reason: str) -> None:
+        raise TypeError(f"{reason}; supported storage: {SUPPORTED_STORAGE}")
 
-    They must share one supported dtype and one shape, be C-contiguous and the written ones
+    for name, storage in zip((*names, master_name), (*storages, master)):
+        if storage is not None and storage not in STORAGE_FORMATS:
+            refuse(f"{name} must have dtype float32, float64, bfloat16 or float16, got {storage}")
+    params, _, exp_avg, exp_avg_sq = storages
+    if "float64" in storages:
+        wide = storages.index("float64")
+        for name, storage in zip(names, storages):
+            if storage != "float64":
+                refuse(f"{name} has dtype {storage} but {names[wide]} is float64: float64 storage is all-float64")
+        if master is not None:
+            refuse(f"{master_name} goes with bfloat16/float16 params, not with float64 ones")
+        return np.dtype(np.float64)
+    if exp_avg_sq != exp_avg:
+        refuse(f"{names[3]} has dtype {exp_avg_sq} but {names[2]} has {exp_avg}: the moments share one dtype")
+    if exp_avg not in ("float32", "bfloat16"):
+        refuse(f"{names[2]} must be float32 or bfloat16, got {exp_avg}")
+    if master is not None and params not in SIXTEEN_BIT:
+        refuse(f"{master_name} is for bfloat16/float16 params, but {names[0]} is {params}")
+    if master is not None and master != "float32":
+        refuse(f"{master_name} must be float32, got {master}")
+    return np.dtype(np.float32)
+
+
+def check_buffers(buffers: Sequence[Any], names: Sequence[str] = BUFFER_NAMES,
+                  written: Sequence[bool] = WRITTEN) -> list[tuple[int, int]]:
+    """Check buffers a step will use before it writes any of them.
+
+    They must share the first one's shape and be C-contiguous, and the ``written`` ones
     writeable. Returns each buffer's ``(start, end)`` address span for :func:`check_disjoint`.
     """
-    dtype = buffers[0].dtype
     shape = buffers[0].shape
     spans = []
-    for index, (name, array) in enumerate(zip(names, buffers)):
-        if array.dtype not in SUPPORTED_DTYPES:
-            supported = " or ".join(d.name for d in SUPPORTED_DTYPES)
-            raise TypeError(f"{name} must have dtype {supported}, got {array.dtype}")
-        if array.dtype != dtype:
-            raise TypeError(f"{name} has dtype {array.dtype} but {names[0]} has {dtype}: "
-                            "all buffers must share one dtype")
+    for name, array, writes in zip(names, buffers, written):
         if array.shape != shape:
             raise ValueError(f"{name} has shape {array.shape} but {names[0]} has {shape}: "
-                             "all four buffers must share one shape")
+                             "the buffers of a tensor must share one shape")
         if not array.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous")
         address, read_only = _interface(array)["data"]
-        if read_only and BUFFER_NAMES[index] in WRITTEN_BUFFERS:
+        if read_only and writes:
             raise ValueError(f"{name} is read-only, but a step writes it in place")
         spans.append((address, address + array.size * array.itemsize))
     return spans

@@ -86,7 +86,12 @@ def test_bit_identical_reruns_and_thread_counts(dtype):
         assert a.tobytes() == b.tobytes() == c.tobytes()
 
 
-def test_float32_loop_is_vectorised_and_stays_float32():
+@pytest.mark.parametrize("storage", [
+    (np.float32, np.float32, np.float32, None),
+    (np.uint16, np.uint16, np.float32, None),  # bfloat16 params and grads, float32 moments
+    (np.int16, np.int16, np.uint16, np.float32),  # float16 params + master, bfloat16 moments
+], ids=["float32", "bf16-params-grads", "fp16-master-bf16-moments"])
+def test_float32_math_is_vectorised_and_stays_float32(storage):
     """The kernel's own source, compiled afresh (cached code cannot be inspected)."""
     from fastradam.backends import numba_cpu
 
@@ -94,12 +99,13 @@ def test_float32_loop_is_vectorised_and_stays_float32():
     scalars = step_scalars(step=6, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                            decoupled_weight_decay=False, maximize=False)
     floats, ints = pack_rows([scalars], np.dtype(np.float32))
-    buffers = random_buffers(8, np.float32, 0)
-    kernel(*buffers, np.array([0]), np.array([8]), np.array([0], np.int32), floats, ints)
+    p, g, m = (np.ones(8, dtype=d) for d in storage[:3])
+    master = None if storage[3] is None else np.ones(8, dtype=storage[3])
+    kernel(p, g, m, m.copy(), master, np.array([0]), np.array([8]), np.array([0], np.int32), floats, ints)
     asm = kernel.inspect_asm(kernel.signatures[0])
     packed_sqrt = re.findall(r"vsqrtps\s+%([xyz])mm", asm)
     assert packed_sqrt, "no packed single-precision sqrt: the loop did not vectorise"
-    assert not re.search(r"vsqrtpd|vcvtps2pd", asm), "float32 loop promoted to float64"
+    assert not re.search(r"vsqrtpd|vcvtps2pd", asm), "float32 math promoted to float64"
     with open("/proc/cpuinfo") as cpuinfo:
         if "avx512f" in cpuinfo.read():
             assert "z" in packed_sqrt, "AVX-512 CPU but no 512-bit (zmm) sqrt"

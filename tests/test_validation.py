@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -33,17 +34,56 @@ def test_non_arrays_are_type_errors(position, name, bad):
 
 
 @pytest.mark.parametrize("position,name", list(enumerate(["params", "grads", "exp_avg", "exp_avg_sq"])))
-@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.complex64, np.float16, np.bool_])
-def test_unsupported_dtypes_are_type_errors(position, name, dtype):
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint16, np.complex64, np.bool_])
+def test_non_float_dtypes_are_type_errors(position, name, dtype):
     buffers = _buffers()
     buffers[position] = buffers[position].astype(dtype)
-    _assert_rejected(buffers, TypeError, f"{name} must have dtype float32 or float64")
+    _assert_rejected(buffers, TypeError, f"{name} must have dtype float32, float64, bfloat16 or float16")
 
 
-def test_mixed_float_dtypes_are_type_errors():
+def test_float64_is_all_or_nothing():
     buffers = _buffers()
     buffers[2] = buffers[2].astype(np.float64)
-    _assert_rejected(buffers, TypeError, "exp_avg has dtype float64 but params has float32")
+    _assert_rejected(buffers, TypeError, "params has dtype float32 but exp_avg is float64: float64 storage is all-float64")
+
+
+def test_moments_share_one_dtype_of_float32_or_bfloat16():
+    buffers = _buffers()
+    buffers[3] = buffers[3].astype(ml_dtypes.bfloat16)
+    _assert_rejected(buffers, TypeError, "exp_avg_sq has dtype bfloat16 but exp_avg has float32")
+    buffers = _buffers()
+    buffers[2], buffers[3] = buffers[2].astype(np.float16), buffers[3].astype(np.float16)
+    _assert_rejected(buffers, TypeError, "exp_avg must be float32 or bfloat16, got float16; supported storage:")
+
+
+def test_master_weights_only_beside_16_bit_params():
+    buffers = _buffers()
+    _assert_rejected(buffers, TypeError, "master_params is for bfloat16/float16 params, but params is float32",
+                     master_params=buffers[0].copy())
+    buffers[0] = buffers[0].astype(ml_dtypes.bfloat16)
+    _assert_rejected(buffers, TypeError, "master_params must be float32, got float64",
+                     master_params=buffers[1].astype(np.float64))
+    _assert_rejected(buffers, ValueError, "master_params has shape",
+                     master_params=np.ones(N + 1, np.float32))
+    _assert_rejected(buffers, ValueError, "grads and master_params share memory", master_params=buffers[1])
+
+
+@pytest.mark.parametrize("grad_scale,error", [(0.0, ValueError), (-1.0, ValueError), (float("inf"), ValueError),
+                                              ("2", TypeError)])
+def test_bad_grad_scale(grad_scale, error):
+    _assert_rejected(_buffers(), error, "grad_scale must be", grad_scale=grad_scale)
+
+
+@pytest.mark.parametrize("found_inf,error,match", [
+    ("yes", TypeError, "found_inf must be"),
+    (np.array([True, False]), ValueError, "found_inf must be a bool or a 0-d array"),
+])
+def test_bad_found_inf(found_inf, error, match):
+    _assert_rejected(_buffers(), error, match, found_inf=found_inf)
+
+
+def test_check_finite_must_be_a_bool():
+    _assert_rejected(_buffers(), TypeError, "check_finite must be a bool", check_finite=1)
 
 
 @pytest.mark.parametrize("position,name", [(1, "grads"), (3, "exp_avg_sq")])

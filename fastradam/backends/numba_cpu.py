@@ -1,11 +1,18 @@
 """Numba CPU backend: one parallel, vectorised, in-place pass over NumPy buffers.
 
-One kernel source serves every float dtype and every entry point. Work is cut into blocks
+One kernel source serves every storage format and every entry point. Work is cut into blocks
 (``start, stop, row``): a flat buffer is one segment cut into :data:`BLOCK`-element blocks; a
 multi-tensor layout is its segment table cut the same way; a tensor list is a table of
 addresses. Each block reads its scalars from row ``row`` of small tables that the host filled
-in float64 and rounded to the buffer dtype (a float32 loop stays float32); ``row < 0`` skips
+in float64 and rounded to the math dtype (a float32 loop stays float32); ``row < 0`` skips
 the block. ``prange`` spreads blocks over ``numba.get_num_threads()`` threads.
+
+Storage: float32/float64 buffers are used as they are; bfloat16 and float16 buffers arrive as
+``uint16``/``int16`` bit views (see :mod:`fastradam.backends.numba_storage`) and are widened
+to float32 for the math and rounded back (nearest-even) on store. With fp32 master weights the
+step reads and writes the master and writes the rounded 16-bit copy in the same pass. Numba
+specialises the kernel on the buffers' types (and on ``master`` being None), so each storage
+combination is its own vectorised loop.
 """
 
 from __future__ import annotations
@@ -14,20 +21,24 @@ import functools
 
 import numpy as np
 from numba import carray, njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
+from fastradam.backends.numba_storage import BFLOAT16_BITS, FLOAT16_BITS, is_finite, load, store
 from fastradam.layout import SegmentArrays, tiles
 from fastradam.scalars import HOLD, RECTIFIED
 
 #: Elements per block: 64K float32 is 256 KiB per buffer, enough work to amortise a block's
 #: setup and small enough to balance two or more threads on a 1M-element buffer.
 BLOCK = 1 << 16
+#: The bit-view dtype each 16-bit storage format travels as.
+BIT_VIEWS = {"bfloat16": BFLOAT16_BITS, "float16": FLOAT16_BITS}
 
 
 @njit(inline="always")
 def _radam_element(p, g, m, v, one_minus_beta1, beta2, one_minus_beta2, eps, l2_weight_decay,
-                   param_decay, step_size, negate_grad, mode):
+                   param_decay, step_size, inv_grad_scale, negate_grad, mode):
     """One element of the RAdam update (see ``StepScalars``); returns the new ``(p, m, v)``."""
+    g = g * inv_grad_scale
     if negate_grad:
         g = -g
     if l2_weight_decay != 0:
@@ -41,35 +52,92 @@ def _radam_element(p, g, m, v, one_minus_beta1, beta2, one_minus_beta2, eps, l2_
     return p, m, v
 
 
+def _window(array, start, stop):
+    """``array[start:stop]``, or None for a missing (None) master."""
+
+
+@overload(_window, inline="always")
+def _window_impl(array, start, stop):
+    if isinstance(array, types.NoneType):
+        return lambda array, start, stop: None
+    return lambda array, start, stop: array[start:stop]
+
+
+def _load_param(params, master, i):
+    """The parameter in math type: from the fp32 master when there is one."""
+
+
+@overload(_load_param, inline="always")
+def _load_param_impl(params, master, i):
+    if isinstance(master, types.NoneType):
+        return lambda params, master, i: load(params[i])
+    return lambda params, master, i: master[i]
+
+
+def _store_param(params, master, i, value):
+    """Store the new parameter: into the master (fp32) and its rounded copy, or into params."""
+
+
+@overload(_store_param, inline="always")
+def _store_param_impl(params, master, i, value):
+    if isinstance(master, types.NoneType):
+        def store_params(params, master, i, value):
+            params[i] = store(value, params)
+        return store_params
+
+    def store_both(params, master, i, value):
+        master[i] = np.float32(value)
+        params[i] = store(value, params)
+    return store_both
+
+
 @njit(inline="always")
-def _radam_range(params, grads, exp_avg, exp_avg_sq, start, stop, floats, ints, row):
+def _radam_range(params, grads, exp_avg, exp_avg_sq, master, start, stop, floats, ints, row):
     """Elements ``start:stop`` with the scalars of table row ``row`` (views, so the index loop
     starts at 0 and LLVM drops the negative-index checks that would block vectorisation)."""
     one_minus_beta1, beta2, one_minus_beta2 = floats[row, 0], floats[row, 1], floats[row, 2]
     eps, l2_weight_decay, param_decay, step_size = floats[row, 3], floats[row, 4], floats[row, 5], floats[row, 6]
+    inv_grad_scale = floats[row, 7]
     negate_grad, mode = ints[row, 0] != 0, ints[row, 1]
     p_view, g_view = params[start:stop], grads[start:stop]
     m_view, v_view = exp_avg[start:stop], exp_avg_sq[start:stop]
+    master_view = _window(master, start, stop)
     for i in range(p_view.size):
-        p, m, v = _radam_element(p_view[i], g_view[i], m_view[i], v_view[i], one_minus_beta1, beta2,
-                                 one_minus_beta2, eps, l2_weight_decay, param_decay, step_size,
-                                 negate_grad, mode)
-        p_view[i] = p
-        m_view[i] = m
-        v_view[i] = v
+        p, m, v = _radam_element(_load_param(p_view, master_view, i), load(g_view[i]), load(m_view[i]),
+                                 load(v_view[i]), one_minus_beta1, beta2, one_minus_beta2, eps,
+                                 l2_weight_decay, param_decay, step_size, inv_grad_scale, negate_grad, mode)
+        _store_param(p_view, master_view, i, p)
+        m_view[i] = store(m, m_view)
+        v_view[i] = store(v, v_view)
 
 
 @njit(parallel=True, cache=True, fastmath=False)
-def _radam_blocks(params, grads, exp_avg, exp_avg_sq, block_start, block_stop, block_row, floats, ints):
+def _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, block_start, block_stop, block_row, floats, ints):
     for b in prange(block_start.size):
         row = block_row[b]
         if row >= 0:
-            _radam_range(params, grads, exp_avg, exp_avg_sq, block_start[b], block_stop[b], floats, ints, row)
+            _radam_range(params, grads, exp_avg, exp_avg_sq, master, block_start[b], block_stop[b],
+                         floats, ints, row)
+
+
+@njit(parallel=True, cache=True)
+def _non_finite_blocks(grads, block_start, block_stop, block_row):
+    """How many gradient elements of the active blocks are NaN or infinite (a read-only pass)."""
+    count = 0
+    for b in prange(block_start.size):
+        found = 0
+        if block_row[b] >= 0:
+            view = grads[block_start[b]:block_stop[b]]
+            for i in range(view.size):
+                if not is_finite(view[i]):
+                    found += 1
+        count += found
+    return count
 
 
 @intrinsic
 def _array_at(typingctx, address, size, like):
-    """A 1-D C array of ``like``'s dtype over ``size`` elements at integer ``address``."""
+    """A pointer to ``like``'s dtype at integer ``address`` (for ``carray``)."""
     pointer = types.CPointer(like.dtype)
 
     def codegen(context, builder, signature, args):
@@ -78,18 +146,29 @@ def _array_at(typingctx, address, size, like):
     return pointer(address, size, like), codegen
 
 
+def _tensor(addresses, t, column, n, like):
+    """Tensor ``t``'s array of role ``column`` from the address table (None where ``like`` is None)."""
+
+
+@overload(_tensor, inline="always")
+def _tensor_impl(addresses, t, column, n, like):
+    if isinstance(like, types.NoneType):
+        return lambda addresses, t, column, n, like: None
+    return lambda addresses, t, column, n, like: carray(_array_at(addresses[t, column], n, like), n)
+
+
 @njit(parallel=True, cache=True, fastmath=False)
-def _radam_tensor_blocks(addresses, sizes, block_start, block_stop, block_tensor, tensor_row, floats, ints, like):
+def _radam_tensor_blocks(addresses, sizes, block_start, block_stop, block_tensor, tensor_row, floats, ints,
+                         p_like, g_like, m_like, master_like):
     for b in prange(block_start.size):
         t = block_tensor[b]
         row = tensor_row[t]
         if row >= 0:
             n = sizes[t]
-            params = carray(_array_at(addresses[t, 0], n, like), n)
-            grads = carray(_array_at(addresses[t, 1], n, like), n)
-            exp_avg = carray(_array_at(addresses[t, 2], n, like), n)
-            exp_avg_sq = carray(_array_at(addresses[t, 3], n, like), n)
-            _radam_range(params, grads, exp_avg, exp_avg_sq, block_start[b], block_stop[b], floats, ints, row)
+            _radam_range(_tensor(addresses, t, 0, n, p_like), _tensor(addresses, t, 1, n, g_like),
+                         _tensor(addresses, t, 2, n, m_like), _tensor(addresses, t, 3, n, m_like),
+                         _tensor(addresses, t, 4, n, master_like), block_start[b], block_stop[b],
+                         floats, ints, row)
 
 
 def blocks(offsets: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -106,42 +185,71 @@ def _flat_blocks(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return start, stop, segment.astype(np.int32)
 
 
+def storage_of(obj: np.ndarray) -> str:
+    """The storage format of a NumPy array: its dtype's name (``bfloat16`` for ml_dtypes')."""
+    return obj.dtype.name
+
+
 def as_array(obj: np.ndarray) -> np.ndarray:
-    """NumPy arrays are this backend's native arrays."""
-    return obj
+    """The array the kernels take: itself, or the bit view of a 16-bit float array (zero-copy)."""
+    view = BIT_VIEWS.get(obj.dtype.name)
+    return obj if view is None else obj.view(view)
 
 
 def check_devices(arrays: list[np.ndarray]) -> None:
     """Host arrays all live in one memory space: nothing to check."""
 
 
+def _flat(array: np.ndarray | None) -> np.ndarray | None:
+    return None if array is None else array.reshape(-1)
+
+
+def _skipped(found_inf: bool, check_finite: bool, grads: np.ndarray, start: np.ndarray, stop: np.ndarray,
+             rows: np.ndarray) -> bool:
+    """A step is skipped when ``found_inf`` is set, or when asked to check and an active
+    gradient element is NaN/inf (one read-only pass, before anything is written)."""
+    return bool(found_inf) or (check_finite and _non_finite_blocks(grads, start, stop, rows) > 0)
+
+
 def radam_step(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
-               floats: np.ndarray, ints: np.ndarray) -> None:
+               floats: np.ndarray, ints: np.ndarray, *, master: np.ndarray | None = None,
+               found_inf: bool = False, check_finite: bool = False) -> None:
     """One RAdam step in place on validated buffers (any shape, flat in memory), with one-row tables."""
     start, stop, row = _flat_blocks(params.size)
-    _radam_blocks(params.reshape(-1), grads.reshape(-1), exp_avg.reshape(-1), exp_avg_sq.reshape(-1),
-                  start, stop, row, floats, ints)
+    grads = _flat(grads)
+    if not _skipped(found_inf, check_finite, grads, start, stop, row):
+        _radam_blocks(_flat(params), grads, _flat(exp_avg), _flat(exp_avg_sq), _flat(master),
+                      start, stop, row, floats, ints)
 
 
 def radam_step_segments(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
                         segments: SegmentArrays, segment_row: np.ndarray, floats: np.ndarray,
-                        ints: np.ndarray) -> None:
+                        ints: np.ndarray, *, master: np.ndarray | None = None, found_inf: bool = False,
+                        check_finite: bool = False) -> None:
     """One step over the segments of flat buffers; segment ``i`` uses row ``segment_row[i]`` (< 0: skipped)."""
     if "numba" not in segments.derived:
         segments.derived["numba"] = blocks(segments.offsets, segments.sizes)
     start, stop, segment = segments.derived["numba"]
-    _radam_blocks(params, grads, exp_avg, exp_avg_sq, start, stop, segment_row[segment], floats, ints)
+    rows = segment_row[segment]
+    if not _skipped(found_inf, check_finite, grads, start, stop, rows):
+        _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, start, stop, rows, floats, ints)
 
 
 def radam_step_tensors(params: list[np.ndarray], grads: list[np.ndarray], exp_avg: list[np.ndarray],
                        exp_avg_sq: list[np.ndarray], tensor_row: np.ndarray, floats: np.ndarray,
-                       ints: np.ndarray) -> None:
+                       ints: np.ndarray, *, master: list[np.ndarray] | None = None, found_inf: bool = False,
+                       check_finite: bool = False) -> None:
     """One step over lists of separate tensors: one parallel loop over their address table."""
-    if not params:
+    if not params or found_inf:
         return
-    addresses = np.array([[a.__array_interface__["data"][0] for a in quad]
-                          for quad in zip(params, grads, exp_avg, exp_avg_sq)], dtype=np.int64)
+    if check_finite and any(tensor_row[i] >= 0 and _skipped(False, True, g.reshape(-1), *_flat_blocks(g.size))
+                            for i, g in enumerate(grads)):
+        return
+    present = [x for x in (params, grads, exp_avg, exp_avg_sq, master) if x is not None]
+    addresses = np.array([[a.__array_interface__["data"][0] for a in row] for row in zip(*present)],
+                         dtype=np.int64)
     sizes = np.array([a.size for a in params], dtype=np.int64)
     start, stop, tensor = blocks(np.zeros_like(sizes), sizes)
-    _radam_tensor_blocks(addresses, sizes, start, stop, tensor, tensor_row, floats, ints,
-                         np.empty(0, dtype=params[0].dtype))
+    like = [np.empty(0, dtype=x[0].dtype) for x in (params, grads, exp_avg)]
+    _radam_tensor_blocks(addresses, sizes, start, stop, tensor, tensor_row, floats, ints, *like,
+                         None if master is None else np.empty(0, dtype=master[0].dtype))

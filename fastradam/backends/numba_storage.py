@@ -1,0 +1,123 @@
+"""Storage conversions for the Numba kernels: 16-bit floats travel as their bit patterns.
+
+Numba has no float16 or bfloat16 arithmetic on the CPU, so 16-bit buffers reach the kernels
+as integer views, and the integer type says which format the bits hold:
+
+- ``uint16``: bfloat16 bits (``ml_dtypes.bfloat16``),
+- ``int16``: IEEE binary16 bits (``numpy.float16``),
+- ``float32`` / ``float64``: themselves.
+
+:func:`load` widens a stored value to float32 exactly (float64 stays float64); :func:`store`
+rounds a math value to the storage format, round-to-nearest-even, keeping NaN and infinity
+and producing subnormals where due, exactly as ``numpy``/``ml_dtypes`` ``astype`` does.
+Dispatch is on the numba types, so every branch is decided at compile time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+BFLOAT16_BITS = np.uint16  #: the view dtype bfloat16 buffers travel as
+FLOAT16_BITS = np.int16  #: the view dtype float16 buffers travel as
+
+
+@intrinsic
+def _float32_bits(typingctx, value):
+    """The uint32 bit pattern of a float32."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is ``bits`` (uint32)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _half_to_float32(typingctx, bits):
+    """IEEE binary16 bits (int16) widened exactly to float32 (LLVM ``fpext half``)."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _float32_to_half(typingctx, value):
+    """float32 rounded to IEEE binary16 (LLVM ``fptrunc``: nearest-even), as int16 bits."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.int16(types.float32), codegen
+
+
+@njit(inline="always")
+def _bfloat16_to_float32(bits):
+    return _float32_from_bits(np.uint32(bits) << np.uint32(16))
+
+
+@njit(inline="always")
+def _float32_to_bfloat16(value):
+    """Round-to-nearest-even on the top 16 bits; NaN stays NaN (quiet, sign kept). Branch-free."""
+    bits = _float32_bits(value)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    quiet_nan = (bits >> np.uint32(16)) | np.uint32(0x40)
+    is_nan = np.uint32((bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000))
+    return np.uint16(rounded + is_nan * (quiet_nan - rounded))
+
+
+def load(value):
+    """A stored value as its math type (float32 for 16-bit storage)."""
+
+
+def store(value, array):
+    """``value`` rounded to the storage format of ``array``'s elements."""
+
+
+def is_finite(value):
+    """Whether a stored value is finite (16-bit formats: exponent bits not all ones)."""
+
+
+@overload(load, inline="always")
+def _load(value):
+    if value == types.uint16:
+        return lambda value: _bfloat16_to_float32(value)
+    if value == types.int16:
+        return lambda value: _half_to_float32(value)
+    if isinstance(value, types.Float):
+        return lambda value: value
+    return None
+
+
+@overload(store, inline="always")
+def _store(value, array):
+    kind = array.dtype
+    if kind == types.uint16:
+        return lambda value, array: _float32_to_bfloat16(np.float32(value))
+    if kind == types.int16:
+        return lambda value, array: _float32_to_half(np.float32(value))
+    if kind == types.float32:
+        return lambda value, array: np.float32(value)
+    if kind == types.float64:
+        return lambda value, array: np.float64(value)
+    return None
+
+
+@overload(is_finite, inline="always")
+def _is_finite(value):
+    if value == types.uint16:
+        return lambda value: (value & np.uint16(0x7F80)) != np.uint16(0x7F80)
+    if value == types.int16:
+        return lambda value: (np.uint16(value) & np.uint16(0x7C00)) != np.uint16(0x7C00)
+    if isinstance(value, types.Float):
+        return lambda value: np.isfinite(value)
+    return None
