@@ -1,8 +1,9 @@
 """The same-traffic memory kernel: this machine's roofline for an in-place optimizer step.
 
-It reads params, grads, exp_avg and exp_avg_sq and writes params, exp_avg and exp_avg_sq in
-place, with trivial arithmetic, in the same parallel loop shape as the Numba backend. A
-write-allocating triad (a = b + s*c) would understate in-place bandwidth on this CPU.
+It reads params, grads, exp_avg, exp_avg_sq (and fp32 master weights, when given) and writes
+params, exp_avg, exp_avg_sq (and the master) in place, with trivial integer arithmetic on the
+raw bits, in the same parallel loop shape as the Numba backend: the bytes of the step, none of
+its math. A write-allocating triad (a = b + s*c) would understate in-place bandwidth on this CPU.
 """
 
 from __future__ import annotations
@@ -10,17 +11,46 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+_BITS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _bits(array: np.ndarray) -> np.ndarray:
+    return array.reshape(-1).view(_BITS[array.dtype.itemsize])
+
 
 @njit(parallel=True, cache=True)
-def _same_traffic(params, grads, exp_avg, exp_avg_sq, scale):
+def _same_traffic(params, grads, exp_avg, exp_avg_sq):
     for i in prange(params.size):
-        g = grads[i]
-        params[i] = params[i] + scale * g
-        exp_avg[i] = exp_avg[i] + scale * g
-        exp_avg_sq[i] = exp_avg_sq[i] + scale * g
+        flip = grads[i] & 1
+        params[i] ^= flip
+        exp_avg[i] ^= flip
+        exp_avg_sq[i] ^= flip
 
 
-def same_traffic_step(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray,
-                      exp_avg_sq: np.ndarray) -> None:
-    """Move exactly the bytes of one RAdam step (4 reads, 3 in-place writes per element)."""
-    _same_traffic(params, grads, exp_avg, exp_avg_sq, params.dtype.type(1e-12))
+@njit(parallel=True, cache=True)
+def _same_traffic_master(params, grads, exp_avg, exp_avg_sq, master):
+    for i in prange(params.size):
+        flip = grads[i] & 1
+        master[i] ^= flip
+        params[i] = master[i] >> 16  # write the 16-bit copy without reading it, as the step does
+        exp_avg[i] ^= flip
+        exp_avg_sq[i] ^= flip
+
+
+def same_traffic_step(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
+                      master: np.ndarray | None = None) -> None:
+    """Move exactly the bytes of one RAdam step of these buffers (their storage, any dtype)."""
+    if master is None:
+        _same_traffic(_bits(params), _bits(grads), _bits(exp_avg), _bits(exp_avg_sq))
+    else:
+        _same_traffic_master(_bits(params), _bits(grads), _bits(exp_avg), _bits(exp_avg_sq), _bits(master))
+
+
+def bytes_per_element(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
+                      master: np.ndarray | None = None) -> int:
+    """Bytes one step moves per element: read g, m, v and p (or the master instead of p), write p, m, v
+    (and the master)."""
+    moments = 2 * 2 * exp_avg.itemsize
+    if master is None:
+        return 2 * params.itemsize + grads.itemsize + moments
+    return params.itemsize + 2 * master.itemsize + grads.itemsize + moments

@@ -17,29 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.extending import intrinsic, overload
 
 BFLOAT16_BITS = np.uint16  #: the view dtype bfloat16 buffers travel as
 FLOAT16_BITS = np.int16  #: the view dtype float16 buffers travel as
-
-
-@intrinsic
-def _float32_bits(typingctx, value):
-    """The uint32 bit pattern of a float32."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(types.float32), codegen
-
-
-@intrinsic
-def _float32_from_bits(typingctx, bits):
-    """The float32 whose bit pattern is ``bits`` (uint32)."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.uint32), codegen
 
 
 @intrinsic
@@ -60,19 +42,32 @@ def _float32_to_half(typingctx, value):
     return types.int16(types.float32), codegen
 
 
-@njit(inline="always")
-def _bfloat16_to_float32(bits):
-    return _float32_from_bits(np.uint32(bits) << np.uint32(16))
+@intrinsic
+def _bfloat16_to_float32(typingctx, bits):
+    """bfloat16 bits (uint16) widened exactly to float32: the bits become the top half."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        return builder.bitcast(builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16)), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
 
 
-@njit(inline="always")
-def _float32_to_bfloat16(value):
-    """Round-to-nearest-even on the top 16 bits; NaN stays NaN (quiet, sign kept). Branch-free."""
-    bits = _float32_bits(value)
-    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    quiet_nan = (bits >> np.uint32(16)) | np.uint32(0x40)
-    is_nan = np.uint32((bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000))
-    return np.uint16(rounded + is_nan * (quiet_nan - rounded))
+@intrinsic
+def _float32_to_bfloat16(typingctx, value):
+    """float32 rounded to bfloat16 bits (uint16): nearest-even on the top 16 bits; NaN stays NaN
+    (quiet, sign kept). Written in LLVM IR so the arithmetic stays 32-bit (Numba would widen
+    it to 64-bit lanes) and vectorises 16 to a 512-bit register."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        high = builder.lshr(bits, ir.Constant(i32, 16))
+        rounded = builder.lshr(builder.add(builder.add(bits, ir.Constant(i32, 0x7FFF)),
+                                           builder.and_(high, ir.Constant(i32, 1))), ir.Constant(i32, 16))
+        quiet_nan = builder.or_(high, ir.Constant(i32, 0x40))
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
 
 
 def load(value):
