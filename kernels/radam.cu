@@ -106,10 +106,11 @@ __global__ void radam_step(T* __restrict__ p, const T* __restrict__ g, T* __rest
                            typename MathType<T>::type beta2, typename MathType<T>::type one_minus_beta2,
                            typename MathType<T>::type eps, typename MathType<T>::type l2_weight_decay,
                            typename MathType<T>::type param_decay, typename MathType<T>::type step_size,
-                           int negate_grad, int mode) {
-    const ElementScalars<typename MathType<T>::type> s{one_minus_beta1, beta2,     one_minus_beta2,
+                           typename MathType<T>::type inv_grad_scale, int negate_grad, int mode) {
+    const ElementScalars<typename MathType<T>::type> s{one_minus_beta1, beta2,       one_minus_beta2,
                                                        eps,             l2_weight_decay, param_decay,
-                                                       step_size,       negate_grad,     mode};
+                                                       step_size,       inv_grad_scale,  negate_grad,
+                                                       mode};
     radam_apply(p, g, m, v, n, s, grid_thread(), grid_threads());
 }
 
@@ -117,20 +118,20 @@ __global__ void radam_step(T* __restrict__ p, const T* __restrict__ g, T* __rest
 //! buffers (or inside its tensor), and the segment's (tensor's) index.
 constexpr int kTileFields = 3;
 
-//! Row `row` of the host tables: floats (R, 7) in the buffer dtype, columns as
+//! Row `row` of the host tables: floats (R, 8) in the buffer dtype, columns as
 //! fastradam.scalars.FLOAT_FIELDS, and ints (R, 2), columns as INT_FIELDS.
 template <typename T>
 __device__ __forceinline__ ElementScalars<typename MathType<T>::type> load_row(const T* __restrict__ floats,
                                                                                const int* __restrict__ ints,
                                                                                int row) {
     using M = typename MathType<T>::type;
-    constexpr int kFloatFields = 7;
+    constexpr int kFloatFields = 8;
     constexpr int kIntFields = 2;
     const T* f = floats + static_cast<long long>(row) * kFloatFields;
     const int* i = ints + static_cast<long long>(row) * kIntFields;
     return ElementScalars<M>{load_as<M>(f[0]), load_as<M>(f[1]), load_as<M>(f[2]), load_as<M>(f[3]),
-                             load_as<M>(f[4]), load_as<M>(f[5]), load_as<M>(f[6]), i[0],
-                             i[1]};
+                             load_as<M>(f[4]), load_as<M>(f[5]), load_as<M>(f[6]), load_as<M>(f[7]),
+                             i[0],             i[1]};
 }
 
 //! One tile's work: its range and the row of scalars it uses. Every thread of a block reads

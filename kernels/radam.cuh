@@ -38,6 +38,7 @@ struct ElementScalars {
     M l2_weight_decay;  // 0 when the weight decay is decoupled
     M param_decay;      // 1 - lr*wd when decoupled and p updates, else exactly 1
     M step_size;        // lr*r_t*sqrt(bc2)/bc1 (RECTIFIED), lr/bc1 (MOMENTUM), 0 (HOLD)
+    M inv_grad_scale;   // 1 / grad_scale: the gradient's unscale factor
     int negate_grad;
     int mode;           // kMomentum, kRectified or kHold
 };
@@ -48,8 +49,8 @@ __host__ __device__ __forceinline__ ElementScalars<M> cast_scalars(const Element
     return ElementScalars<M>{static_cast<M>(s.one_minus_beta1), static_cast<M>(s.beta2),
                              static_cast<M>(s.one_minus_beta2), static_cast<M>(s.eps),
                              static_cast<M>(s.l2_weight_decay), static_cast<M>(s.param_decay),
-                             static_cast<M>(s.step_size),      s.negate_grad,
-                             s.mode};
+                             static_cast<M>(s.step_size),      static_cast<M>(s.inv_grad_scale),
+                             s.negate_grad,                    s.mode};
 }
 
 //! The choices of a fastradam.flavours.Flavour that the device scalars need.
@@ -101,6 +102,7 @@ __host__ __device__ inline ElementScalars<double> radam_step_scalars(double step
                                   decoupled ? 0.0 : weight_decay,
                                   decays ? 1.0 - lr * weight_decay : 1.0,
                                   step_size,
+                                  1.0,
                                   maximize ? 1 : 0,
                                   mode};
 }
@@ -108,13 +110,14 @@ __host__ __device__ inline ElementScalars<double> radam_step_scalars(double step
 //! One element of the RAdam update, in place on (p, m, v), in math type M, in exactly the
 //! operation order of the Numba backend's _radam_element:
 //!
-//!     g = -g if negate_grad;  g = g + l2_weight_decay * p (when nonzero)
+//!     g = g * inv_grad_scale;  g = -g if negate_grad;  g = g + l2_weight_decay * p (when nonzero)
 //!     m = m + (1 - beta1) (g - m);  v = beta2 v + (1 - beta2) g g
 //!     p = p * param_decay - step_size m / (sqrt(v) + eps)   RECTIFIED
 //!     p = p * param_decay - step_size m                     MOMENTUM
 //!     p unchanged                                           HOLD
 template <typename M>
 __host__ __device__ __forceinline__ void radam_element(M& p, M g, M& m, M& v, const ElementScalars<M>& s) {
+    g = g * s.inv_grad_scale;
     if (s.negate_grad) g = -g;
     if (s.l2_weight_decay != M(0)) g = g + s.l2_weight_decay * p;
     m = m + s.one_minus_beta1 * (g - m);

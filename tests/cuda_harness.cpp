@@ -31,9 +31,9 @@ void step_scalars(double step, double lr, double beta1, double beta2, double eps
 #define FASTRADAM_STEP(SUFFIX, T)                                                                              \
     void radam_step_##SUFFIX(unsigned grid, unsigned block, T* p, const T* g, T* m, T* v, long long n,        \
                              T one_minus_beta1, T beta2, T one_minus_beta2, T eps, T l2_weight_decay,         \
-                             T param_decay, T step_size, int negate_grad, int mode) {                         \
+                             T param_decay, T step_size, T inv_grad_scale, int negate_grad, int mode) {       \
         launch(grid, block, fastradam::radam_step<T>, p, g, m, v, n, one_minus_beta1, beta2, one_minus_beta2, \
-               eps, l2_weight_decay, param_decay, step_size, negate_grad, mode);                             \
+               eps, l2_weight_decay, param_decay, step_size, inv_grad_scale, negate_grad, mode);             \
     }                                                                                                          \
     void radam_step_segments_##SUFFIX(unsigned grid, unsigned block, T* p, const T* g, T* m, T* v,            \
                                       const long long* tiles, long long n_tiles, const int* segment_row,      \
