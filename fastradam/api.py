@@ -24,6 +24,7 @@ from fastradam.validation import (
     WRITTEN,
     check_buffers,
     check_disjoint,
+    check_flag,
     check_grad_scale,
     check_group,
     check_groups,
@@ -207,7 +208,7 @@ def fused_step(
                          "weight_decay": weight_decay, "decoupled_weight_decay": decoupled_weight_decay,
                          "maximize": maximize, "flavour": flavour, "schedule": schedule})
     host_step = None if device_step else check_step(step)
-    check_finite = _flag_argument("check_finite", check_finite)
+    check_finite = check_flag("check_finite", check_finite)
     b = _prepare([(params, grads, exp_avg, exp_avg_sq)], None if master_params is None else [master_params],
                  True, "master_params", found_inf, grad_scale)
     (params_a,), (grads_a,), (exp_avg_a,), (exp_avg_sq_a,) = b.roles
@@ -227,12 +228,6 @@ def fused_step(
         decoupled_weight_decay=group.decoupled_weight_decay, maximize=group.maximize, flavour=group.flavour,
         master=master, grad_scale=grad_scale, found_inf=b.found_inf, check_finite=check_finite,
     )
-
-
-def _flag_argument(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return bool(value)
 
 
 def _check_groups_and_steps(groups: Any, tensor_groups: np.ndarray, steps: Any, has_grad: Any,
@@ -293,7 +288,7 @@ def fused_step_layout(
         raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
     segments = layout.arrays
     checked, steps, active = _check_groups_and_steps(groups, segments.groups, steps, has_grad, len(layout))
-    check_finite = _flag_argument("check_finite", check_finite)
+    check_finite = check_flag("check_finite", check_finite)
     b = _prepare([(params, grads, exp_avg, exp_avg_sq)], None if master_params is None else [master_params],
                  True, "master_params", found_inf, grad_scale)
     flat = [role[0].reshape(-1) for role in b.roles]
@@ -341,7 +336,7 @@ def fused_step_multi(
     tensor_groups = (np.zeros(count, dtype=np.int64) if group_index is None
                      else check_per_tensor("group_index", group_index, count, "group"))
     checked, steps, active = _check_groups_and_steps(groups, tensor_groups, steps, has_grad, count)
-    check_finite = _flag_argument("check_finite", check_finite)
+    check_finite = check_flag("check_finite", check_finite)
     if count == 0:
         check_grad_scale(grad_scale)
         return

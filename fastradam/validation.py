@@ -72,7 +72,8 @@ def _non_negative(name: str, value: Any) -> float:
     return number
 
 
-def _flag(name: str, value: Any) -> bool:
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` as a bool; TypeError unless it is a bool (or NumPy bool)."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
@@ -114,8 +115,8 @@ def check_group(options: Mapping[str, Any], where: str = "") -> GroupHyperparame
         beta2=beta2,
         eps=_non_negative(f"{where}eps", o["eps"]),
         weight_decay=_non_negative(f"{where}weight_decay", o["weight_decay"]),
-        decoupled_weight_decay=_flag(f"{where}decoupled_weight_decay", o["decoupled_weight_decay"]),
-        maximize=_flag(f"{where}maximize", o["maximize"]),
+        decoupled_weight_decay=check_flag(f"{where}decoupled_weight_decay", o["decoupled_weight_decay"]),
+        maximize=check_flag(f"{where}maximize", o["maximize"]),
         flavour=resolve_flavour(o["flavour"]),
         schedule=schedule,
     )
