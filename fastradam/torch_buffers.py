@@ -42,13 +42,26 @@ def check_parameter(p: torch.Tensor, where: str) -> None:
 
 
 def _stream(device: torch.device) -> Any:
-    """CuPy's current stream set to torch's current stream of ``device`` (nothing on the CPU)."""
+    """On CUDA: ``device`` current in CuPy, with torch's current stream as CuPy's (nothing on the CPU)."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     import cupy
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream, index)
+    context = contextlib.ExitStack()
+    context.enter_context(cupy.cuda.Device(index))
+    context.enter_context(cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream, index))
+    return context
+
+
+def _backend(device: torch.device) -> Any:
+    """The backend module for ``device``: Numba for the CPU, CuPy's CUDA backend for CUDA."""
+    if device.type == "cpu":
+        return BACKENDS[0].load()
+    try:
+        return BACKENDS[1].load()
+    except ImportError as error:
+        raise ImportError(f"CUDA parameters need CuPy (pip install cupy-cuda12x or cupy-cuda13x): {error}") from error
 
 
 class FlatBucket:
@@ -89,7 +102,7 @@ class FlatBucket:
         self.param_ptrs = [v.data_ptr() for v in self.param_views]
         self.grad_ptrs: list[int] | None = None
         self.on_cpu = self.device.type == "cpu"
-        self.backend = BACKENDS[0 if self.on_cpu else 1].load()
+        self.backend = _backend(self.device)
         self.np_dtype = NUMPY_DTYPES[self.dtype]
         flats = (self.param_flat, self.exp_avg_flat, self.exp_avg_sq_flat)
         self.arrays = [self._array(t) for t in flats]
