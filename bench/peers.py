@@ -6,29 +6,33 @@ from typing import Any, Callable, Sequence
 
 #: Steps taken before timing, so every RAdam is past the threshold (rectified, the costly path).
 STEADY_STEP = 10
+#: The peers, by the implementation name the benchmarks record.
+PEERS = ("torch_radam_foreach", "torch_radam_loop", "torch_adam_fused")
 
 
 def torch_optimizer_step(kind: str, tensors: Sequence[Sequence[Any]],
                          to_tensor: Callable[[Any], Any] | None = None) -> Callable[[], None]:
     """Return a zero-argument step of torch optimizer ``kind`` on copies of ``tensors``.
 
-    ``kind`` is ``radam_foreach``, ``radam_loop`` or ``adam_fused``; ``tensors`` holds one
+    ``kind`` is one of :data:`PEERS` (ValueError otherwise); ``tensors`` holds one
     ``(params, grads, exp_avg, exp_avg_sq)`` quadruple per parameter tensor, converted with
     ``to_tensor`` (default ``torch.from_numpy``; ``torch.from_dlpack`` for CuPy arrays).
     Moments start from the given values and the step counter at :data:`STEADY_STEP`.
     """
     import torch
 
+    if kind not in PEERS:
+        raise ValueError(f"unknown peer {kind!r}; peers are {PEERS}")
     to_tensor = to_tensor or torch.from_numpy
     parameters = []
     for params, grads, _, _ in tensors:
         parameter = torch.nn.Parameter(to_tensor(params.copy()))
         parameter.grad = to_tensor(grads.copy())
         parameters.append(parameter)
-    if kind == "adam_fused":
+    if kind == "torch_adam_fused":
         optimizer = torch.optim.Adam(parameters, lr=1e-3, fused=True)
     else:
-        optimizer = torch.optim.RAdam(parameters, lr=1e-3, foreach=kind == "radam_foreach")
+        optimizer = torch.optim.RAdam(parameters, lr=1e-3, foreach=kind == "torch_radam_foreach")
     optimizer.step()  # creates the state
     for parameter, (_, _, exp_avg, exp_avg_sq) in zip(parameters, tensors):
         state = optimizer.state[parameter]

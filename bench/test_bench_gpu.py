@@ -100,7 +100,7 @@ def make_step(implementation: str, buffers: tuple):
     import torch
 
     # zero-copy CuPy -> torch; kinds are peers.py's without the "torch_" prefix
-    return torch_optimizer_step(implementation.removeprefix("torch_"), [buffers], to_tensor=torch.from_dlpack)
+    return torch_optimizer_step(implementation, [buffers], to_tensor=torch.from_dlpack)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

@@ -74,7 +74,7 @@ def _make_step(implementation: str, tensors, device: str = "cpu"):
     import torch
 
     # peers.py's kinds have no "torch_" prefix
-    return torch_optimizer_step(implementation.removeprefix("torch_"), tensors,
+    return torch_optimizer_step(implementation, tensors,
                                 to_tensor=lambda a: torch.from_numpy(a).to(device))
 
 
