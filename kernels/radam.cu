@@ -1,16 +1,36 @@
-// RAdam step kernels, one template source for every dtype; instantiated by
+// RAdam step kernels, one template source for every storage combination; instantiated by
 // fastradam/backends/cuda.py with RawModule(name_expressions=...).
 //
-// Memory-bound design: threads move 16-byte packs (4 floats / 2 doubles) when the four pointers
-// share one offset modulo 16 bytes (a scalar head reaches the boundary, a scalar tail finishes
-// odd sizes); otherwise every element takes the scalar path. One routine (radam_apply) does this
-// over a range for every kernel:
+// Storage: every kernel is templated on the storage of each role, P (params), G (grads) and Mo
+// (exp_avg and exp_avg_sq), each float, double, bfloat16_t or float16_t (the 16-bit formats as
+// bit patterns; see radam.cuh), and on kMaster (fp32 master weights beside 16-bit params: the
+// step reads and updates the master and writes its rounded copy into params in the same pass).
+// The math type is MathType<P, G, Mo>: float, or double when everything is double. On the GPU
+// the 16-bit conversions are the CUDA intrinsics of cuda_bf16.h / cuda_fp16.h; the CPU harness
+// (g++, no CUDA headers) uses the bit-exact integer versions of radam.cuh.
+//
+// Memory-bound design: a thread moves a pack of kLanes elements of every role, kLanes = 16 bytes
+// of the narrowest role (4 floats, 2 doubles, 8 for any 16-bit role): one 16-byte vector access
+// per narrow role, two for a float role beside a 16-bit one (8 floats = 2 x float4). The pack
+// path runs when every pointer is 16-byte aligned at one common element index (a scalar head
+// reaches it, a scalar tail finishes odd sizes); otherwise every element takes the scalar path.
+// One routine (radam_apply) does this over a range for every kernel:
 //   - radam_step / radam_step_capturable: one flat range, grid-stride over the whole grid;
 //   - radam_step_segments / radam_step_tensors: a tile table (start, stop, index) of ranges of a
 //     few thousand elements inside the segments of flat buffers, or inside separate tensors
 //     reached through a pointer table; each block takes tiles in turn (grid-stride over tiles),
 //     reads the tile's row of scalars once, and its threads stride over the tile.
+// Skipping (found_inf, check_finite): every update kernel takes a flag (`skip`, a pointer to a
+// 0-d device value, with its type code; null: none) and returns before touching memory when it
+// is nonzero. check_finite is a read-only pre-pass (nonfinite_*) over the active gradient
+// elements that sets a device flag (also set when found_inf is), which the update kernel then
+// takes as its skip flag: nothing is ever half-written, and the host never waits.
 // The grid is sized from the SM count by the host. Compiled with --fmad=false (see the backend).
+#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define FASTRADAM_CUDA_FP_INTRINSICS 1
+#endif
 #include "radam.cuh"
 
 // Instrumentation hooks for the CPU harness (kernels/host_shim.h counts vector and scalar
@@ -24,73 +44,180 @@
 
 namespace fastradam {
 
-//! 16 bytes of storage type T: one vector load or store.
-template <typename T>
+//! Type codes of a 0-d device value read by a kernel (a skip flag, a step count, a learning rate).
+constexpr int kNoValue = 0;  // no pointer: a flag that is never set
+constexpr int kInt8 = 1;     // bool, int8, uint8
+constexpr int kInt32 = 2;
+constexpr int kInt64 = 3;
+constexpr int kFloat32 = 4;
+constexpr int kFloat64 = 5;
+
+//! The 0-d device value at `value` (type `code`), as a double.
+__host__ __device__ __forceinline__ double read_value(const void* value, int code) {
+    switch (code) {
+        case kInt8: return static_cast<double>(*static_cast<const unsigned char*>(value));
+        case kInt32: return static_cast<double>(*static_cast<const int*>(value));
+        case kInt64: return static_cast<double>(*static_cast<const long long*>(value));
+        case kFloat32: return static_cast<double>(*static_cast<const float*>(value));
+        case kFloat64: return *static_cast<const double*>(value);
+        default: return 0.0;
+    }
+}
+
+//! Whether a skip flag is set: nonzero (NaN counts as set); kNoValue never is.
+__host__ __device__ __forceinline__ bool flag_set(const void* flag, int code) {
+    return code != kNoValue && read_value(flag, code) != 0.0;
+}
+
+//! kLanes elements of storage type T: one (or, for float beside a 16-bit role, two) 16-byte
+//! vector accesses.
+template <typename T, int kLanes>
 struct alignas(16) Pack {
-    T lane[16 / sizeof(T)];
+    T lane[kLanes];
 };
+
+template <typename A, typename B>
+__host__ __device__ constexpr int min_size() {
+    return sizeof(A) < sizeof(B) ? static_cast<int>(sizeof(A)) : static_cast<int>(sizeof(B));
+}
+
+//! Elements per pack: 16 bytes of the narrowest role.
+template <typename P, typename G, typename Mo>
+__host__ __device__ constexpr int lanes() {
+    return 16 / (min_size<P, G>() < static_cast<int>(sizeof(Mo)) ? min_size<P, G>() : static_cast<int>(sizeof(Mo)));
+}
 
 __host__ __device__ __forceinline__ unsigned offset16(const void* ptr) {
     return static_cast<unsigned>(reinterpret_cast<unsigned long long>(ptr) % 16u);
 }
 
-template <typename T, typename M>
-__device__ __forceinline__ void update_scalar(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
-                                              T* __restrict__ v, long long i, const ElementScalars<M>& s) {
-    M pi = load_as<M>(p[i]), mi = load_as<M>(m[i]), vi = load_as<M>(v[i]);
-    radam_element(pi, load_as<M>(g[i]), mi, vi, s);
-    p[i] = store_as<T>(pi);
-    m[i] = store_as<T>(mi);
-    v[i] = store_as<T>(vi);
+//! Whether element `head` of `ptr` starts a 16-byte boundary (null pointers pass: absent roles).
+template <typename T>
+__host__ __device__ __forceinline__ bool aligned_at(const T* ptr, long long head) {
+    return ptr == nullptr || offset16(ptr + head) == 0;
+}
+
+//! Elements from `ptr` to its next 16-byte boundary; -1 when it is not even element-aligned.
+template <typename T>
+__host__ __device__ __forceinline__ long long to_boundary(const T* ptr) {
+    const unsigned offset = offset16(ptr);
+    return offset % sizeof(T) != 0 ? -1 : static_cast<long long>((16u - offset) % 16u / sizeof(T));
+}
+
+//! The buffers of one step: params, grads, both moments, and the fp32 master (kMaster only).
+template <typename P, typename G, typename Mo, bool kMaster>
+struct Buffers {
+    P* __restrict__ p;
+    const G* __restrict__ g;
+    Mo* __restrict__ m;
+    Mo* __restrict__ v;
+    float* __restrict__ master;
+
+    __host__ __device__ __forceinline__ Buffers at(long long k) const {
+        return Buffers{p + k, g + k, m + k, v + k, kMaster ? master + k : nullptr};
+    }
+};
+
+template <typename P, typename G, typename Mo, bool kMaster>
+using MathOf = typename MathType<P, G, Mo>::type;
+
+//! One element, in place: load every role in math type M (the parameter from the master `w`
+//! when kMaster), update, store back rounded (the master first, then its rounded copy in p).
+template <typename P, typename G, typename Mo, bool kMaster, typename M>
+__device__ __forceinline__ void update_element(P& p, float& w, const G& g, Mo& m, Mo& v,
+                                               const ElementScalars<M>& s) {
+    M pi;
+    if constexpr (kMaster) {
+        pi = w;
+    } else {
+        pi = load_as<M>(p);
+    }
+    M mi = load_as<M>(m), vi = load_as<M>(v);
+    radam_element(pi, load_as<M>(g), mi, vi, s);
+    if constexpr (kMaster) w = pi;
+    p = store_as<P>(pi);
+    m = store_as<Mo>(mi);
+    v = store_as<Mo>(vi);
+}
+
+//! Element i of the buffers.
+template <typename P, typename G, typename Mo, bool kMaster>
+__device__ __forceinline__ void update_scalar(const Buffers<P, G, Mo, kMaster>& b, long long i,
+                                              const ElementScalars<MathOf<P, G, Mo, kMaster>>& s) {
+    float unused = 0.0f;
+    float& w = kMaster ? b.master[i] : unused;
+    update_element<P, G, Mo, kMaster>(b.p[i], w, b.g[i], b.m[i], b.v[i], s);
     FASTRADAM_COUNT_SCALAR();
 }
 
-template <typename T, typename M>
-__device__ __forceinline__ void update_pack(Pack<T>* __restrict__ p, const Pack<T>* __restrict__ g,
-                                            Pack<T>* __restrict__ m, Pack<T>* __restrict__ v, long long k,
-                                            const ElementScalars<M>& s) {
-    Pack<T> pk = p[k], mk = m[k], vk = v[k];
-    const Pack<T> gk = g[k];
-    for (int j = 0; j < static_cast<int>(16 / sizeof(T)); ++j) {
-        M pj = load_as<M>(pk.lane[j]), mj = load_as<M>(mk.lane[j]), vj = load_as<M>(vk.lane[j]);
-        radam_element(pj, load_as<M>(gk.lane[j]), mj, vj, s);
-        pk.lane[j] = store_as<T>(pj);
-        mk.lane[j] = store_as<T>(mj);
-        vk.lane[j] = store_as<T>(vj);
-    }
-    p[k] = pk;
-    m[k] = mk;
-    v[k] = vk;
-    FASTRADAM_COUNT_VECTOR(16 / sizeof(T));
+template <int kLanes, typename T>
+__device__ __forceinline__ Pack<T, kLanes> load_pack(const T* base, long long k) {
+    return reinterpret_cast<const Pack<T, kLanes>*>(base)[k];
 }
 
-//! One RAdam step over the n elements at p, g, m, v, by threads `first`, `first + stride`, ...:
-//! vector body when the pointers are co-aligned, scalar head and tail (or everything scalar
-//! when they are not).
-template <typename T>
-__device__ __forceinline__ void radam_apply(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
-                                            T* __restrict__ v, long long n,
-                                            const ElementScalars<typename MathType<T>::type>& s,
-                                            long long first, long long stride) {
-    constexpr long long width = 16 / sizeof(T);
-    const unsigned offset = offset16(p);
-    const bool coaligned = offset % sizeof(T) == 0 && offset16(g) == offset && offset16(m) == offset &&
-                           offset16(v) == offset;
-    const long long to_boundary = static_cast<long long>((16u - offset) % 16u / sizeof(T));
-    const long long head = coaligned ? (to_boundary < n ? to_boundary : n) : n;
+template <int kLanes, typename T>
+__device__ __forceinline__ void store_pack(T* base, long long k, const Pack<T, kLanes>& x) {
+    reinterpret_cast<Pack<T, kLanes>*>(base)[k] = x;
+}
+
+//! Pack k (elements k * kLanes ...) of 16-byte-aligned buffers.
+template <typename P, typename G, typename Mo, bool kMaster>
+__device__ __forceinline__ void update_pack(const Buffers<P, G, Mo, kMaster>& b, long long k,
+                                            const ElementScalars<MathOf<P, G, Mo, kMaster>>& s) {
+    constexpr int kLanes = lanes<P, G, Mo>();
+    Pack<P, kLanes> pk;
+    Pack<float, kLanes> wk;
+    if constexpr (kMaster) {
+        wk = load_pack<kLanes>(b.master, k);
+    } else {
+        pk = load_pack<kLanes>(b.p, k);
+    }
+    Pack<Mo, kLanes> mk = load_pack<kLanes>(b.m, k), vk = load_pack<kLanes>(b.v, k);
+    const Pack<G, kLanes> gk = load_pack<kLanes>(b.g, k);
+    for (int j = 0; j < kLanes; ++j) {
+        update_element<P, G, Mo, kMaster>(pk.lane[j], wk.lane[j], gk.lane[j], mk.lane[j], vk.lane[j], s);
+    }
+    if constexpr (kMaster) store_pack<kLanes>(b.master, k, wk);
+    store_pack<kLanes>(b.p, k, pk);
+    store_pack<kLanes>(b.m, k, mk);
+    store_pack<kLanes>(b.v, k, vk);
+    FASTRADAM_COUNT_VECTOR(kLanes);
+}
+
+//! The first element index at which every buffer is 16-byte aligned, or n (all scalar) when
+//! the pointers do not share one (the head is counted in elements of the narrowest role).
+template <typename P, typename G, typename Mo, bool kMaster>
+__device__ __forceinline__ long long pack_head(const Buffers<P, G, Mo, kMaster>& b, long long n) {
+    constexpr int narrow = 16 / lanes<P, G, Mo>();
+    long long head = -1;
+    if constexpr (sizeof(P) == narrow) {
+        head = to_boundary(b.p);
+    } else if constexpr (sizeof(G) == narrow) {
+        head = to_boundary(b.g);
+    } else {
+        head = to_boundary(b.m);
+    }
+    if (head < 0) return n;
+    head = head < n ? head : n;
+    const bool coaligned = aligned_at(b.p, head) && aligned_at(b.g, head) && aligned_at(b.m, head) &&
+                           aligned_at(b.v, head) && (!kMaster || aligned_at(b.master, head));
+    return coaligned ? head : n;
+}
+
+//! One RAdam step over the n elements of `b`, by threads `first`, `first + stride`, ...:
+//! packs where the buffers are co-aligned, scalar head and tail (or everything scalar).
+template <typename P, typename G, typename Mo, bool kMaster>
+__device__ __forceinline__ void radam_apply(const Buffers<P, G, Mo, kMaster>& b, long long n,
+                                            const ElementScalars<MathOf<P, G, Mo, kMaster>>& s, long long first,
+                                            long long stride) {
+    constexpr long long width = lanes<P, G, Mo>();
+    const long long head = pack_head(b, n);
     const long long packs = (n - head) / width;
     const long long body_end = head + packs * width;
-
-    Pack<T>* pp = reinterpret_cast<Pack<T>*>(p + head);
-    const Pack<T>* gp = reinterpret_cast<const Pack<T>*>(g + head);
-    Pack<T>* mp = reinterpret_cast<Pack<T>*>(m + head);
-    Pack<T>* vp = reinterpret_cast<Pack<T>*>(v + head);
-    for (long long k = first; k < packs; k += stride) update_pack(pp, gp, mp, vp, k, s);
-
+    const Buffers<P, G, Mo, kMaster> body = b.at(head);
+    for (long long k = first; k < packs; k += stride) update_pack(body, k, s);
     const long long scalars = head + (n - body_end);
-    for (long long k = first; k < scalars; k += stride) {
-        update_scalar(p, g, m, v, k < head ? k : body_end + (k - head), s);
-    }
+    for (long long k = first; k < scalars; k += stride) update_scalar(b, k < head ? k : body_end + (k - head), s);
 }
 
 __device__ __forceinline__ long long grid_thread() {
@@ -99,39 +226,38 @@ __device__ __forceinline__ long long grid_thread() {
 
 __device__ __forceinline__ long long grid_threads() { return static_cast<long long>(gridDim.x) * blockDim.x; }
 
-//! One RAdam step with host-computed scalars (already rounded to the math type).
-template <typename T>
-__global__ void radam_step(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v,
-                           long long n, typename MathType<T>::type one_minus_beta1,
-                           typename MathType<T>::type beta2, typename MathType<T>::type one_minus_beta2,
-                           typename MathType<T>::type eps, typename MathType<T>::type l2_weight_decay,
-                           typename MathType<T>::type param_decay, typename MathType<T>::type step_size,
-                           typename MathType<T>::type inv_grad_scale, int negate_grad, int mode) {
-    const ElementScalars<typename MathType<T>::type> s{one_minus_beta1, beta2,       one_minus_beta2,
-                                                       eps,             l2_weight_decay, param_decay,
-                                                       step_size,       inv_grad_scale,  negate_grad,
-                                                       mode};
-    radam_apply(p, g, m, v, n, s, grid_thread(), grid_threads());
+//! One RAdam step with host-computed scalars (already rounded to the math type M). `master`
+//! is null unless kMaster; `skip` (type `skip_code`) is found_inf or the check_finite flag.
+template <typename P, typename G, typename Mo, bool kMaster>
+__global__ void radam_step(P* __restrict__ p, const G* __restrict__ g, Mo* __restrict__ m, Mo* __restrict__ v,
+                           float* __restrict__ master, long long n, MathOf<P, G, Mo, kMaster> one_minus_beta1,
+                           MathOf<P, G, Mo, kMaster> beta2, MathOf<P, G, Mo, kMaster> one_minus_beta2,
+                           MathOf<P, G, Mo, kMaster> eps, MathOf<P, G, Mo, kMaster> l2_weight_decay,
+                           MathOf<P, G, Mo, kMaster> param_decay, MathOf<P, G, Mo, kMaster> step_size,
+                           MathOf<P, G, Mo, kMaster> inv_grad_scale, int negate_grad, int mode,
+                           const void* skip, int skip_code) {
+    if (flag_set(skip, skip_code)) return;
+    const ElementScalars<MathOf<P, G, Mo, kMaster>> s{one_minus_beta1, beta2,       one_minus_beta2,
+                                                      eps,             l2_weight_decay, param_decay,
+                                                      step_size,       inv_grad_scale,  negate_grad,
+                                                      mode};
+    radam_apply(Buffers<P, G, Mo, kMaster>{p, g, m, v, master}, n, s, grid_thread(), grid_threads());
 }
 
 //! Columns of a tile row: the range [start, stop) of the tile inside its segment's flat
 //! buffers (or inside its tensor), and the segment's (tensor's) index.
 constexpr int kTileFields = 3;
 
-//! Row `row` of the host tables: floats (R, 8) in the buffer dtype, columns as
+//! Row `row` of the host tables: floats (R, 8) in the math type, columns as
 //! fastradam.scalars.FLOAT_FIELDS, and ints (R, 2), columns as INT_FIELDS.
-template <typename T>
-__device__ __forceinline__ ElementScalars<typename MathType<T>::type> load_row(const T* __restrict__ floats,
-                                                                               const int* __restrict__ ints,
-                                                                               int row) {
-    using M = typename MathType<T>::type;
+template <typename M>
+__device__ __forceinline__ ElementScalars<M> load_row(const M* __restrict__ floats, const int* __restrict__ ints,
+                                                      int row) {
     constexpr int kFloatFields = 8;
     constexpr int kIntFields = 2;
-    const T* f = floats + static_cast<long long>(row) * kFloatFields;
+    const M* f = floats + static_cast<long long>(row) * kFloatFields;
     const int* i = ints + static_cast<long long>(row) * kIntFields;
-    return ElementScalars<M>{load_as<M>(f[0]), load_as<M>(f[1]), load_as<M>(f[2]), load_as<M>(f[3]),
-                             load_as<M>(f[4]), load_as<M>(f[5]), load_as<M>(f[6]), load_as<M>(f[7]),
-                             i[0],             i[1]};
+    return ElementScalars<M>{f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], i[0], i[1]};
 }
 
 //! One tile's work: its range and the row of scalars it uses. Every thread of a block reads
@@ -154,16 +280,19 @@ __device__ __forceinline__ Tile load_tile(const long long* __restrict__ tiles, c
 //! One RAdam step over the segments of flat buffers, in one launch. Tile `t` covers elements
 //! [start, stop) of segment `index`, which uses row segment_row[index] of floats/ints (< 0: the
 //! segment is neither read nor written). Padding between segments is in no tile.
-template <typename T>
-__global__ void radam_step_segments(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
-                                    T* __restrict__ v, const long long* __restrict__ tiles, long long n_tiles,
-                                    const int* __restrict__ segment_row, const T* __restrict__ floats,
-                                    const int* __restrict__ ints) {
+template <typename P, typename G, typename Mo, bool kMaster>
+__global__ void radam_step_segments(P* __restrict__ p, const G* __restrict__ g, Mo* __restrict__ m,
+                                    Mo* __restrict__ v, float* __restrict__ master,
+                                    const long long* __restrict__ tiles, long long n_tiles,
+                                    const int* __restrict__ segment_row,
+                                    const MathOf<P, G, Mo, kMaster>* __restrict__ floats,
+                                    const int* __restrict__ ints, const void* skip, int skip_code) {
+    if (flag_set(skip, skip_code)) return;
+    const Buffers<P, G, Mo, kMaster> b{p, g, m, v, master};
     for (long long tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
         const Tile t = load_tile(tiles, segment_row, tile);
         if (t.row < 0) continue;
-        radam_apply(p + t.start, g + t.start, m + t.start, v + t.start, t.stop - t.start,
-                    load_row(floats, ints, t.row), threadIdx.x, blockDim.x);
+        radam_apply(b.at(t.start), t.stop - t.start, load_row(floats, ints, t.row), threadIdx.x, blockDim.x);
     }
 }
 
@@ -177,45 +306,124 @@ __device__ __forceinline__ T* in_global(T* ptr) {
     return ptr;
 }
 
-//! One RAdam step over separate tensors, in one launch: tensor `i` is the four buffers at
-//! pointers[4 i .. 4 i + 3] (params, grads, exp_avg, exp_avg_sq); tile `t` covers elements
-//! [start, stop) of tensor `index`, which uses row tensor_row[index] (< 0: skipped).
-template <typename T>
-__global__ void radam_step_tensors(T* const* __restrict__ pointers, const long long* __restrict__ tiles,
+//! Pointers per tensor in the tensor kernels' table: params, grads, exp_avg, exp_avg_sq, master.
+template <bool kMaster>
+__host__ __device__ constexpr long long table_columns() {
+    return kMaster ? 5 : 4;
+}
+
+//! One RAdam step over separate tensors, in one launch: tensor `i` is the buffers at
+//! pointers[c i .. c i + c - 1] (params, grads, exp_avg, exp_avg_sq, and the master when
+//! kMaster); tile `t` covers elements [start, stop) of tensor `index`, which uses row
+//! tensor_row[index] (< 0: skipped).
+template <typename P, typename G, typename Mo, bool kMaster>
+__global__ void radam_step_tensors(void* const* __restrict__ pointers, const long long* __restrict__ tiles,
                                    long long n_tiles, const int* __restrict__ tensor_row,
-                                   const T* __restrict__ floats, const int* __restrict__ ints) {
+                                   const MathOf<P, G, Mo, kMaster>* __restrict__ floats,
+                                   const int* __restrict__ ints, const void* skip, int skip_code) {
+    if (flag_set(skip, skip_code)) return;
     for (long long tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
         const Tile t = load_tile(tiles, tensor_row, tile);
         if (t.row < 0) continue;
-        T* const* q = pointers + 4LL * t.index;
-        radam_apply(in_global(q[0]) + t.start, static_cast<const T*>(in_global(q[1])) + t.start,
-                    in_global(q[2]) + t.start, in_global(q[3]) + t.start, t.stop - t.start,
-                    load_row(floats, ints, t.row), threadIdx.x, blockDim.x);
+        void* const* q = pointers + table_columns<kMaster>() * t.index;
+        const Buffers<P, G, Mo, kMaster> b{in_global(static_cast<P*>(q[0])),
+                                           in_global(static_cast<const G*>(q[1])),
+                                           in_global(static_cast<Mo*>(q[2])), in_global(static_cast<Mo*>(q[3])),
+                                           kMaster ? in_global(static_cast<float*>(q[4])) : nullptr};
+        radam_apply(b.at(t.start), t.stop - t.start, load_row(floats, ints, t.row), threadIdx.x, blockDim.x);
     }
 }
 
-__host__ __device__ __forceinline__ double read_scalar(double x) { return x; }
-
-template <typename X>
-__host__ __device__ __forceinline__ double read_scalar(const X* x) {
-    return static_cast<double>(*x);
+//! Capturable RAdam step: the step count (type code step_code: kInt32, kInt64, kFloat32 or
+//! kFloat64) is read from device memory, and the learning rate too when lr_code is not
+//! kNoValue (else lr_value is used); every thread folds the float64 scalars itself (with the
+//! flavour's threshold, inclusive, hold_below and eps_on_v_hat), so a CUDA graph replay follows
+//! the values on the device. The type codes keep this one instantiation per storage.
+template <typename P, typename G, typename Mo, bool kMaster>
+__global__ void radam_step_capturable(P* __restrict__ p, const G* __restrict__ g, Mo* __restrict__ m,
+                                      Mo* __restrict__ v, float* __restrict__ master, long long n,
+                                      const void* step, int step_code, const void* lr, int lr_code,
+                                      double lr_value, double beta1, double beta2, double eps,
+                                      double weight_decay, int decoupled, int maximize, double threshold,
+                                      int inclusive, int hold_below, int eps_on_v_hat, double inv_grad_scale,
+                                      const void* skip, int skip_code) {
+    if (flag_set(skip, skip_code)) return;
+    const FlavourRule flavour{threshold, inclusive != 0, hold_below != 0, eps_on_v_hat != 0};
+    ElementScalars<double> s = radam_step_scalars(read_value(step, step_code),
+                                                  lr_code == kNoValue ? lr_value : read_value(lr, lr_code), beta1,
+                                                  beta2, eps, weight_decay, decoupled != 0, maximize != 0, flavour);
+    s.inv_grad_scale = inv_grad_scale;
+    radam_apply(Buffers<P, G, Mo, kMaster>{p, g, m, v, master}, n, cast_scalars<MathOf<P, G, Mo, kMaster>>(s),
+                grid_thread(), grid_threads());
 }
 
-//! Capturable RAdam step: the step count (StepT: int, long long, float or double) is read from
-//! device memory and the learning rate either passed by value (LrT = double) or read from device
-//! memory (LrT = const float* / const double*); every thread folds the float64 scalars itself
-//! (with the flavour's threshold, inclusive, hold_below and eps_on_v_hat), so a CUDA graph
-//! replay follows the values on the device.
-template <typename T, typename StepT, typename LrT>
-__global__ void radam_step_capturable(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
-                                      T* __restrict__ v, long long n, const StepT* step, LrT lr, double beta1,
-                                      double beta2, double eps, double weight_decay, int decoupled,
-                                      int maximize, double threshold, int inclusive, int hold_below,
-                                      int eps_on_v_hat) {
-    const FlavourRule flavour{threshold, inclusive != 0, hold_below != 0, eps_on_v_hat != 0};
-    const ElementScalars<double> s = radam_step_scalars(read_scalar(step), read_scalar(lr), beta1, beta2, eps,
-                                                        weight_decay, decoupled != 0, maximize != 0, flavour);
-    radam_apply(p, g, m, v, n, cast_scalars<typename MathType<T>::type>(s), grid_thread(), grid_threads());
+// --- check_finite: read-only pre-pass over the active gradient elements ------------------------
+
+//! Whether all n elements of g seen by threads first, first + stride, ... are finite (16-byte
+//! packs from the first aligned element, scalar head and tail).
+template <typename G>
+__device__ __forceinline__ bool range_finite(const G* __restrict__ g, long long n, long long first,
+                                             long long stride) {
+    constexpr int kLanes = 16 / sizeof(G);
+    long long head = to_boundary(g);
+    head = head < 0 ? n : (head < n ? head : n);
+    const long long packs = (n - head) / kLanes;
+    const long long body_end = head + packs * kLanes;
+    bool finite = true;
+    for (long long k = first; k < packs; k += stride) {
+        const Pack<G, kLanes> gk = load_pack<kLanes>(g + head, k);
+        for (int j = 0; j < kLanes; ++j) finite = finite && is_finite(gk.lane[j]);
+    }
+    const long long scalars = head + (n - body_end);
+    for (long long k = first; k < scalars; k += stride) finite = finite && is_finite(g[k < head ? k : body_end + (k - head)]);
+    return finite;
+}
+
+//! Whether found_inf is set; if so, thread 0 sets *flag (the pre-pass then reads nothing).
+__device__ __forceinline__ bool passed_on(const void* found_inf, int found_inf_code, int* flag) {
+    if (!flag_set(found_inf, found_inf_code)) return false;
+    if (grid_thread() == 0) *flag = 1;
+    return true;
+}
+
+//! Sets *flag (a device int, zeroed by the host's async memset) when found_inf is set or any of
+//! the n gradient elements is NaN or infinite. Reads nothing else, writes nothing else.
+template <typename G>
+__global__ void nonfinite_flat(const G* __restrict__ g, long long n, const void* found_inf, int found_inf_code,
+                               int* flag) {
+    if (passed_on(found_inf, found_inf_code, flag)) return;
+    if (!range_finite(g, n, grid_thread(), grid_threads())) *flag = 1;
+}
+
+//! nonfinite_flat over the active tiles of a layout's segments (skipped ones and padding unread).
+template <typename G>
+__global__ void nonfinite_segments(const G* __restrict__ g, const long long* __restrict__ tiles, long long n_tiles,
+                                   const int* __restrict__ segment_row, const void* found_inf, int found_inf_code,
+                                   int* flag) {
+    if (passed_on(found_inf, found_inf_code, flag)) return;
+    bool finite = true;
+    for (long long tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+        const Tile t = load_tile(tiles, segment_row, tile);
+        if (t.row >= 0) finite = range_finite(g + t.start, t.stop - t.start, threadIdx.x, blockDim.x) && finite;
+    }
+    if (!finite) *flag = 1;
+}
+
+//! nonfinite_flat over the active tiles of a tensor list (grads: column 1 of the pointer table).
+template <typename G>
+__global__ void nonfinite_tensors(void* const* __restrict__ pointers, long long columns,
+                                  const long long* __restrict__ tiles, long long n_tiles,
+                                  const int* __restrict__ tensor_row, const void* found_inf, int found_inf_code,
+                                  int* flag) {
+    if (passed_on(found_inf, found_inf_code, flag)) return;
+    bool finite = true;
+    for (long long tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+        const Tile t = load_tile(tiles, tensor_row, tile);
+        if (t.row < 0) continue;
+        const G* g = in_global(static_cast<const G*>(pointers[columns * t.index + 1]));
+        finite = range_finite(g + t.start, t.stop - t.start, threadIdx.x, blockDim.x) && finite;
+    }
+    if (!finite) *flag = 1;
 }
 
 }  // namespace fastradam

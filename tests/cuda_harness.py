@@ -33,7 +33,37 @@ SOURCES = (KERNELS / "radam.cu", KERNELS / "radam.cuh", KERNELS / "host_shim.h",
 #: pack loads alias float/double storage.
 FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing",
          "-Wall", "-Wextra", "-Werror")
-_C_TYPES = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}
+#: Short names of the storage formats in the harness's entry points.
+SHORT = {"float32": "f32", "float64": "f64", "bfloat16": "bf16", "float16": "f16"}
+#: The (params, grads, moments, master) storage combinations the harness library is built for:
+#: tests/test_mixed_precision.py::COMBINATIONS, then all-float64 (see cuda_harness.cpp).
+HARNESS_COMBINATIONS = (
+    ("float32", "float32", "float32", False),
+    ("bfloat16", "bfloat16", "float32", False),
+    ("bfloat16", "bfloat16", "bfloat16", False),
+    ("bfloat16", "bfloat16", "float32", True),
+    ("float16", "float16", "float32", False),
+    ("float16", "float16", "float32", True),
+    ("float16", "bfloat16", "bfloat16", True),
+    ("float32", "bfloat16", "bfloat16", False),
+    ("bfloat16", "float32", "float32", False),
+    ("float64", "float64", "float64", False),
+)
+#: Type codes of 0-d values the kernels read (radam.cu kInt8 ... kFloat64).
+VALUE_CODES = {np.dtype(np.bool_): 1, np.dtype(np.int32): 2, np.dtype(np.int64): 3, np.dtype(np.float32): 4,
+               np.dtype(np.float64): 5}
+
+
+def suffix(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, master: np.ndarray | None) -> str:
+    """The entry-point suffix of the buffers' storage combination, e.g. ``bf16_bf16_f32_master``."""
+    key = (params.dtype.name, grads.dtype.name, exp_avg.dtype.name, master is not None)
+    if key not in HARNESS_COMBINATIONS:
+        raise ValueError(f"the harness is not built for storage {key}")
+    return "_".join(SHORT[name] for name in key[:3]) + ("_master" if master is not None else "")
+
+
+def math_dtype(params: np.ndarray) -> np.dtype:
+    return np.dtype(np.float64 if params.dtype == np.float64 else np.float32)
 
 
 def compiler() -> str | None:
@@ -58,92 +88,146 @@ def build() -> ctypes.CDLL:
     return ctypes.CDLL(str(library))
 
 
-def _pointer(array: np.ndarray) -> ctypes.c_void_p:
-    return ctypes.c_void_p(array.ctypes.data)
+def _pointer(array: np.ndarray | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if array is None else array.ctypes.data)
+
+
+def _flag(found_inf: np.ndarray | None) -> tuple[ctypes.c_void_p, ctypes.c_int]:
+    """``skip, skip_code`` of a host 0-d flag array (None: no flag)."""
+    if found_inf is None:
+        return ctypes.c_void_p(None), ctypes.c_int(0)
+    return _pointer(found_inf), ctypes.c_int(VALUE_CODES[found_inf.dtype])
 
 
 @dataclass
 class Harness:
-    """Typed calls into the harness library."""
+    """Typed calls into the harness library. Every step takes ``master`` (fp32 master weights
+    beside 16-bit params), ``found_inf`` (a 0-d host array read by the kernel, as a device
+    flag would be) and ``check_finite`` (the read-only pre-pass first, its flag then skipping
+    the update), as the CUDA backend launches them."""
 
     lib: ctypes.CDLL
 
     def counts(self) -> tuple[int, int]:
-        """Elements updated by 16-byte packs and one at a time since the last launch began."""
+        """Elements updated by packs and one at a time since the last launch began."""
         out = np.zeros(2, dtype=np.int64)
         self.lib.read_counts(_pointer(out))
         return int(out[0]), int(out[1])
 
+    def _skip(self, kind: str, grads_storage: str, found_inf, check_finite: bool, grid: int, block: int,
+              *arguments) -> tuple:
+        """The update's ``skip, skip_code``: found_inf, or the check_finite pre-pass's flag."""
+        skip = _flag(found_inf)
+        if not check_finite:
+            return skip
+        self.flag = np.zeros(1, dtype=np.int32)
+        getattr(self.lib, f"nonfinite_{kind}_{SHORT[grads_storage]}")(
+            ctypes.c_uint(grid), ctypes.c_uint(block), *arguments, *skip, _pointer(self.flag))
+        return _pointer(self.flag), ctypes.c_int(VALUE_CODES[np.dtype(np.int32)])
+
     def step(self, buffers: tuple[np.ndarray, ...], floats: np.ndarray, ints: np.ndarray, grid: int,
-             block: int) -> None:
-        """Run ``radam_step<T>`` with row 0 of the host tables (``pack_rows``) passed by value."""
-        p = buffers[0]
-        c_type = _C_TYPES[p.dtype]
+             block: int, *, master: np.ndarray | None = None, found_inf: np.ndarray | None = None,
+             check_finite: bool = False) -> None:
+        """Run ``radam_step<P, G, Mo, kMaster>`` with row 0 of the host tables (``pack_rows``) by value."""
+        p, g, m, v = buffers
+        row = np.ascontiguousarray(np.asarray(floats, dtype=math_dtype(p))[0])
+        flags = np.ascontiguousarray(np.asarray(ints, dtype=np.int32)[0])
         self.lib.reset_counts()
-        getattr(self.lib, f"radam_step_{p.dtype.name}")(
-            ctypes.c_uint(grid), ctypes.c_uint(block), *map(_pointer, buffers), ctypes.c_longlong(p.size),
-            *(c_type(x) for x in floats[0]), *(ctypes.c_int(x) for x in ints[0]))
+        skip = self._skip("flat", g.dtype.name, found_inf, check_finite, grid, block, _pointer(g),
+                          ctypes.c_longlong(g.size))
+        getattr(self.lib, f"radam_step_{suffix(p, g, m, master)}")(
+            ctypes.c_uint(grid), ctypes.c_uint(block), *map(_pointer, buffers), _pointer(master),
+            ctypes.c_longlong(p.size), _pointer(row), _pointer(flags), *skip)
 
     def step_segments(self, buffers: tuple[np.ndarray, ...], segments, segment_row: np.ndarray,
-                      floats: np.ndarray, ints: np.ndarray, grid: int, block: int) -> None:
-        """Run ``radam_step_segments<T>`` over ``segments`` (a ``SegmentArrays``), tables as the backend makes them."""
+                      floats: np.ndarray, ints: np.ndarray, grid: int, block: int, *,
+                      master: np.ndarray | None = None, found_inf: np.ndarray | None = None,
+                      check_finite: bool = False) -> None:
+        """Run ``radam_step_segments`` over ``segments`` (a ``SegmentArrays``), tables as the backend makes them."""
         from fastradam.backends.cuda import TILE, pack_tables
         from fastradam.layout import tiles
 
+        p, g, m, v = buffers
         table = tiles(segments.offsets, segments.sizes, TILE)
-        packed, offsets = pack_tables(table, np.asarray(segment_row, np.int32), floats, ints)
+        packed, offsets = pack_tables(table, np.asarray(segment_row, np.int32),
+                                      np.asarray(floats, dtype=math_dtype(p)), np.asarray(ints, np.int32))
         tiles_at, rows_at, floats_at, ints_at = (ctypes.c_void_p(packed.ctypes.data + o) for o in offsets)
+        n_tiles = ctypes.c_longlong(table.shape[0])
         self.lib.reset_counts()
-        getattr(self.lib, f"radam_step_segments_{buffers[0].dtype.name}")(
-            ctypes.c_uint(grid), ctypes.c_uint(block), *map(_pointer, buffers), tiles_at,
-            ctypes.c_longlong(table.shape[0]), rows_at, floats_at, ints_at)
+        skip = self._skip("segments", g.dtype.name, found_inf, check_finite, grid, block, _pointer(g), tiles_at,
+                          n_tiles, rows_at)
+        getattr(self.lib, f"radam_step_segments_{suffix(p, g, m, master)}")(
+            ctypes.c_uint(grid), ctypes.c_uint(block), *map(_pointer, buffers), _pointer(master), tiles_at,
+            n_tiles, rows_at, floats_at, ints_at, *skip)
 
     def step_tensors(self, tensors: list[tuple[np.ndarray, ...]], tensor_row: np.ndarray, floats: np.ndarray,
-                     ints: np.ndarray, grid: int, block: int) -> None:
-        """Run ``radam_step_tensors<T>`` over separate (p, g, m, v) arrays through a pointer table."""
+                     ints: np.ndarray, grid: int, block: int, *, found_inf: np.ndarray | None = None,
+                     check_finite: bool = False) -> None:
+        """Run ``radam_step_tensors`` over separate (p, g, m, v[, master]) arrays through a pointer table."""
         from fastradam.backends.cuda import TILE, pack_tables
         from fastradam.layout import tiles
 
-        pointers = np.array([[b.ctypes.data for b in quad] for quad in tensors], dtype=np.uint64).reshape(-1, 4)
+        columns = len(tensors[0])
+        first = tensors[0]
+        name = suffix(first[0], first[1], first[2], first[4] if columns == 5 else None)
+        pointers = np.array([[b.ctypes.data for b in quad] for quad in tensors], dtype=np.uint64).reshape(-1, columns)
         sizes = np.array([quad[0].size for quad in tensors], dtype=np.int64)
         table = tiles(np.zeros_like(sizes), sizes, TILE)
-        packed, offsets = pack_tables(pointers, table, np.asarray(tensor_row, np.int32), floats, ints)
+        packed, offsets = pack_tables(pointers, table, np.asarray(tensor_row, np.int32),
+                                      np.asarray(floats, dtype=math_dtype(first[0])), np.asarray(ints, np.int32))
         pointers_at, tiles_at, rows_at, floats_at, ints_at = (
             ctypes.c_void_p(packed.ctypes.data + o) for o in offsets)
+        n_tiles = ctypes.c_longlong(table.shape[0])
         self.lib.reset_counts()
-        getattr(self.lib, f"radam_step_tensors_{floats.dtype.name}")(
-            ctypes.c_uint(grid), ctypes.c_uint(block), pointers_at, tiles_at, ctypes.c_longlong(table.shape[0]),
-            rows_at, floats_at, ints_at)
+        skip = self._skip("tensors", first[1].dtype.name, found_inf, check_finite, grid, block, pointers_at,
+                          ctypes.c_longlong(columns), tiles_at, n_tiles, rows_at)
+        getattr(self.lib, f"radam_step_tensors_{name}")(
+            ctypes.c_uint(grid), ctypes.c_uint(block), pointers_at, tiles_at, n_tiles, rows_at, floats_at,
+            ints_at, *skip)
 
     def step_capturable(self, buffers: tuple[np.ndarray, ...], step: np.ndarray, lr: float | np.ndarray, *,
                         beta1: float, beta2: float, eps: float, weight_decay: float,
                         decoupled_weight_decay: bool, maximize: bool, grid: int, block: int,
-                        flavour: Flavour = PRESETS["torch"]) -> None:
-        """Run ``radam_step_capturable<T, StepT, LrT>``: ``step`` (and an array ``lr``) read through pointers."""
-        p = buffers[0]
+                        flavour: Flavour = PRESETS["torch"], master: np.ndarray | None = None,
+                        grad_scale: float = 1.0, found_inf: np.ndarray | None = None,
+                        check_finite: bool = False) -> None:
+        """Run ``radam_step_capturable``: ``step`` (and an array ``lr``) read through pointers and type codes."""
+        p, g, m, v = buffers
         if isinstance(lr, np.ndarray):
-            lr_name, lr_arg = lr.dtype.name, _pointer(lr)
+            lr_args = (_pointer(lr), ctypes.c_int(VALUE_CODES[lr.dtype]), ctypes.c_double(0.0))
         else:
-            lr_name, lr_arg = "host", ctypes.c_double(lr)
+            lr_args = (ctypes.c_void_p(None), ctypes.c_int(0), ctypes.c_double(lr))
         self.lib.reset_counts()
-        getattr(self.lib, f"radam_step_capturable_{p.dtype.name}_{step.dtype.name}_{lr_name}")(
-            ctypes.c_uint(grid), ctypes.c_uint(block), *map(_pointer, buffers), ctypes.c_longlong(p.size),
-            _pointer(step), lr_arg, *map(ctypes.c_double, (beta1, beta2, eps, weight_decay)),
-            ctypes.c_int(decoupled_weight_decay), ctypes.c_int(maximize), *_flavour_args(flavour))
+        skip = self._skip("flat", g.dtype.name, found_inf, check_finite, grid, block, _pointer(g),
+                          ctypes.c_longlong(g.size))
+        getattr(self.lib, f"radam_step_capturable_{suffix(p, g, m, master)}")(
+            ctypes.c_uint(grid), ctypes.c_uint(block), *map(_pointer, buffers), _pointer(master),
+            ctypes.c_longlong(p.size), _pointer(step), ctypes.c_int(VALUE_CODES[step.dtype]), *lr_args,
+            *map(ctypes.c_double, (beta1, beta2, eps, weight_decay)),
+            ctypes.c_int(decoupled_weight_decay), ctypes.c_int(maximize), *_flavour_args(flavour),
+            ctypes.c_double(1.0 / grad_scale), *skip)
 
     def step_scalars(self, *, step: float, lr: float, beta1: float, beta2: float, eps: float,
                      weight_decay: float, decoupled_weight_decay: bool, maximize: bool,
                      flavour: Flavour = PRESETS["torch"]) -> StepScalars:
-        """``radam_step_scalars`` of radam.cuh, as a :class:`StepScalars`."""
-        out = np.zeros(7, dtype=np.float64)
+        """``radam_step_scalars`` of radam.cuh, as a :class:`StepScalars` (its inv_grad_scale is 1)."""
+        out = np.zeros(8, dtype=np.float64)
         flags = np.zeros(2, dtype=np.int32)
         self.lib.step_scalars(*map(ctypes.c_double, (step, lr, beta1, beta2, eps, weight_decay)),
                               ctypes.c_int(decoupled_weight_decay), ctypes.c_int(maximize),
                               *_flavour_args(flavour), _pointer(out), _pointer(flags))
-        one_minus_beta1, beta2_, one_minus_beta2, eps_, l2, decay, step_size = map(float, out)
+        one_minus_beta1, beta2_, one_minus_beta2, eps_, l2, decay, step_size, inv_grad_scale = map(float, out)
+        assert inv_grad_scale == 1.0
         return StepScalars(one_minus_beta1=one_minus_beta1, beta2=beta2_, one_minus_beta2=one_minus_beta2,
                            eps=eps_, l2_weight_decay=l2, param_decay=decay, step_size=step_size,
                            negate_grad=bool(flags[0]), mode=int(flags[1]))
+
+    def convert(self, name: str, values: np.ndarray) -> np.ndarray:
+        """radam.cuh's conversion ``name`` (``bfloat16_to_float``, ``float_to_float16``, ...) over ``values``."""
+        values = np.ascontiguousarray(values)
+        out = np.empty(values.size, dtype=np.float32 if name.endswith("_to_float") else np.uint16)
+        getattr(self.lib, name)(_pointer(values), _pointer(out), ctypes.c_longlong(values.size))
+        return out
 
 
 def _flavour_args(flavour: Flavour) -> tuple:
@@ -255,4 +339,4 @@ class MultiCase:
 
 def bits(array: np.ndarray) -> np.ndarray:
     """The raw bits of a float array (NaN sentinels compare equal to themselves)."""
-    return array.view(np.uint32 if array.dtype.itemsize == 4 else np.uint64)
+    return array.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[array.dtype.itemsize])

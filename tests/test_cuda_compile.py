@@ -1,8 +1,9 @@
 """Every CUDA source compiles through NVRTC, without a device, for sm_80 and sm_90, warning-free.
 
 Uses CuPy's own NVRTC binding, the compiler the backend's ``RawModule`` uses at run time, with
-the backend's options and every template instantiation it launches. NVRTC comes from the pip
-``nvidia-cuda-nvrtc`` wheel, which ``cuda-pathfinder`` (a CuPy dependency) finds in
+the backend's options and every template instantiation it launches (every storage combination).
+NVRTC comes from the pip ``nvidia-cuda-nvrtc`` wheel and ``cuda_bf16.h``/``cuda_fp16.h`` from the
+pip ``nvidia-cuda-runtime`` wheel, which ``cuda-pathfinder`` (a CuPy dependency) finds in
 site-packages; no CUDA toolkit, driver or GPU is needed.
 """
 
@@ -32,7 +33,7 @@ def compile_program(source_name: str, arch: str, names, *, ptx: bool = False) ->
         for name in names:
             nvrtc.addNameExpression(program, name)
         target = arch.replace("sm_", "compute_") if ptx else arch
-        options = [f"-arch={target}", *cuda.COMPILE_OPTIONS, *CUPY_OPTIONS, f"-I{cuda.kernel_dir()}"]
+        options = [f"-arch={target}", *cuda.compile_options(), *CUPY_OPTIONS]
         try:
             nvrtc.compileProgram(program, options)
         except nvrtc.NVRTCError as error:
@@ -57,24 +58,38 @@ def test_source_compiles_every_instantiation_without_warnings(source_name, arch)
     assert all(lowered.values()) and len(set(lowered.values())) == len(lowered)
 
 
-def test_backend_instantiates_every_kernel_dtype_step_and_lr_type():
-    # flat, segments and tensors kernels, plus the capturable one per step and lr type
-    expected = len(cuda.STORAGE_TYPES) * (3 + len(cuda.STEP_TYPES) * len(cuda.LR_TYPES))
+def test_backend_instantiates_every_storage_combination():
+    # flat, segments, tensors and capturable kernels per storage combination, plus the three
+    # check_finite pre-passes per gradient storage
+    assert len(cuda.STORAGE_COMBINATIONS) == 31
+    expected = 4 * len(cuda.STORAGE_COMBINATIONS) + 3 * len(cuda.STORAGE_TYPES)
     assert len(set(cuda.NAME_EXPRESSIONS)) == len(cuda.NAME_EXPRESSIONS) == expected
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kernel_name", (cuda.step_kernel_name, cuda.segments_kernel_name, cuda.tensors_kernel_name))
-def test_step_kernels_use_16_byte_vectors_and_no_fma(arch, kernel_name):
-    names = [kernel_name(dtype) for dtype in cuda.STORAGE_TYPES]
-    ptx, _ = compile_program(cuda.KERNEL_FILE, arch, names, ptx=True)
-    text = ptx.decode()
-    memory_ops = set(re.findall(r"\b(?:ld|st)\.global(?:\.nc)?\.v\d\.f(?:32|64)\b", text))
-    loads = {"ld.global.nc.v4.f32", "ld.global.v4.f32"} & memory_ops  # grads: .nc when provably read-only
-    assert loads and "st.global.v4.f32" in memory_ops, memory_ops
-    loads = {"ld.global.nc.v2.f64", "ld.global.v2.f64"} & memory_ops
-    assert loads and "st.global.v2.f64" in memory_ops, memory_ops
-    assert "fma." not in text, "--fmad=false must keep multiply-adds uncontracted"
+def test_cuda_headers_come_from_the_pip_runtime_wheel_or_a_toolkit():
+    include = cuda.cuda_include_dir()
+    assert include is not None, "pip install nvidia-cuda-runtime: the kernels include cuda_bf16.h/cuda_fp16.h"
+    assert f"-I{include}" in cuda.compile_options()
+
+
+VECTOR_OPS = re.compile(r"\b(?:ld|st)\.global(?:\.nc)?\.v(\d)\.(?:f32|u32|b32|f64|u64|b64)\b")
+
+
+def test_step_kernels_use_16_byte_vectors_and_no_fma():
+    """Every update kernel of every storage combination moves 16-byte vectors (v4 of 32-bit or
+    v2 of 64-bit words) for loads and stores, and contracts no multiply-add (one PTX build of
+    them all; the PTX is the same for both architectures)."""
+    kinds = (cuda.step_kernel_name, cuda.segments_kernel_name, cuda.tensors_kernel_name)
+    names = [kind(storage) for storage in cuda.STORAGE_COMBINATIONS for kind in kinds]
+    ptx, lowered = compile_program(cuda.KERNEL_FILE, "sm_90", names, ptx=True)
+    entries = {}
+    for chunk in ptx.decode().split(".entry ")[1:]:
+        entries[chunk.split("(", 1)[0].strip()] = chunk
+    for name in names:
+        text = entries[lowered[name]]
+        ops = [m.group(0) for m in VECTOR_OPS.finditer(text)]
+        assert any(op.startswith("ld.") for op in ops) and any(op.startswith("st.") for op in ops), (name, ops)
+        assert "fma." not in text, f"{name}: --fmad=false must keep multiply-adds uncontracted"
 
 
 def test_kernel_source_carries_the_header_hash():

@@ -1,8 +1,18 @@
 """CUDA backend: the templated kernels of ``kernels/radam.cu``, compiled by CuPy, run on its current stream.
 
 The source is compiled lazily on first use with NVRTC for the current device's architecture
-and cached by CuPy (``~/.cupy/kernel_cache``); one ``RawModule`` holds every dtype variant,
-instantiated from the templates with ``name_expressions``.
+and cached by CuPy (``~/.cupy/kernel_cache``): one ``RawModule`` per storage combination
+(:class:`Storage`: params, grads, moments, master) holds its seven kernels, instantiated from
+the templates with ``name_expressions`` (31 combinations, 124 update kernels and 12
+check_finite pre-passes in all; see :data:`NAME_EXPRESSIONS`).
+
+Storage: float32/float64 arrays are used as they are; bfloat16 and float16 reach the kernels as
+bit views (``uint16``: bfloat16 bits, ``int16``: float16 bits, as in the Numba backend), and
+the kernels, templated on each role's storage, widen them to float32 with the CUDA intrinsics
+of ``cuda_bf16.h`` / ``cuda_fp16.h`` and round back to nearest even. Those headers come from
+the pip ``nvidia-cuda-runtime`` wheel (``nvidia/cu13/include``) or a CUDA toolkit, found by
+``cuda-pathfinder`` (:func:`cuda_include_dir`). CuPy has no bfloat16 dtype, so bfloat16 buffers
+are torch CUDA tensors, taken zero-copy as ``tensor.view(torch.int16)`` through DLPack.
 
 Notes
 -----
@@ -14,7 +24,10 @@ Notes
   contraction would buy no speed. CuPy itself appends ``-ftz=true``: float32 subnormals flush
   to zero on the GPU (float64 is unaffected).
 - Grid: ``min(ceil(n / (block * lanes)), SMs * blocks_per_SM)`` blocks of 256 threads, each
-  thread striding over 16-byte packs (``lanes`` = 4 floats or 2 doubles). The multi-tensor
+  thread striding over packs of ``lanes`` elements per role (16 bytes of the narrowest role:
+  4 floats, 2 doubles, 8 with any 16-bit role, whose float roles then move 32 bytes).
+- found_inf (a 0-d device array) is read by the kernels themselves; ``check_finite`` runs a
+  read-only pre-pass that sets a device flag the update kernel reads: no host synchronisation. The multi-tensor
   kernels cut the work into :data:`TILE`-element tiles (``fastradam.layout.tiles``) and launch
   ``min(tiles, SMs * blocks_per_SM)`` blocks, each taking tiles in turn.
 - Tables: a flat step passes its one row of scalars by value (no copy). A layout's tile table
@@ -29,8 +42,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import math
 import numbers
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,63 +55,152 @@ import numpy as np
 from fastradam.backends import backend_for
 from fastradam.flavours import PRESETS, Flavour, resolve_flavour
 from fastradam.layout import SegmentArrays, tiles
+from fastradam.validation import check_storage
 
 #: The kernel source, relative to the kernel folder (``fastradam.kernels`` when installed).
 KERNEL_FILE = "radam.cu"
 #: NVRTC options the backend compiles with (CuPy adds ``-arch`` and ``-ftz=true``).
 COMPILE_OPTIONS = ("--std=c++17", "--fmad=false")
 
-#: C++ storage type of each buffer dtype (the math type is ``MathType<T>`` in radam.cuh).
-STORAGE_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-#: C++ type of a device-side step count, by dtype.
-STEP_TYPES = {
-    np.dtype(np.int32): "int",
-    np.dtype(np.int64): "long long",
-    np.dtype(np.float32): "float",
-    np.dtype(np.float64): "double",
+#: C++ storage type of each storage format (the kernels' template arguments P, G and Mo).
+STORAGE_TYPES = {
+    "float32": "float",
+    "float64": "double",
+    "bfloat16": "fastradam::bfloat16_t",
+    "float16": "fastradam::float16_t",
 }
-#: C++ type of the learning-rate argument: ``None`` for a host number, else the device dtype.
-LR_TYPES = {None: "double", np.dtype(np.float32): "const float*", np.dtype(np.float64): "const double*"}
+#: The bit-view dtype each 16-bit storage format reaches the kernels as (as in the Numba
+#: backend): the view's dtype tells which format the bits hold.
+BIT_VIEWS = {"bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.int16)}
+#: The storage format of each array dtype the kernels take (16-bit formats: their bit views).
+VIEW_STORAGE = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64",
+                **{view: name for name, view in BIT_VIEWS.items()}}
+#: Type codes of the 0-d device values the kernels read (radam.cu: kInt8 ... kFloat64); 0: none.
+VALUE_CODES = {
+    np.dtype(np.bool_): 1, np.dtype(np.int8): 1, np.dtype(np.uint8): 1,
+    np.dtype(np.int32): 2, np.dtype(np.uint32): 2, np.dtype(np.int64): 3, np.dtype(np.uint64): 3,
+    np.dtype(np.float32): 4, np.dtype(np.float64): 5,
+}
+#: dtypes a device-side step count may have.
+STEP_DTYPES = (np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.float32), np.dtype(np.float64))
+#: dtypes a device-side learning rate may have.
+LR_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 BLOCK = 256
 BLOCKS_PER_SM = 8
 #: Elements per tile of the multi-tensor kernels: a multiple of the 64-element layout alignment
-#: (so tiles of an aligned layout stay 16-byte co-aligned) and of BLOCK * 4 float32 lanes.
+#: (so tiles of an aligned layout stay 16-byte co-aligned) and of BLOCK * 8 lanes.
 TILE = 4096
 _PACK_BYTES = 16
 #: Byte alignment of each table inside the one per-call upload.
 _TABLE_ALIGN = 16
 
 
-def step_kernel_name(dtype: np.dtype) -> str:
-    """Name expression of the kernel that takes host scalars, for buffers of ``dtype``."""
-    return f"fastradam::radam_step<{STORAGE_TYPES[np.dtype(dtype)]}>"
+@dataclass(frozen=True)
+class Storage:
+    """The storage of one step: params, grads and moments formats, and whether an fp32 master is there."""
+
+    params: str
+    grads: str
+    moments: str
+    master: bool = False
+
+    @property
+    def math_dtype(self) -> np.dtype:
+        """float64 only when everything is float64; float32 otherwise."""
+        return np.dtype(np.float64 if self.params == "float64" else np.float32)
+
+    @property
+    def lanes(self) -> int:
+        """Elements per 16-byte pack of the narrowest role."""
+        return _PACK_BYTES // min(np.dtype(_NUMPY_OF[f]).itemsize for f in (self.params, self.grads, self.moments))
+
+    def template_arguments(self) -> str:
+        return (f"{STORAGE_TYPES[self.params]}, {STORAGE_TYPES[self.grads]}, {STORAGE_TYPES[self.moments]}, "
+                f"{'true' if self.master else 'false'}")
 
 
-def segments_kernel_name(dtype: np.dtype) -> str:
-    """Name expression of the kernel over the segments of flat buffers, for ``dtype``."""
-    return f"fastradam::radam_step_segments<{STORAGE_TYPES[np.dtype(dtype)]}>"
+_NUMPY_OF = {"float32": np.float32, "float64": np.float64, "bfloat16": np.uint16, "float16": np.int16}
 
 
-def tensors_kernel_name(dtype: np.dtype) -> str:
-    """Name expression of the kernel over a list of separate tensors, for ``dtype``."""
-    return f"fastradam::radam_step_tensors<{STORAGE_TYPES[np.dtype(dtype)]}>"
+def _supported_storage() -> tuple[Storage, ...]:
+    """Every combination :func:`fastradam.validation.check_storage` accepts."""
+    found = []
+    for params, grads, moments, master in itertools.product(STORAGE_TYPES, STORAGE_TYPES, STORAGE_TYPES,
+                                                            (False, True)):
+        try:
+            check_storage((params, grads, moments, moments), master="float32" if master else None)
+        except TypeError:
+            continue
+        found.append(Storage(params, grads, moments, master))
+    return tuple(found)
 
 
-def capturable_kernel_name(dtype: np.dtype, step_dtype: np.dtype, lr_dtype: np.dtype | None) -> str:
-    """Name expression of the capturable kernel (step, and lr unless ``lr_dtype`` is None, on the device)."""
-    lr_type = LR_TYPES[None if lr_dtype is None else np.dtype(lr_dtype)]
-    return (f"fastradam::radam_step_capturable<{STORAGE_TYPES[np.dtype(dtype)]}, "
-            f"{STEP_TYPES[np.dtype(step_dtype)]}, {lr_type}>")
+#: Every storage combination the kernels are instantiated for (31).
+STORAGE_COMBINATIONS = _supported_storage()
 
 
-#: Every template instantiation the backend launches.
-NAME_EXPRESSIONS = tuple(
-    [name(dtype) for name in (step_kernel_name, segments_kernel_name, tensors_kernel_name)
-     for dtype in STORAGE_TYPES]
-    + [capturable_kernel_name(dtype, step_dtype, lr_dtype)
-       for dtype in STORAGE_TYPES for step_dtype in STEP_TYPES for lr_dtype in LR_TYPES]
-)
+def storage_of_arrays(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray,
+                      master: Any = None) -> Storage:
+    """The :class:`Storage` of validated kernel arrays (16-bit formats as their bit views)."""
+    return Storage(VIEW_STORAGE[params.dtype], VIEW_STORAGE[grads.dtype], VIEW_STORAGE[exp_avg.dtype],
+                   master is not None)
+
+
+def step_kernel_name(storage: Storage) -> str:
+    """Name expression of the kernel that takes host scalars."""
+    return f"fastradam::radam_step<{storage.template_arguments()}>"
+
+
+def segments_kernel_name(storage: Storage) -> str:
+    """Name expression of the kernel over the segments of flat buffers."""
+    return f"fastradam::radam_step_segments<{storage.template_arguments()}>"
+
+
+def tensors_kernel_name(storage: Storage) -> str:
+    """Name expression of the kernel over a list of separate tensors."""
+    return f"fastradam::radam_step_tensors<{storage.template_arguments()}>"
+
+
+def capturable_kernel_name(storage: Storage) -> str:
+    """Name expression of the capturable kernel (step and lr read through type codes)."""
+    return f"fastradam::radam_step_capturable<{storage.template_arguments()}>"
+
+
+def finite_kernel_name(kind: str, grads: str) -> str:
+    """Name expression of the check_finite pre-pass ``kind`` ("flat", "segments", "tensors") over ``grads``."""
+    return f"fastradam::nonfinite_{kind}<{STORAGE_TYPES[grads]}>"
+
+
+FINITE_KINDS = ("flat", "segments", "tensors")
+
+
+def name_expressions(storage: Storage) -> tuple[str, ...]:
+    """The instantiations one storage combination launches (compiled together, on first use)."""
+    return (step_kernel_name(storage), segments_kernel_name(storage), tensors_kernel_name(storage),
+            capturable_kernel_name(storage), *(finite_kernel_name(k, storage.grads) for k in FINITE_KINDS))
+
+
+#: Every template instantiation the backend can launch.
+NAME_EXPRESSIONS = tuple(dict.fromkeys(name for storage in STORAGE_COMBINATIONS for name in name_expressions(storage)))
+
+
+def cuda_include_dir() -> str | None:
+    """The folder holding ``cuda_bf16.h`` and ``cuda_fp16.h``: the pip ``nvidia-cuda-runtime``
+    wheel (``nvidia/cu13/include``) or a CUDA toolkit, as ``cuda-pathfinder`` finds them."""
+    from cuda.pathfinder import find_nvidia_header_directory
+
+    found = find_nvidia_header_directory("cudart")
+    return found if found and (Path(found) / "cuda_bf16.h").is_file() else None
+
+
+def compile_options() -> tuple[str, ...]:
+    """NVRTC options besides ``-arch`` (CuPy adds that and ``-ftz=true``)."""
+    include = cuda_include_dir()
+    if include is None:
+        raise RuntimeError("the CUDA kernels include cuda_bf16.h and cuda_fp16.h, which were not found: "
+                           "pip install nvidia-cuda-runtime (or install a CUDA toolkit)")
+    return COMPILE_OPTIONS + (f"-I{kernel_dir()}", f"-I{include}")
 
 
 def kernel_dir() -> Path:
@@ -121,19 +225,17 @@ def kernel_source() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _module(device_id: int) -> cupy.RawModule:
+def _module(device_id: int, storage: Storage) -> cupy.RawModule:
+    """The kernels of one storage combination, compiled on first use (and cached on disk by CuPy)."""
     with cupy.cuda.Device(device_id):
-        return cupy.RawModule(
-            code=kernel_source(),
-            options=COMPILE_OPTIONS + (f"-I{kernel_dir()}",),
-            name_expressions=NAME_EXPRESSIONS,
-        )
+        return cupy.RawModule(code=kernel_source(), options=compile_options(),
+                              name_expressions=name_expressions(storage))
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(device_id: int, name: str) -> cupy.RawKernel:
+def _kernel(device_id: int, storage: Storage, name: str) -> cupy.RawKernel:
     with cupy.cuda.Device(device_id):
-        return _module(device_id).get_function(name)
+        return _module(device_id, storage).get_function(name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,8 +243,7 @@ def _sm_count(device_id: int) -> int:
     return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
-def _grid(n: int, dtype: np.dtype, device_id: int) -> int:
-    lanes = _PACK_BYTES // dtype.itemsize
+def _grid(n: int, lanes: int, device_id: int) -> int:
     return max(1, min(math.ceil(n / (BLOCK * lanes)), _sm_count(device_id) * BLOCKS_PER_SM))
 
 
@@ -174,13 +275,48 @@ def _upload(*tables: np.ndarray) -> list[cupy.ndarray]:
     return [device[start:start + table.nbytes].view(table.dtype) for table, start in zip(tables, offsets)]
 
 
-def as_array(obj: Any) -> cupy.ndarray:
-    """Return ``obj`` as a CuPy array sharing its memory (DLPack or ``__cuda_array_interface__``)."""
+def _torch_storage(obj: Any) -> str | None:
+    """``bfloat16``, ``float16``, ... for a torch tensor (by its dtype's name), else None."""
+    name = str(getattr(obj, "dtype", ""))
+    return name[len("torch."):] if name.startswith("torch.") else None
+
+
+def storage_of(obj: Any) -> str:
+    """The storage format of a CUDA array: its dtype's name (``bfloat16`` for a torch bf16 tensor)."""
     if isinstance(obj, cupy.ndarray):
-        return obj
-    if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
-        return cupy.from_dlpack(obj)
-    return cupy.asarray(obj)
+        return obj.dtype.name
+    torch_storage = _torch_storage(obj)
+    if torch_storage is not None:
+        return torch_storage
+    return as_array(obj).dtype.name
+
+
+def as_array(obj: Any) -> cupy.ndarray:
+    """``obj`` as the CuPy array the kernels take, sharing its memory (no copy).
+
+    CuPy has no bfloat16 dtype and DLPack cannot carry bfloat16 into CuPy, so a torch bfloat16
+    (or float16) tensor crosses as ``tensor.view(torch.int16)``; 16-bit formats then reach the
+    kernels as bit views: ``uint16`` holds bfloat16 bits, ``int16`` float16 bits (a CuPy float16
+    array is viewed the same way). float32/float64 arrays are themselves.
+    """
+    storage = _torch_storage(obj)
+    if storage is not None:
+        tensor = obj.detach()
+        if storage in BIT_VIEWS:
+            import torch
+
+            tensor = tensor.view(torch.int16)
+        array = cupy.from_dlpack(tensor)
+    elif isinstance(obj, cupy.ndarray):
+        array, storage = obj, obj.dtype.name
+    elif hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+        array = cupy.from_dlpack(obj)
+        storage = array.dtype.name
+    else:
+        array = cupy.asarray(obj)
+        storage = array.dtype.name
+    view = BIT_VIEWS.get(storage)
+    return array if view is None else array.view(view)
 
 
 def _device_id(array: cupy.ndarray) -> int:
@@ -196,24 +332,77 @@ def check_devices(arrays: Sequence[cupy.ndarray], names: Sequence[str] = ("param
                              f"device {first}: all buffers must be on one device")
 
 
-def radam_step(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray,
-               exp_avg_sq: cupy.ndarray, floats: np.ndarray, ints: np.ndarray) -> None:
-    """Launch one RAdam step, in place, on validated C-contiguous CuPy buffers of one dtype.
+def _pointer(array: cupy.ndarray | None) -> np.uint64:
+    """A pointer argument (null for None)."""
+    return np.uint64(0 if array is None else array.data.ptr)
 
-    ``floats`` (1, 7) in the buffers' dtype and ``ints`` (1, 2) int32 are the host tables of
+
+def _flag_arguments(found_inf: Any, device_id: int) -> tuple[np.uint64, np.int32] | None:
+    """The kernels' ``skip, skip_code`` for ``found_inf``; None when a host flag says skip."""
+    if isinstance(found_inf, (bool, np.bool_)) or found_inf is None:
+        return None if found_inf else (np.uint64(0), np.int32(0))
+    if found_inf.dtype not in VALUE_CODES:
+        allowed = ", ".join(sorted({d.name for d in VALUE_CODES}))
+        raise TypeError(f"found_inf must have dtype {allowed}, got {found_inf.dtype}")
+    if _device_id(found_inf) != device_id:
+        raise ValueError(f"found_inf is on CUDA device {_device_id(found_inf)} but params is on device {device_id}")
+    return np.uint64(found_inf.data.ptr), np.int32(VALUE_CODES[found_inf.dtype])
+
+
+_finite_flags: dict[tuple[int, int], cupy.ndarray] = {}
+
+
+def _finite_flag(device_id: int) -> cupy.ndarray:
+    """A device int for the check_finite pre-pass, zeroed by an async memset on the current stream.
+
+    One per (device, stream), kept: stream order keeps one step's flag from the next, and a graph
+    captured on the stream replays the memset, the pre-pass and the update on the same memory
+    (so call once before capturing, to allocate it outside the capture).
+    """
+    stream = cupy.cuda.get_current_stream()
+    key = (device_id, stream.ptr)
+    flag = _finite_flags.get(key)
+    if flag is None:
+        flag = _finite_flags[key] = cupy.empty((), dtype=np.int32)
+    cupy.cuda.runtime.memsetAsync(flag.data.ptr, 0, flag.nbytes, stream.ptr)
+    return flag
+
+
+def _checked_skip(storage: Storage, device_id: int, skip: tuple, kind: str, grid: int,
+                  arguments: tuple) -> tuple[np.uint64, np.int32]:
+    """Run the check_finite pre-pass ``kind`` (found_inf folded in); the update's new ``skip, skip_code``."""
+    flag = _finite_flag(device_id)
+    _kernel(device_id, storage, finite_kernel_name(kind, storage.grads))(
+        (grid,), (BLOCK,), (*arguments, *skip, flag))
+    return np.uint64(flag.data.ptr), np.int32(VALUE_CODES[np.dtype(np.int32)])
+
+
+def radam_step(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray, exp_avg_sq: cupy.ndarray,
+               floats: np.ndarray, ints: np.ndarray, *, master: cupy.ndarray | None = None,
+               found_inf: Any = False, check_finite: bool = False) -> None:
+    """Launch one RAdam step, in place, on validated C-contiguous CuPy buffers (16-bit: bit views).
+
+    ``floats`` (1, 8) in the math dtype and ``ints`` (1, 2) int32 are the host tables of
     :func:`fastradam.scalars.pack_rows`; row 0 is passed by value, as NumPy scalars of exactly
     the kernel's parameter types (CuPy would pass a Python float as a double unchecked).
-    Asynchronous on CuPy's current stream.
+    ``master`` is the fp32 master beside 16-bit params. ``found_inf`` is a host bool (True:
+    nothing is launched) or a 0-d device array the kernel reads; ``check_finite`` adds a
+    read-only pre-pass over ``grads``. Asynchronous on CuPy's current stream; no host sync.
     """
     n = params.size
-    if n == 0:
-        return
     device_id = _device_id(params)
-    row = (*np.asarray(floats, dtype=params.dtype)[0], *np.asarray(ints, dtype=np.int32)[0])
+    skip = _flag_arguments(found_inf, device_id)
+    if n == 0 or skip is None:
+        return
+    storage = storage_of_arrays(params, grads, exp_avg, master)
+    row = (*np.asarray(floats, dtype=storage.math_dtype)[0], *np.asarray(ints, dtype=np.int32)[0])
+    grid = _grid(n, storage.lanes, device_id)
     with cupy.cuda.Device(device_id):
-        _kernel(device_id, step_kernel_name(params.dtype))(
-            (_grid(n, params.dtype, device_id),), (BLOCK,),
-            (params, grads, exp_avg, exp_avg_sq, np.int64(n), *row),
+        if check_finite:
+            skip = _checked_skip(storage, device_id, skip, "flat", grid, (grads, np.int64(n)))
+        _kernel(device_id, storage, step_kernel_name(storage))(
+            (grid,), (BLOCK,),
+            (params, grads, exp_avg, exp_avg_sq, _pointer(master), np.int64(n), *row, *skip),
         )
 
 
@@ -230,24 +419,36 @@ def _layout_tiles(segments: SegmentArrays, device_id: int) -> cupy.ndarray:
 
 def radam_step_segments(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray,
                         exp_avg_sq: cupy.ndarray, segments: SegmentArrays, segment_row: np.ndarray,
-                        floats: np.ndarray, ints: np.ndarray) -> None:
+                        floats: np.ndarray, ints: np.ndarray, *, master: cupy.ndarray | None = None,
+                        found_inf: Any = False, check_finite: bool = False) -> None:
     """One launch over the segments of flat buffers; segment ``i`` uses row ``segment_row[i]`` (< 0: skipped).
 
-    ``segment_row`` (int32, one per segment), ``floats`` (R, 7, the buffers' dtype) and ``ints``
+    ``segment_row`` (int32, one per segment), ``floats`` (R, 8, the math dtype) and ``ints``
     (R, 2, int32) are host arrays, uploaded in one asynchronous copy; the layout's tile table is
-    uploaded once per device. Skipped segments and the padding are neither read nor written.
+    uploaded once per device. Skipped segments and the padding are neither read nor written
+    (nor read by the check_finite pre-pass). ``master``, ``found_inf``, ``check_finite``: as in
+    :func:`radam_step`.
     """
     device_id = _device_id(params)
+    skip = _flag_arguments(found_inf, device_id)
     segment_row = np.asarray(segment_row, dtype=np.int32)
+    if skip is None:
+        return
+    storage = storage_of_arrays(params, grads, exp_avg, master)
     with cupy.cuda.Device(device_id):
         tile_rows = _layout_tiles(segments, device_id)
         if tile_rows.shape[0] == 0 or not np.any(segment_row >= 0):
             return
-        rows, floats_d, ints_d = _upload(segment_row, np.asarray(floats, dtype=params.dtype),
+        rows, floats_d, ints_d = _upload(segment_row, np.asarray(floats, dtype=storage.math_dtype),
                                          np.asarray(ints, dtype=np.int32))
-        _kernel(device_id, segments_kernel_name(params.dtype))(
-            (_tile_grid(tile_rows.shape[0], device_id),), (BLOCK,),
-            (params, grads, exp_avg, exp_avg_sq, tile_rows, np.int64(tile_rows.shape[0]), rows, floats_d, ints_d),
+        n_tiles = np.int64(tile_rows.shape[0])
+        grid = _tile_grid(tile_rows.shape[0], device_id)
+        if check_finite:
+            skip = _checked_skip(storage, device_id, skip, "segments", grid, (grads, tile_rows, n_tiles, rows))
+        _kernel(device_id, storage, segments_kernel_name(storage))(
+            (grid,), (BLOCK,),
+            (params, grads, exp_avg, exp_avg_sq, _pointer(master), tile_rows, n_tiles, rows, floats_d, ints_d,
+             *skip),
         )
 
 
@@ -260,29 +461,38 @@ def _tensor_tiles(sizes: tuple[int, ...]) -> np.ndarray:
 
 def radam_step_tensors(params: list[cupy.ndarray], grads: list[cupy.ndarray], exp_avg: list[cupy.ndarray],
                        exp_avg_sq: list[cupy.ndarray], tensor_row: np.ndarray, floats: np.ndarray,
-                       ints: np.ndarray) -> None:
+                       ints: np.ndarray, *, master: list[cupy.ndarray] | None = None, found_inf: Any = False,
+                       check_finite: bool = False) -> None:
     """One launch over lists of separate tensors; tensor ``i`` uses row ``tensor_row[i]`` (< 0: skipped).
 
-    The tensors (validated, C-contiguous, one dtype, one device) are reached through a table of
-    their addresses; it, the tile table over their sizes and the host tables go to the device in
-    one asynchronous copy per call. An empty list launches nothing.
+    The tensors (validated, C-contiguous, one storage per role, one device) are reached through a
+    table of their addresses (params, grads, exp_avg, exp_avg_sq and, with ``master``, the fp32
+    master); it, the tile table over their sizes and the host tables go to the device in one
+    asynchronous copy per call. An empty list launches nothing. ``found_inf``, ``check_finite``:
+    as in :func:`radam_step`.
     """
     if not params:
         return
-    dtype = params[0].dtype
     device_id = _device_id(params[0])
+    skip = _flag_arguments(found_inf, device_id)
     tensor_row = np.asarray(tensor_row, dtype=np.int32)
     tile_rows = _tensor_tiles(tuple(int(a.size) for a in params))
-    if tile_rows.shape[0] == 0 or not np.any(tensor_row >= 0):
+    if skip is None or tile_rows.shape[0] == 0 or not np.any(tensor_row >= 0):
         return
-    pointers = np.array([[a.data.ptr for a in quad] for quad in zip(params, grads, exp_avg, exp_avg_sq)],
-                        dtype=np.uint64)
+    storage = storage_of_arrays(params[0], grads[0], exp_avg[0], None if master is None else master[0])
+    roles = (params, grads, exp_avg, exp_avg_sq) + (() if master is None else (master,))
+    pointers = np.array([[a.data.ptr for a in tensor] for tensor in zip(*roles)], dtype=np.uint64)
     with cupy.cuda.Device(device_id):
         pointers_d, tiles_d, rows, floats_d, ints_d = _upload(
-            pointers, tile_rows, tensor_row, np.asarray(floats, dtype=dtype), np.asarray(ints, dtype=np.int32))
-        _kernel(device_id, tensors_kernel_name(dtype))(
-            (_tile_grid(tile_rows.shape[0], device_id),), (BLOCK,),
-            (pointers_d, tiles_d, np.int64(tile_rows.shape[0]), rows, floats_d, ints_d),
+            pointers, tile_rows, tensor_row, np.asarray(floats, dtype=storage.math_dtype),
+            np.asarray(ints, dtype=np.int32))
+        n_tiles = np.int64(tile_rows.shape[0])
+        grid = _tile_grid(tile_rows.shape[0], device_id)
+        if check_finite:
+            skip = _checked_skip(storage, device_id, skip, "tensors", grid,
+                                 (pointers_d, np.int64(len(roles)), tiles_d, n_tiles, rows))
+        _kernel(device_id, storage, tensors_kernel_name(storage))(
+            (grid,), (BLOCK,), (pointers_d, tiles_d, n_tiles, rows, floats_d, ints_d, *skip),
         )
 
 
@@ -305,7 +515,8 @@ def _device_scalar(name: str, value: Any, dtypes: Sequence[np.dtype], buffers: S
         raise ValueError(f"{name} is on CUDA device {_device_id(array)} but params is on device "
                          f"{_device_id(buffers[0])}: all buffers must be on one device")
     start = array.data.ptr
-    for buffer_name, buffer in zip(("params", "exp_avg", "exp_avg_sq"), (buffers[0], buffers[2], buffers[3])):
+    for buffer_name, buffer in zip(("params", "exp_avg", "exp_avg_sq", "master_params"),
+                                   (buffers[0], buffers[2], buffers[3], *buffers[4:])):
         if buffer.data.ptr < start + array.itemsize and start < buffer.data.ptr + buffer.nbytes:
             raise ValueError(f"{name} shares memory with {buffer_name}, which the step writes")
     return array
@@ -314,7 +525,8 @@ def _device_scalar(name: str, value: Any, dtypes: Sequence[np.dtype], buffers: S
 def radam_step_on_device(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray,
                          exp_avg_sq: cupy.ndarray, step: Any, lr: Any, *, beta1: float, beta2: float,
                          eps: float, weight_decay: float, decoupled_weight_decay: bool,
-                         maximize: bool, flavour: Flavour = PRESETS["torch"]) -> None:
+                         maximize: bool, flavour: Flavour = PRESETS["torch"], master: cupy.ndarray | None = None,
+                         grad_scale: float = 1.0, found_inf: Any = False, check_finite: bool = False) -> None:
     """Launch one capturable RAdam step whose step count (and optionally lr) live on the device.
 
     The kernel reads ``step`` (and ``lr``) when it runs and folds the scalars of
@@ -336,6 +548,11 @@ def radam_step_on_device(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cup
         Validated hyperparameters, as for :func:`fastradam.scalars.step_scalars` (the
         flavour's threshold, comparison, below-threshold update and eps placement are
         applied on the device, as there).
+    master, grad_scale, found_inf, check_finite
+        As for :func:`radam_step` (``grad_scale`` validated: the kernel multiplies the gradient
+        by ``1 / grad_scale``, rounded to the math dtype as the host tables round it). A device
+        ``found_inf`` skips the step on the device, so a graph replays it correctly; the step
+        count is the caller's to not advance.
 
     Raises
     ------
@@ -345,24 +562,30 @@ def radam_step_on_device(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cup
         ``step`` or ``lr`` is not 0-d, is on another device, or overlaps a written buffer.
     """
     flavour = resolve_flavour(flavour)
-    step_array = _device_scalar("step", step, tuple(STEP_TYPES), (params, grads, exp_avg, exp_avg_sq))
+    written = (params, grads, exp_avg, exp_avg_sq) + (() if master is None else (master,))
+    step_array = _device_scalar("step", step, STEP_DTYPES, written)
     if isinstance(lr, numbers.Real) and not isinstance(lr, (bool, np.bool_)):
-        lr_arg, lr_dtype = np.float64(lr), None
+        lr_arguments = (np.uint64(0), np.int32(0), np.float64(lr))
     elif isinstance(lr, (bool, np.bool_, numbers.Number)):
         raise TypeError(f"lr must be a real number or a 0-d CUDA array, got {type(lr).__name__}")
     else:
-        lr_arg = _device_scalar("lr", lr, (np.dtype(np.float32), np.dtype(np.float64)),
-                                (params, grads, exp_avg, exp_avg_sq))
-        lr_dtype = lr_arg.dtype
+        lr_array = _device_scalar("lr", lr, LR_DTYPES, written)
+        lr_arguments = (np.uint64(lr_array.data.ptr), np.int32(VALUE_CODES[lr_array.dtype]), np.float64(0.0))
     n = params.size
-    if n == 0:
-        return
     device_id = _device_id(params)
-    name = capturable_kernel_name(params.dtype, step_array.dtype, lr_dtype)
+    skip = _flag_arguments(found_inf, device_id)
+    if n == 0 or skip is None:
+        return
+    storage = storage_of_arrays(params, grads, exp_avg, master)
+    grid = _grid(n, storage.lanes, device_id)
     with cupy.cuda.Device(device_id):
-        _kernel(device_id, name)(
-            (_grid(n, params.dtype, device_id),), (BLOCK,),
-            (params, grads, exp_avg, exp_avg_sq, np.int64(n), step_array, lr_arg,
+        if check_finite:
+            skip = _checked_skip(storage, device_id, skip, "flat", grid, (grads, np.int64(n)))
+        _kernel(device_id, storage, capturable_kernel_name(storage))(
+            (grid,), (BLOCK,),
+            (params, grads, exp_avg, exp_avg_sq, _pointer(master), np.int64(n), step_array,
+             np.int32(VALUE_CODES[step_array.dtype]), *lr_arguments,
              np.float64(beta1), np.float64(beta2), np.float64(eps), np.float64(weight_decay),
-             np.int32(decoupled_weight_decay), np.int32(maximize), *flavour_arguments(flavour)),
+             np.int32(decoupled_weight_decay), np.int32(maximize), *flavour_arguments(flavour),
+             np.float64(1.0 / grad_scale), *skip),
         )

@@ -1,0 +1,404 @@
+"""Mixed precision in the CUDA kernels, run on the CPU by the g++ harness (tests/cuda_harness.py).
+
+The bit-exact bfloat16/float16 conversions of radam.cuh (which the harness uses; the GPU uses
+the CUDA intrinsics, checked by tests/test_cuda_gpu.py) against ml_dtypes/NumPy ``astype``;
+every storage combination of tests/test_mixed_precision.py through the flat, segment, tensor
+and capturable kernels against the oracle and, bit for bit, against the Numba backend; master
+weights; grad_scale; found_inf and check_finite skipping without a write.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import cuda_harness
+from cuda_harness import HARNESS_COMBINATIONS, MultiCase, bits, scalars_for
+from fastradam.flavours import PRESETS
+from fastradam.layout import FlatLayout
+from fastradam.scalars import pack_rows
+from oracle_check import assert_matches_oracle
+from test_cuda_host import backend, harness, numba_backend  # noqa: F401  (shared fixtures)
+
+pytestmark = pytest.mark.skipif(cuda_harness.compiler() is None, reason="no host C++ compiler (g++ or $CXX)")
+
+DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64),
+          "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+COMBOS = [(DTYPES[p], DTYPES[g], DTYPES[m], master) for p, g, m, master in HARNESS_COMBINATIONS]
+IDS = ["-".join(c[:3]) + ("+master" if c[3] else "") for c in HARNESS_COMBINATIONS]
+SIXTEEN = [(c, i) for c, i in zip(COMBOS, IDS) if c[0].itemsize == 2 or c[2].itemsize == 2]
+
+
+# --- Conversions -----------------------------------------------------------------------------
+
+ALL_16_BIT = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+
+
+@pytest.mark.parametrize("name,dtype", [("bfloat16_to_float", DTYPES["bfloat16"]),
+                                        ("float16_to_float", DTYPES["float16"])])
+def test_widening_every_16_bit_pattern_is_exact(harness, name, dtype):
+    got = harness.convert(name, ALL_16_BIT)
+    want = ALL_16_BIT.view(dtype).astype(np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))  # NaN payloads included
+
+
+def narrowing_inputs() -> np.ndarray:
+    """Random float32 bit patterns (every exponent: NaN, inf, subnormals), values near the 16-bit
+    rounding ties and overflow thresholds, and the specials."""
+    rng = np.random.default_rng(2024)
+    uniform = rng.integers(0, 1 << 32, size=2_000_000, dtype=np.uint64).astype(np.uint32)
+    # ties and their neighbours: 16-bit values with the dropped bits exactly half, +-1
+    base = rng.integers(0, 1 << 16, size=200_000, dtype=np.uint32) << 16
+    ties = np.concatenate([base | 0x8000, base | 0x7FFF, base | 0x8001, (base >> 3) | 0x1000,
+                           (base >> 3) | 0x0FFF, (base >> 3) | 0x1001])
+    small = (rng.standard_normal(500_000) * 2.0 ** rng.integers(-30, 17, 500_000)).astype(np.float32)
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 65504.0, 65519.99, 65520.0, -65520.0,
+                         2.0**-24, 2.0**-25, 2.0**-25 * 1.0000001, 3 * 2.0**-26, 2.0**-14, 2.0**-14 * (1 - 2.0**-11),
+                         3.3895314e38, 3.4028235e38, 1e-45, -1e-45, 1.1754942e-38], dtype=np.float32)
+    signalling = np.array([0x7F800001, 0xFF800001, 0x7FBFFFFF, 0x7FC00001, 0x7F802001, 0xFFFFFFFF],
+                          dtype=np.uint32).view(np.float32)
+    return np.concatenate([uniform.view(np.float32), ties.view(np.float32), small, specials, signalling])
+
+
+@pytest.mark.parametrize("name,dtype", [("float_to_bfloat16", DTYPES["bfloat16"]),
+                                        ("float_to_float16", DTYPES["float16"])])
+def test_narrowing_rounds_like_astype_bit_for_bit(harness, name, dtype):
+    values = narrowing_inputs()
+    got = harness.convert(name, values)
+    with np.errstate(all="ignore"):
+        want = values.astype(dtype).view(np.uint16)
+    mismatch = np.flatnonzero(got != want)
+    assert mismatch.size == 0, [(hex(values.view(np.uint32)[i]), hex(got[i]), hex(want[i])) for i in mismatch[:5]]
+
+
+def test_narrowing_keeps_nan_sign_and_quietness_and_overflows_to_inf(harness):
+    values = np.array([np.nan, -np.nan, np.inf, -np.inf, 65520.0, 3.0e38, -1e5], dtype=np.float32)
+    bf16 = harness.convert("float_to_bfloat16", values)
+    f16 = harness.convert("float_to_float16", values)
+    assert bf16[0] == 0x7FC0 and bf16[1] == 0xFFC0  # quiet NaN, sign kept
+    assert f16[0] & 0x7E00 == 0x7E00 and f16[1] & 0x8000  # quiet bit kept, sign kept
+    assert list(bf16[2:4]) == [0x7F80, 0xFF80] and list(f16[2:4]) == [0x7C00, 0xFC00]
+    assert list(f16[4:7]) == [0x7C00, 0x7C00, 0xFC00]  # 65520 ties up to inf; beyond overflows
+
+
+# --- Buffers ------------------------------------------------------------------------------------
+
+
+def aligned(values: np.ndarray, dtype: np.dtype, offset: int) -> np.ndarray:
+    """``values`` as ``dtype`` in a view ``offset`` elements past a 64-byte boundary (NaN around)."""
+    n = values.size
+    storage = np.empty((n + offset + 8) * dtype.itemsize + 64, dtype=np.uint8)
+    start = -storage.ctypes.data % 64
+    raw = storage[start:start + (n + offset + 8) * dtype.itemsize].view(dtype)
+    raw[...] = np.nan
+    view = raw[offset:offset + n]
+    view[...] = values.astype(dtype)
+    return view
+
+
+def stored(combo, n: int, seed: int, offset: int = 0) -> tuple[tuple, np.ndarray | None]:
+    """Random (p, g, m, v) in the combination's storage, and the fp32 master (the params' values)."""
+    params, grads, moments, master = combo
+    rng = np.random.default_rng([seed, n])
+    values = (rng.standard_normal(n), rng.standard_normal(n), 0.1 * rng.standard_normal(n),
+              1e-6 + 1e-2 * rng.random(n))
+    buffers = tuple(aligned(x, d, offset) for x, d in zip(values, (params, grads, moments, moments)))
+    return buffers, (aligned(buffers[0].astype(np.float64), np.dtype(np.float32), offset) if master else None)
+
+
+def hyper(step: int, **options) -> dict:
+    return dict(step=step, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+                maximize=False, flavour=PRESETS["torch"]) | options
+
+
+HYPERS = (hyper(3), hyper(10, weight_decay=0.1),
+          hyper(40, weight_decay=0.1, decoupled_weight_decay=True, maximize=True, flavour=PRESETS["optax"]))
+
+
+def check_step(before: tuple, buffers: tuple, master, master_before, h: dict) -> None:
+    """The new params (the master when there is one), exp_avg and exp_avg_sq match the oracle within
+    one storage ULP; the grads are untouched; 16-bit params are the master rounded, bit for bit."""
+    params_before = before[0] if master is None else master_before
+    new_params = buffers[0] if master is None else master
+    assert_matches_oracle((params_before, *before[1:]), (new_params, buffers[2], buffers[3]), h)
+    np.testing.assert_array_equal(bits(buffers[1]), bits(before[1]))
+    if master is not None:
+        assert buffers[0].tobytes() == master.astype(buffers[0].dtype).tobytes()
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=IDS)
+@pytest.mark.parametrize("n", (0, 1, 3, 17, 1023, 4099))
+@pytest.mark.parametrize("offset", (0, 1, 3))
+@pytest.mark.parametrize("h", HYPERS, ids=("plain", "l2", "decoupled-maximize-optax"))
+def test_flat_kernel_matches_the_oracle_for_every_storage(harness, combo, n, offset, h):
+    buffers, master = stored(combo, n, seed=offset, offset=offset)
+    before = tuple(b.copy() for b in buffers)
+    master_before = None if master is None else master.copy()
+    harness.step(buffers, *pack_rows([scalars_for(h)], cuda_harness.math_dtype(buffers[0])), grid=3, block=64,
+                 master=master)
+    check_step(before, buffers, master, master_before, h)
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=IDS)
+@pytest.mark.parametrize("offsets", ((0, 0, 0, 0), (5, 5, 5, 5), (0, 1, 0, 0)), ids=("aligned", "coaligned", "mixed"))
+def test_pack_path_for_every_storage(harness, combo, offsets):
+    """Packs of 16 bytes of the narrowest role wherever every buffer can be 16-byte aligned at one
+    element; every element scalar otherwise."""
+    n = 4099
+    params, grads, moments, want_master = combo
+    rng = np.random.default_rng(1)
+    values = [rng.standard_normal(n) for _ in range(3)] + [rng.random(n)]
+    buffers = tuple(aligned(x, d, o) for x, d, o in zip(values, (params, grads, moments, moments), offsets))
+    master = aligned(values[0], np.dtype(np.float32), offsets[0]) if want_master else None
+    harness.step(buffers, *pack_rows([scalars_for(hyper(5))], cuda_harness.math_dtype(buffers[0])), grid=5,
+                 block=64, master=master)
+    vector, scalar = harness.counts()
+    assert vector + scalar == n
+    lanes = 16 // min(params.itemsize, grads.itemsize, moments.itemsize)
+    byte_offsets = {(o * d.itemsize) % 16 for o, d in zip(offsets, (params, grads, moments, moments))}
+    if master is not None:
+        byte_offsets.add(offsets[0] * 4 % 16)
+    head = next((h for h in range(lanes) if all((o + h) * d.itemsize % 16 == 0 for o, d in
+                                                zip(offsets, (params, grads, moments, moments))) and
+                 (master is None or (offsets[0] + h) * 4 % 16 == 0)), None)
+    if head is None:
+        assert (vector, scalar) == (0, n)
+    else:
+        assert scalar == head + (n - head) % lanes and vector > 0
+
+
+@pytest.mark.parametrize("combo,combo_id", SIXTEEN, ids=[i for _, i in SIXTEEN])
+@pytest.mark.parametrize("step", (3, 10))
+def test_16_bit_results_are_the_float32_results_rounded_bit_for_bit(harness, combo, combo_id, step):
+    buffers, master = stored(combo, 4099, seed=step)
+    specials = np.array([0.0, -0.0, 1e-30, -1e-30, 3e-5, 65504.0])
+    buffers[0][:6] = specials.astype(combo[0])
+    if master is not None:
+        master[:6] = specials.astype(np.float32)
+    wide = [b.astype(np.float32) for b in buffers]
+    if master is not None:
+        wide[0] = master.copy()
+    floats, ints = pack_rows([scalars_for(hyper(step, weight_decay=0.1))], np.float32)
+    harness.step(tuple(wide), floats, ints, grid=3, block=64)
+    harness.step(buffers, floats, ints, grid=3, block=64, master=master)
+    for narrow, full in ((buffers[0], wide[0]), (buffers[2], wide[2]), (buffers[3], wide[3])):
+        assert narrow.tobytes() == full.astype(narrow.dtype).tobytes()
+    if master is not None:
+        assert master.tobytes() == wide[0].tobytes()
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=IDS)
+def test_flat_kernel_rounds_like_the_numba_backend(harness, numba_backend, combo):
+    ours, master = stored(combo, 5003, seed=7, offset=1)
+    theirs = tuple(np.array(b) for b in ours)
+    their_master = None if master is None else np.array(master)
+    floats, ints = pack_rows([scalars_for(hyper(9, weight_decay=0.05))], cuda_harness.math_dtype(ours[0]), 4.0)
+    harness.step(ours, floats, ints, grid=7, block=32, master=master)
+    numba_backend.radam_step(*(numba_backend.as_array(b) for b in theirs), floats, ints, master=their_master)
+    for got, want in zip(ours, theirs):
+        np.testing.assert_array_equal(bits(got), bits(want))
+    if master is not None:
+        np.testing.assert_array_equal(bits(master), bits(their_master))
+
+
+# --- Grad scaling -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=IDS)
+def test_power_of_two_grad_scale_is_exact(harness, combo):
+    buffers, master = stored(combo, 1000, seed=1)
+    scaled = tuple(b.copy() for b in buffers)
+    scaled_master = None if master is None else master.copy()
+    scaled[1][...] = (buffers[1].astype(np.float64) * 1024).astype(buffers[1].dtype)
+    math = cuda_harness.math_dtype(buffers[0])
+    rows = [scalars_for(hyper(9, weight_decay=0.01))]
+    harness.step(buffers, *pack_rows(rows, math), grid=3, block=64, master=master)
+    harness.step(scaled, *pack_rows(rows, math, 1024.0), grid=3, block=64, master=scaled_master)
+    for k in (0, 2, 3):
+        assert buffers[k].tobytes() == scaled[k].tobytes()
+    if master is not None:
+        assert master.tobytes() == scaled_master.tobytes()
+
+
+def test_any_grad_scale_unscales_inside_the_kernel(harness):
+    buffers, _ = stored(COMBOS[0], 1000, seed=2)
+    scale = 3000.0
+    buffers[1][...] = (buffers[1].astype(np.float64) * scale).astype(np.float32)
+    before = (buffers[0].copy(), buffers[1].astype(np.float64) / scale, buffers[2].copy(), buffers[3].copy())
+    harness.step(buffers, *pack_rows([scalars_for(hyper(9))], np.float32, scale), grid=3, block=64)
+    assert_matches_oracle(before, (buffers[0], buffers[2], buffers[3]), hyper(9))
+
+
+# --- found_inf and check_finite -------------------------------------------------------------------
+
+FLAGS = (np.array(True), np.array(1, np.int32), np.array(1.0, np.float32), np.array(np.nan, np.float32),
+         np.array(7, np.int64), np.array(-1.0, np.float64))
+
+
+def snapshot(*arrays) -> list[bytes]:
+    return [a.tobytes() for a in arrays if a is not None]
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=IDS)
+@pytest.mark.parametrize("flag", FLAGS, ids=lambda f: f"{f.dtype}-{f}")
+def test_found_inf_skips_every_kernel_without_a_write(harness, combo, flag):
+    buffers, master = stored(combo, 4099, seed=3)
+    before = snapshot(*buffers, master)
+    h = hyper(5, weight_decay=0.1)
+    math = cuda_harness.math_dtype(buffers[0])
+    floats, ints = pack_rows([scalars_for(h)], math)
+    harness.step(buffers, floats, ints, grid=3, block=64, master=master, found_inf=flag)
+    harness.step(buffers, floats, ints, grid=3, block=64, master=master, found_inf=flag, check_finite=True)
+    layout = FlatLayout([(4099,)])
+    harness.step_segments(buffers, layout.arrays, np.zeros(1, np.int32), floats, ints, 3, 64, master=master,
+                          found_inf=flag)
+    harness.step_tensors([(*buffers, *(() if master is None else (master,)))], np.zeros(1, np.int32), floats, ints,
+                         3, 64, found_inf=flag)
+    harness.step_capturable(buffers, np.array(5, np.int64), 1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                            weight_decay=0.1, decoupled_weight_decay=False, maximize=False, grid=3, block=64,
+                            master=master, found_inf=flag)
+    assert snapshot(*buffers, master) == before
+    assert harness.counts() == (0, 0)
+
+
+@pytest.mark.parametrize("flag", (np.array(False), np.array(0, np.int32), np.array(-0.0, np.float32)), ids=str)
+def test_a_clear_found_inf_steps(harness, flag):
+    buffers, _ = stored(COMBOS[1], 100, seed=4)
+    twin = tuple(b.copy() for b in buffers)
+    floats, ints = pack_rows([scalars_for(hyper(5))], np.float32)
+    harness.step(buffers, floats, ints, grid=3, block=64, found_inf=flag)
+    harness.step(twin, floats, ints, grid=3, block=64)
+    assert snapshot(*buffers) == snapshot(*twin) and snapshot(*buffers) != snapshot(*stored(COMBOS[1], 100, 4)[0])
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=IDS)
+@pytest.mark.parametrize("bad", (np.nan, np.inf, -np.inf))
+@pytest.mark.parametrize("where", (0, 69999))
+def test_check_finite_skips_a_step_with_non_finite_gradients(harness, combo, bad, where):
+    buffers, master = stored(combo, 70000, seed=5, offset=1)
+    buffers[1][where] = bad
+    before = snapshot(*buffers, master)
+    floats, ints = pack_rows([scalars_for(hyper(7))], cuda_harness.math_dtype(buffers[0]))
+    harness.step(buffers, floats, ints, grid=40, block=64, master=master, check_finite=True)
+    assert snapshot(*buffers, master) == before
+    harness.step_capturable(buffers, np.array(7, np.int32), np.array(1e-2, np.float32), beta1=0.9, beta2=0.999,
+                            eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False, grid=40,
+                            block=64, master=master, check_finite=True)
+    assert snapshot(*buffers, master) == before
+    buffers[1][where] = 0.5
+    expected = tuple(b.copy() for b in buffers)
+    expected_master = None if master is None else master.copy()
+    harness.step(expected, floats, ints, grid=40, block=64, master=expected_master)
+    harness.step(buffers, floats, ints, grid=40, block=64, master=master, check_finite=True)
+    assert snapshot(*buffers, master) == snapshot(*expected, expected_master)
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=IDS)
+def test_check_finite_on_segments_reads_only_active_segments(harness, combo):
+    params, grads, moments, want_master = combo
+    layout = FlatLayout([(100,), (100,), (100,)])
+    flats = [layout.pack([np.full(100, 0.5)] * 3).astype(d) for d in (params, grads, moments, moments)]
+    master = layout.pack([np.full(100, 0.5)] * 3).astype(np.float32) if want_master else None
+    flats[1][100:128] = np.nan  # padding: never read
+    flats[1][128 + 5] = np.nan  # segment 1, inactive this step
+    before = snapshot(*flats, master)
+    floats, ints = pack_rows([scalars_for(hyper(3))], cuda_harness.math_dtype(flats[0]))
+    harness.step_segments(tuple(flats), layout.arrays, np.array([0, -1, 0], np.int32), floats, ints, 3, 64,
+                          master=master, check_finite=True)
+    changed = flats[0][:100] if master is None else master[:100]
+    assert changed.tobytes() != before[0 if master is None else 4][:100 * changed.itemsize]
+    flats = [np.frombuffer(b, dtype=f.dtype).copy() for b, f in zip(before, flats)]
+    master = None if master is None else np.frombuffer(before[4], dtype=np.float32).copy()
+    harness.step_segments(tuple(flats), layout.arrays, np.array([0, 0, 0], np.int32), floats, ints, 3, 64,
+                          master=master, check_finite=True)
+    assert snapshot(*flats, master) == before
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=IDS)
+def test_check_finite_on_tensor_lists_reads_only_active_tensors(harness, combo):
+    tensors = []
+    for n in (5, 300, 4100):
+        buffers, master = stored(combo, n, seed=n, offset=n % 3)
+        tensors.append((*buffers, *(() if master is None else (master,))))
+    tensors[1][1][7] = np.inf
+    before = [snapshot(*t) for t in tensors]
+    floats, ints = pack_rows([scalars_for(hyper(2))], cuda_harness.math_dtype(tensors[0][0]))
+    harness.step_tensors(tensors, np.array([0, 0, 0], np.int32), floats, ints, 3, 64, check_finite=True)
+    assert [snapshot(*t) for t in tensors] == before
+    harness.step_tensors(tensors, np.array([0, -1, 0], np.int32), floats, ints, 3, 64, check_finite=True)
+    after = [snapshot(*t) for t in tensors]
+    assert after[1] == before[1] and after[0] != before[0] and after[2] != before[2]
+
+
+# --- Multi-tensor and capturable kernels, every storage ---------------------------------------------
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=IDS)
+@pytest.mark.parametrize("base", (0, 1), ids=("aligned", "coaligned"))
+def test_segments_kernel_matches_the_oracle_for_every_storage(harness, combo, base):
+    case = MultiCase(PRESETS["torch"])
+    layout = case.layout()
+    values = case.flat_values(layout)
+    params, grads, moments, want_master = combo
+    flats = tuple(aligned(np.nan_to_num(x, nan=0.25), d, base) for x, d in zip(values, (params, grads, moments, moments)))
+    master = aligned(flats[0].astype(np.float64), np.dtype(np.float32), base) if want_master else None
+    before = tuple(f.copy() for f in flats)
+    master_before = None if master is None else master.copy()
+    floats, ints = pack_rows(case.rows, cuda_harness.math_dtype(flats[0]))
+    harness.step_segments(flats, layout.arrays, case.index_row, floats, ints, 1056, 256, master=master)
+    untouched = np.ones(layout.size, dtype=bool)
+    for i, segment in enumerate(layout.segments):
+        if case.index_row[i] < 0:
+            continue
+        part = slice(segment.offset, segment.offset + segment.size)
+        untouched[part] = False
+        check_step(tuple(b[part] for b in before), tuple(f[part] for f in flats),
+                   None if master is None else master[part], None if master is None else master_before[part],
+                   case.hyper(i))
+    for got, want in zip((*flats, master), (*before, master_before)):
+        if got is not None:
+            np.testing.assert_array_equal(bits(got[untouched]), bits(want[untouched]))
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=IDS)
+def test_tensors_kernel_matches_the_oracle_for_every_storage(harness, combo):
+    case = MultiCase(PRESETS["torch"])
+    tensors, befores = [], []
+    for i, n in enumerate(case.sizes):
+        buffers, master = stored(combo, n, seed=i, offset=i % 3)
+        tensors.append((*buffers, *(() if master is None else (master,))))
+        befores.append(tuple(b.copy() for b in tensors[-1]))
+    floats, ints = pack_rows(case.rows, cuda_harness.math_dtype(tensors[0][0]))
+    harness.step_tensors(tensors, case.index_row, floats, ints, 1056, 256)
+    for i, (tensor, before) in enumerate(zip(tensors, befores)):
+        master = tensor[4] if len(tensor) == 5 else None
+        if case.index_row[i] >= 0:
+            check_step(before[:4], tensor[:4], master, None if master is None else before[4], case.hyper(i))
+        else:
+            assert snapshot(*tensor) == snapshot(*before)
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=IDS)
+@pytest.mark.parametrize("step", (3, 1000))
+def test_capturable_kernel_equals_the_flat_kernel_for_every_storage(harness, combo, step):
+    buffers, master = stored(combo, 1023, seed=step, offset=2)
+    twin = tuple(b.copy() for b in buffers)
+    twin_master = None if master is None else master.copy()
+    options = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.02, decoupled_weight_decay=True, maximize=True)
+    harness.step_capturable(buffers, np.array(step, np.int64), np.array(2e-3, np.float64), grid=3, block=64,
+                            master=master, grad_scale=8.0, **options)
+    h = hyper(step, lr=2e-3, weight_decay=0.02, decoupled_weight_decay=True, maximize=True)
+    harness.step(twin, *pack_rows([scalars_for(h)], cuda_harness.math_dtype(twin[0]), 8.0), grid=3, block=64,
+                 master=twin_master)
+    assert snapshot(*buffers, master) == snapshot(*twin, twin_master)
+
+
+def test_backend_lanes_and_math_dtype_follow_the_storage(backend):
+    storage = {(s.params, s.grads, s.moments, s.master): s for s in backend.STORAGE_COMBINATIONS}
+    assert set(HARNESS_COMBINATIONS) <= set(storage)
+    assert storage["bfloat16", "bfloat16", "float32", True].lanes == 8
+    assert storage["float32", "float32", "float32", False].lanes == 4
+    assert storage["float64", "float64", "float64", False].lanes == 2
+    assert storage["float64", "float64", "float64", False].math_dtype == np.float64
+    assert storage["float16", "bfloat16", "bfloat16", True].math_dtype == np.float32
