@@ -1,6 +1,10 @@
 """GPU benchmarks: fastradam's CUDA step beside a same-traffic kernel and torch's optimizers, one card.
 
-float32 at 1M..256M elements and float64 at 64M. Each round launches ``iterations`` steps
+float32 at 1M..256M elements and float64 at 64M; then every mixed-precision storage combination
+(``test_gpu_storage_step``: ``dtype`` is ``params/grads/moments[+master]``, bytes per element
+fp32 28, bf16/bf16/fp32 22, bf16 everywhere 14, bf16/bf16/fp32+master 28: the kernel reads the
+master instead of the bf16 params) beside a same-traffic kernel of exactly its bytes, and with
+``check_finite`` (the cost of the read-only gradient pre-pass). Each round launches ``iterations`` steps
 back to back between two device synchronisations (the benchmark's timer synchronises the
 device, then reads the clock), so the median is GPU time per step with launch overhead
 amortised. ``extra_info`` follows ``bench/report.py`` (GB/s, share of the same-traffic
@@ -125,3 +129,130 @@ def test_gpu_step(benchmark, implementation, n, dtype):
         import torch
 
         torch.cuda.empty_cache()
+
+
+# --- Mixed precision: every storage combination beside a same-traffic kernel of its bytes ---------
+
+#: Reads and writes exactly the bytes of one step of storage (P, G, Mo, master): g, m, v and p (or
+#: the master instead), then p, m, v (and the master), in packs of kLanes elements per role (16
+#: bytes of the narrowest role), with trivial integer/float arithmetic that keeps every load live.
+MIXED_SAME_TRAFFIC_SOURCE = r"""
+template <typename T, int L>
+struct alignas(16) Pack { T lane[L]; };
+
+template <typename T, typename S>
+__device__ __forceinline__ T bump(T x, S y, int zero) { return x + static_cast<T>(y * zero); }
+
+template <typename P, typename G, typename Mo, bool kMaster, int L>
+__global__ void mixed_same_traffic(Pack<P, L>* p, const Pack<G, L>* g, Pack<Mo, L>* m, Pack<Mo, L>* v,
+                                   Pack<float, L>* w, long long packs, int zero) {
+    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < packs;
+         k += (long long)gridDim.x * blockDim.x) {
+        Pack<Mo, L> mk = m[k], vk = v[k];
+        const Pack<G, L> gk = g[k];
+        Pack<P, L> pk;
+        Pack<float, L> wk;
+        if (kMaster) wk = w[k]; else pk = p[k];
+        for (int j = 0; j < L; ++j) {
+            mk.lane[j] = bump(mk.lane[j], gk.lane[j], zero);
+            vk.lane[j] = bump(vk.lane[j], gk.lane[j], zero);
+            if (kMaster) {
+                wk.lane[j] = bump(wk.lane[j], gk.lane[j], zero);
+                pk.lane[j] = static_cast<P>(static_cast<int>(wk.lane[j]) * zero);
+            } else {
+                pk.lane[j] = bump(pk.lane[j], gk.lane[j], zero);
+            }
+        }
+        if (kMaster) w[k] = wk;
+        p[k] = pk;
+        m[k] = mk;
+        v[k] = vk;
+    }
+}
+"""
+#: (params, grads, moments, master): the issue's four first, then float16.
+MIXED = [
+    ("float32", "float32", "float32", False),
+    ("bfloat16", "bfloat16", "float32", False),
+    ("bfloat16", "bfloat16", "bfloat16", False),
+    ("bfloat16", "bfloat16", "float32", True),
+    ("float16", "float16", "float32", False),
+    ("float16", "float16", "float32", True),
+]
+_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_BIT_TYPES = {"float32": "float", "bfloat16": "unsigned short", "float16": "unsigned short"}
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def mixed_label(combo) -> str:
+    return "/".join(_SHORT[name] for name in combo[:3]) + ("+master" if combo[3] else "")
+
+
+def mixed_bytes_per_element(combo) -> int:
+    """Read g, m, v and p (or the master instead of p); write p, m, v (and the master)."""
+    params, grads, moments = (_ITEMSIZE[name] for name in combo[:3])
+    return params + (8 if combo[3] else params) + grads + 4 * moments
+
+
+def mixed_buffers(n: int, combo):
+    """torch CUDA tensors of the combination (bfloat16 has no CuPy dtype) and the fp32 master."""
+    import torch
+
+    generator = torch.Generator(device="cuda").manual_seed(n)
+    values = [torch.randn(n, device="cuda", generator=generator) for _ in range(3)]
+    values.append(torch.rand(n, device="cuda", generator=generator) + 1e-6)
+    values[2] *= 0.1
+    roles = (combo[0], combo[1], combo[2], combo[2])
+    tensors = [x.to(getattr(torch, name)) for x, name in zip(values, roles)]
+    return tensors, (values[0].clone() if combo[3] else None)
+
+
+def mixed_same_traffic_step(tensors, master, combo):
+    import cupy
+
+    from fastradam.backends.cuda import as_array
+
+    arrays = [as_array(t) for t in tensors]
+    lanes = 16 // min(_ITEMSIZE[name] for name in combo[:3])
+    n = arrays[0].size
+    assert n % lanes == 0
+    packs = n // lanes
+    types = ", ".join(_BIT_TYPES[name] for name in (combo[0], combo[1], combo[2]))
+    name = f"mixed_same_traffic<{types}, {'true' if combo[3] else 'false'}, {lanes}>"
+    kernel = cupy.RawModule(code=MIXED_SAME_TRAFFIC_SOURCE, options=("--std=c++17",),
+                            name_expressions=(name,)).get_function(name)
+    sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+    grid = (min(math.ceil(packs / 256), sms * 8),)
+    args = (*arrays, np.uint64(0) if master is None else as_array(master), np.int64(packs), np.int32(0))
+    return lambda: kernel(grid, (256,), args)
+
+
+MIXED_IMPLEMENTATIONS = ("fastradam", "same_traffic", "fastradam_check_finite")
+
+
+@pytest.mark.parametrize("implementation", MIXED_IMPLEMENTATIONS)
+@pytest.mark.parametrize("n", (16 * MEBI, 256 * MEBI), ids=lambda n: f"{n // MEBI}M")
+@pytest.mark.parametrize("combo", MIXED, ids=mixed_label)
+def test_gpu_storage_step(benchmark, implementation, n, combo):
+    import cupy
+    import torch
+
+    tensors, master = mixed_buffers(n, combo)
+    if implementation == "same_traffic":
+        step = mixed_same_traffic_step(tensors, master, combo)
+    else:
+        check = implementation.endswith("check_finite")
+
+        def step():
+            fastradam.fused_step(*tensors, step=STEADY_STEP, master_params=master, check_finite=check)
+    bytes_per_element = mixed_bytes_per_element(combo)
+    benchmark.group = f"gpu {mixed_label(combo)} N={n // MEBI}M"
+    benchmark.extra_info.update(implementation=implementation, n=n, dtype=mixed_label(combo),
+                                device=device_name(), bytes_per_element=bytes_per_element)
+    benchmark._timer = synchronized_timer
+    iterations = max(1, min(200, round(ROUND_SECONDS * PLANNING_BYTES_PER_SECOND / (bytes_per_element * n))))
+    benchmark.pedantic(step, rounds=15, iterations=iterations, warmup_rounds=2)
+    benchmark.extra_info["tb_per_s"] = bytes_per_element * n / benchmark.stats.stats.median / 1e12
+    del step, tensors, master
+    cupy.get_default_memory_pool().free_all_blocks()
+    torch.cuda.empty_cache()
