@@ -54,8 +54,8 @@ def _bfloat16_to_float32(typingctx, bits):
 
 @intrinsic
 def _float32_to_bfloat16(typingctx, value):
-    """float32 rounded to bfloat16 bits (uint16): nearest-even on the top 16 bits; NaN stays NaN
-    (quiet, sign kept). Written in LLVM IR so the arithmetic stays 32-bit (Numba would widen
+    """float32 rounded to bfloat16 bits (uint16): nearest-even on the top 16 bits; a NaN becomes
+    the canonical quiet NaN with its sign (``sign | 0x7FC0``, as ml_dtypes). Written in LLVM IR so the arithmetic stays 32-bit (Numba would widen
     it to 64-bit lanes) and vectorises 16 to a 512-bit register."""
     def codegen(context, builder, signature, args):
         i32 = ir.IntType(32)
@@ -63,7 +63,7 @@ def _float32_to_bfloat16(typingctx, value):
         high = builder.lshr(bits, ir.Constant(i32, 16))
         rounded = builder.lshr(builder.add(builder.add(bits, ir.Constant(i32, 0x7FFF)),
                                            builder.and_(high, ir.Constant(i32, 1))), ir.Constant(i32, 16))
-        quiet_nan = builder.or_(high, ir.Constant(i32, 0x40))
+        quiet_nan = builder.or_(builder.and_(high, ir.Constant(i32, 0x8000)), ir.Constant(i32, 0x7FC0))
         is_nan = builder.fcmp_unordered("uno", args[0], args[0])
         return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
 
