@@ -255,36 +255,56 @@ def _paired(runs: list[Run], a: str, b: str, lr: float) -> tuple[float, float]:
     return _stats(diffs)
 
 
+def _early_loss(runs: list[Run], name: str, lr: float) -> list[float]:
+    """Per seed, the mean training loss over the first curve steps (nan for a diverged start)."""
+    return [statistics.fmean(r.train_loss) if r.train_loss and all(map(math.isfinite, r.train_loss))
+            else math.nan for r in runs if r.optimizer == name and r.lr == lr]
+
+
 def comparisons(runs: list[Run], config: Config) -> list[str]:
     """Plain statements, derived from the numbers, of where RAdam loses (first) and where it wins.
 
     Pairs compared at each lr: RAdam vs Adam (no schedule on either) and RAdam + keras warmup
-    vs Adam + linear warmup. A gap counts when the mean paired difference over seeds is at
-    least :data:`NOTABLE_POINTS` points and larger than its own standard deviation.
+    vs Adam + linear warmup. A gap in final accuracy counts when the mean paired difference
+    over seeds is at least :data:`NOTABLE_POINTS` points and larger than its own standard
+    deviation; the early-step statements compare the mean training loss of the first
+    ``curve_steps`` steps. A run "fails" when its final test accuracy is under 50 %.
     """
     summary = summarize(runs)
     loses, wins, ties = [], [], []
+    compared = 0
     for radam, adam in (("radam", "adam"), ("radam_keras", "adam_warmup")):
         for lr in config.lrs:
             if (radam, lr) not in summary or (adam, lr) not in summary:
                 continue
             diff, std = _paired(runs, radam, adam, lr)
+            compared += 1
             a, r = summary[(adam, lr)], summary[(radam, lr)]
             text = (f"at lr={_lr(lr)}, {LABELS[adam]} {a['accuracy_mean']:.1f}% vs {LABELS[radam]} "
-                    f"{r['accuracy_mean']:.1f}% (paired difference over {r['seeds']} seeds: "
+                    f"{r['accuracy_mean']:.1f}% final test accuracy (paired difference over {r['seeds']} seeds: "
                     f"{abs(diff):.1f} ± {std:.1f} points)")
             if abs(diff) >= NOTABLE_POINTS and abs(diff) > std:
                 (loses if diff < 0 else wins).append(text)
             else:
                 ties.append(text)
+        for lr in config.curve_lrs:
+            early_adam, early_radam = _stats(_early_loss(runs, adam, lr)), _stats(_early_loss(runs, radam, lr))
+            if math.isnan(early_adam[0]) or math.isnan(early_radam[0]):
+                continue
+            text = (f"in the first {config.curve_steps} steps at lr={_lr(lr)}, mean training loss "
+                    f"{LABELS[adam]} {early_adam[0]:.3f} ± {early_adam[1]:.3f} vs {LABELS[radam]} "
+                    f"{early_radam[0]:.3f} ± {early_radam[1]:.3f} (std over seeds)")
+            (loses if early_radam[0] > early_adam[0] else wins).append(text)
     lines = ["**Where RAdam loses** (Adam ahead by a clear margin):"]
     lines += [f"- {t}" for t in loses] or ["- nowhere on this grid by that margin."]
     lines += ["", "**Where RAdam wins:**"]
     lines += [f"- {t}" for t in wins] or ["- nowhere on this grid by that margin."]
-    lines += ["", f"**Within noise** (gap under {NOTABLE_POINTS} points or under its std): "
-              f"{len(ties)} of {len(ties) + len(loses) + len(wins)} comparisons."]
+    lines += ["", f"**Within noise** (final-accuracy gap under {NOTABLE_POINTS} points or under its std): "
+              f"{len(ties)} of {compared} comparisons"
+              + (": " + "; ".join(ties) if ties else "") + "."]
     lines += ["", "**Best learning rate per optimizer** (highest mean final accuracy) and robustness "
-              "(how many of the grid's learning rates come within 1 point of that best):"]
+              "(how many of the grid's learning rates come within 1 point of that best; failed runs end "
+              "under 50 % test accuracy):"]
     for name in OPTIMIZERS:
         cells = {lr: summary[(name, lr)] for lr in config.lrs if (name, lr) in summary}
         if not cells:
@@ -293,23 +313,20 @@ def comparisons(runs: list[Run], config: Config) -> list[str]:
         top = cells[best]["accuracy_mean"]
         near = sum(c["accuracy_mean"] >= top - 1.0 for c in cells.values())
         diverged = sum(c["diverged"] for c in cells.values())
+        failed = [r for r in runs if r.optimizer == name and r.final_accuracy < 50]
+        where = sorted({_lr(r.lr) for r in failed}, key=float)
         lines.append(f"- {LABELS[name]}: best {top:.1f} ± {cells[best]['accuracy_std']:.1f}% at lr={_lr(best)}; "
-                     f"{near} of {len(cells)} learning rates within 1 point; {diverged} diverged runs")
-    lines += ["", f"**Early steps** (mean training loss over the first {config.curve_steps} steps, mean ± std "
-              "over seeds; lower is a faster, steadier start):"]
-    for lr in config.curve_lrs:
-        parts = []
-        for name in OPTIMIZERS:
-            early = [statistics.fmean(r.train_loss) if r.train_loss and all(map(math.isfinite, r.train_loss))
-                     else math.nan for r in runs if r.optimizer == name and r.lr == lr]
-            if early:
-                parts.append(f"{LABELS[name]} {_mean_std(early, 3)}")
-        if parts:
-            lines.append(f"- lr={_lr(lr)}: " + "; ".join(parts))
+                     f"{near} of {len(cells)} learning rates within 1 point; {len(failed)} failed runs"
+                     + (f" (lr {', '.join(where)})" if where else "") + f"; {diverged} diverged (non-finite loss)")
     return lines
 
 
 # --------------------------------------------------------------------------- outputs
+
+
+def _tick(value: float, _position=None) -> str:
+    """A log-axis tick label as a plain number (0.02, 5) rather than a power of ten."""
+    return f"{value:g}"
 
 
 def plot(runs: list[Run], config: Config, out: Path) -> list[Path]:
@@ -357,12 +374,15 @@ def plot(runs: list[Run], config: Config, out: Path) -> list[Path]:
                 mean, std = values.mean(axis=0), values.std(axis=0, ddof=1) if len(values) > 1 else 0 * values[0]
                 x = np.arange(1, length + 1)
                 ax.plot(x, mean, label=LABELS[name], lw=1.2)
-                ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+                # mean ± std, clipped to the seeds' own range (a loss band must stay positive)
+                ax.fill_between(x, np.maximum(mean - std, values.min(axis=0)),
+                                np.minimum(mean + std, values.max(axis=0)), alpha=0.2)
         row[0].set(yscale="log", xlabel="step", ylabel="training loss (batch)",
                    title=f"first {config.curve_steps} steps, lr={_lr(lr)} (diverged runs left out)")
         row[1].set(xlabel="epoch", ylabel="test accuracy (%)", title=f"test accuracy per epoch, lr={_lr(lr)}")
-        row[0].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        row[0].yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+        row[0].yaxis.set_major_formatter(FuncFormatter(_tick))
+        minor = FuncFormatter(lambda v, _: _tick(v) if _tick(v).lstrip("0.")[:1] in ("2", "5") else "")
+        row[0].yaxis.set_minor_formatter(minor)
         row[1].xaxis.set_major_locator(MaxNLocator(integer=True))
         for ax in row:
             ax.grid(True, which="both", alpha=0.3)
@@ -442,8 +462,16 @@ def render(runs: list[Run], config: Config, command: str, seconds: float) -> str
         "", "## What the numbers say", "", *comparisons(runs, config),
         "", "## Plots", "",
         "![final test accuracy and loss vs learning rate](lr_robustness.png)", "",
+        "Curves: mean over seeds, band mean ± std clipped to the seeds' own range.", "",
         "![early-step training loss and test accuracy per epoch](early_steps.png)", "",
     ])
+
+
+def load_results(path: Path) -> tuple[list[Run], Config, str, float]:
+    """The runs, config, command and wall time saved in a ``results.json`` of :func:`main`."""
+    results = json.loads(path.read_text())
+    config = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in results["config"].items()})
+    return [Run(**r) for r in results["runs"]], config, results["command"], results["seconds"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="epochs per run (default 30)")
     parser.add_argument("--out", type=Path, default=Path("study-results"),
                         help="folder for report.md, the PNGs and results.json (default: ./study-results)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rebuild report.md and the PNGs from OUT/results.json without training")
     parser.add_argument("--threads", type=int,
                         help="call torch.set_num_threads(N) first (default: torch's own choice)")
     args = parser.parse_args(argv)
@@ -460,27 +490,29 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    config = Config.quick() if args.quick else Config()
-    if args.seeds:
-        config = Config(**{**asdict(config), "seeds": tuple(range(args.seeds))})
-    if args.epochs:
-        config = Config(**{**asdict(config), "epochs": args.epochs})
-    command = "python -m fastradam.study" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     args.out.mkdir(parents=True, exist_ok=True)
-    runs_total = len(OPTIMIZERS) * len(config.lrs) * len(config.seeds)
-    print(f"{runs_total} runs: {len(OPTIMIZERS)} optimizers x {len(config.lrs)} lrs x {len(config.seeds)} seeds, "
-          f"{config.epochs} epochs each", flush=True)
-    start = time.perf_counter()
-    runs = run_study(config, progress=lambda line: print(line, flush=True))
-    seconds = time.perf_counter() - start
+    if args.render_only:
+        runs, config, command, seconds = load_results(args.out / "results.json")
+    else:
+        config = Config.quick() if args.quick else Config()
+        if args.seeds:
+            config = Config(**{**asdict(config), "seeds": tuple(range(args.seeds))})
+        if args.epochs:
+            config = Config(**{**asdict(config), "epochs": args.epochs})
+        command = "python -m fastradam.study" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+        runs_total = len(OPTIMIZERS) * len(config.lrs) * len(config.seeds)
+        print(f"{runs_total} runs: {len(OPTIMIZERS)} optimizers x {len(config.lrs)} lrs x {len(config.seeds)} "
+              f"seeds, {config.epochs} epochs each", flush=True)
+        start = time.perf_counter()
+        runs = run_study(config, progress=lambda line: print(line, flush=True))
+        seconds = time.perf_counter() - start
+        results: dict[str, Any] = {
+            "command": command, "config": asdict(config), "seconds": seconds,
+            "runs": [{**asdict(r), **{k: [round(v, 5) for v in getattr(r, k)]
+                                      for k in ("train_loss", "test_accuracy", "test_loss")}} for r in runs]}
+        (args.out / "results.json").write_text(json.dumps(results, allow_nan=True))
     plot(runs, config, args.out)
-    text = render(runs, config, command, seconds)
-    (args.out / "report.md").write_text(text)
-    results: dict[str, Any] = {"config": asdict(config), "seconds": seconds,
-                               "runs": [{**asdict(r), **{k: [round(v, 5) for v in getattr(r, k)] for k in
-                                                           ("train_loss", "test_accuracy", "test_loss")}}
-                                        for r in runs]}
-    (args.out / "results.json").write_text(json.dumps(results, allow_nan=True))
+    (args.out / "report.md").write_text(render(runs, config, command, seconds))
     print("\n" + "\n".join(comparisons(runs, config)))
     print(f"\nwritten: {args.out / 'report.md'}, lr_robustness.png, early_steps.png, results.json "
           f"({seconds:.0f} s)")

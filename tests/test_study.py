@@ -34,6 +34,10 @@ def test_quick_study_writes_finite_results(tmp_path):
     for label in study.LABELS.values():
         assert label in report
 
+    (tmp_path / "report.md").unlink()
+    assert study.main(["--render-only", "--out", str(tmp_path)]) == 0
+    assert "Where RAdam loses" in (tmp_path / "report.md").read_text()
+
 
 def test_optimizers_take_the_intended_learning_rates():
     """Warmup arms start at lr / warmup steps; plain arms at lr (the schedules are wired right)."""
