@@ -48,7 +48,7 @@ def _mebi(n: int) -> str:
 
 
 def throughput_plot(rows: list[Row], path: Path) -> Path | None:
-    """Throughput vs N on log-log axes, one panel per (device, dtype), flat buffers only.
+    """Throughput vs N on log-log axes, one panel per (device, dtype), flat buffers only (3 to a row).
 
     Every implementation is a line of markers; the same-traffic kernel (this machine's
     in-place roofline) is a dashed black line. Returns ``path``, or None without flat rows.
@@ -58,10 +58,16 @@ def throughput_plot(rows: list[Row], path: Path) -> Path | None:
     if not panels:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), dpi=80, squeeze=False)
-    for ax, (device, dtype) in zip(axes[0], panels):
+    columns = min(3, len(panels))
+    grid_rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(5.5 * columns, 4.2 * grid_rows), dpi=80, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (device, dtype) in zip(axes.flat, panels):
         unit, scale = bandwidth_unit(device)
         here = [r for r in flat if (r.device, r.dtype) == (device, dtype)]
+        values = [r.bandwidth / scale for r in here]
+        ax.set_ylim(min(values) / 1.5, max(values) * 1.5)  # a readable span even for one size
         for implementation in sorted({r.implementation for r in here}, key=lambda i: (i == ROOFLINE, i)):
             points = sorted((r.n, r.bandwidth / scale) for r in here if r.implementation == implementation)
             xs, ys = zip(*points)
