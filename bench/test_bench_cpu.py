@@ -1,7 +1,7 @@
 """CPU benchmarks: fastradam (Numba) beside its roofline and its peers, on the same data.
 
-``pytest bench`` runs the default matrix (float32 at 1M, 16M, 64M); ``--full`` adds float64
-and the slow torch loop at every size. Each case records the ``extra_info`` that
+``pytest bench`` runs the default matrix (float32 at 1M, 16M, 64M; the torch peers up to 16M);
+``--full`` adds float64, the peers at 64M and the slow torch loop at every size. Each case records the ``extra_info`` that
 ``bench/report.py`` turns into GB/s, the share of the same-traffic kernel and speedups.
 """
 
@@ -46,7 +46,8 @@ def _cases():
                 if implementation == "oracle" and n > MEBI:
                     continue  # the float64 oracle is a baseline, not a contender
                 slow = implementation == "torch_radam_loop" and n > MEBI
-                full = dtype is np.float64 or slow
+                peer_at_64m = implementation.startswith("torch") and n > 16 * MEBI
+                full = dtype is np.float64 or slow or peer_at_64m
                 marks = [pytest.mark.full] if full else []
                 cases.append(pytest.param(implementation, n, dtype, marks=marks,
                                           id=f"{implementation}-{np.dtype(dtype).name}-{n // MEBI}M"))

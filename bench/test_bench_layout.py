@@ -45,7 +45,9 @@ def _cases():
     for count, size in SPLITS:
         for implementation in ("fastradam", "fastradam_4_groups", "fastradam_tensor_list",
                                "torch_radam_foreach", "torch_radam_loop"):
-            marks = [pytest.mark.full] if implementation == "torch_radam_loop" else []
+            core = (count, size) == SPLITS[0] and implementation in ("fastradam", "fastradam_4_groups",
+                                                                      "torch_radam_foreach")
+            marks = [] if core else [pytest.mark.full]
             cases.append(pytest.param(implementation, count, size, marks=marks,
                                       id=f"{implementation}-{count}x{size}"))
     return cases

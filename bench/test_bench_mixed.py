@@ -30,6 +30,10 @@ COMBINATIONS = [
 ]
 
 
+#: The issue's four combinations: the default (core) subset; ``--full`` adds the rest.
+CORE = COMBINATIONS[:4]
+
+
 def _label(combo) -> str:
     return "/".join(SHORT[d] for d in combo[:3]) + ("+master" if combo[3] is not None else "")
 
@@ -48,7 +52,8 @@ def _cases():
     for n in (16 * MEBI, 64 * MEBI):
         for combo in COMBINATIONS:
             for implementation in ("fastradam", "same_traffic", "fastradam_check_finite"):
-                marks = [pytest.mark.full] if n > 16 * MEBI or implementation.endswith("finite") else []
+                core = n == 16 * MEBI and combo in CORE and not implementation.endswith("finite")
+                marks = [] if core else [pytest.mark.full]
                 cases.append(pytest.param(implementation, n, combo, marks=marks,
                                           id=f"{implementation}-{_label(combo)}-{n // MEBI}M"))
     return cases

@@ -73,13 +73,16 @@ def _make_step(implementation: str, tensors, device: str = "cpu"):
         return wrapper_step(implementation, tensors, device)
     import torch
 
-    # peers.py's kinds have no "torch_" prefix
     return torch_optimizer_step(implementation, tensors,
                                 to_tensor=lambda a: torch.from_numpy(a).to(device))
 
 
+#: The default (core) subset; the rest runs with ``--full``.
+CORE = ("fastradam_torch", "torch_adam_fused", "torch_radam_foreach")
+
+
 def _cases():
-    return [pytest.param(implementation, marks=[pytest.mark.full] if implementation == "torch_radam_loop" else [],
+    return [pytest.param(implementation, marks=[] if implementation in CORE else [pytest.mark.full],
                          id=implementation) for implementation in IMPLEMENTATIONS]
 
 
