@@ -15,7 +15,7 @@ import torch
 
 from fastradam.flavours import PRESETS, Flavour, FlavourLike
 from fastradam.schedules import KerasWarmup
-from fastradam.torch_buffers import FlatBucket, check_parameter
+from fastradam.torch_buffers import FlatBucket, check_parameter, is_dtensor
 from fastradam.validation import GROUP_DEFAULTS, check_group, check_groups
 
 __all__ = ["RAdam"]
@@ -108,6 +108,19 @@ class RAdam(torch.optim.Optimizer):
         of either optimizer loads into the other. :meth:`load_state_dict` validates, then
         copies the incoming tensors into the flat buffers (it never aliases them).
 
+    Distributed (``tests/test_distributed.py``, gloo on the CPU; the same code path with NCCL)
+        * ``ZeroRedundancyOptimizer(params, optimizer_class=fastradam.torch.RAdam, ...)``: each
+          rank's instance packs only its shard; ``consolidate_state_dict`` gives torch's format.
+          ``parameters_as_bucket_view=True`` is refused at the first step (ZeRO re-points the
+          parameters into its own buckets after this optimizer did; keep the default ``False``).
+        * FSDP2 (``fully_shard``): DTensor parameters get buffers over their *local* shards. The
+          parameters are not re-pointed (FSDP2 all-gathers from its own padded shard storage):
+          each step is one tensor-list launch over the local parameter/gradient shards with the
+          moments in flat buffers. Their state entries are DTensors (placements of the parameter)
+          over the moment views, so ``torch.distributed.checkpoint`` saves and reshards them.
+        * DDP ``gradient_as_bucket_view=True``: gradients that view another buffer are zeroed in
+          place by ``zero_grad(set_to_none=False)``, never re-pointed, and stepped as they are.
+
     Not supported: sparse gradients (RuntimeError at the step), complex or other non-float
     dtypes (TypeError), ``differentiable=True`` (NotImplementedError), ``capturable`` on the
     CPU (ValueError). ``foreach`` is accepted and ignored. ``capturable=True`` keeps the step
@@ -186,13 +199,13 @@ class RAdam(torch.optim.Optimizer):
         names = {}
         for g, group in enumerate(self.param_groups):
             for j, p in enumerate(group["params"]):
-                params, groups = members.setdefault((p.device, p.dtype), ([], []))
+                params, groups = members.setdefault((p.device, p.dtype, is_dtensor(p)), ([], []))
                 params.append(p)
                 groups.append(g)
                 names[p] = self._name(g, j)
         describe = names.__getitem__
-        buckets = [FlatBucket(params, groups, capturable=self._capturable, describe=describe)
-                   for params, groups in members.values()]
+        buckets = [FlatBucket(params, groups, capturable=self._capturable, describe=describe, sharded=key[2])
+                   for key, (params, groups) in members.items()]
         with torch.no_grad():
             for bucket in buckets:
                 bucket.adopt(self.state, grad_views)

@@ -28,6 +28,23 @@ NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.
 SUPPORTED_DEVICES = ("cpu", "cuda")
 
 
+def is_dtensor(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameters are)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (the tensor itself otherwise): shares its storage."""
+    if not is_dtensor(t):
+        return t
+    with torch.no_grad():
+        return t.to_local()
+
+
 def check_parameter(p: torch.Tensor, where: str) -> None:
     """TypeError unless ``p`` is a dense float32/float64 tensor on a CPU or CUDA device."""
     if p.is_complex():
@@ -77,17 +94,28 @@ class FlatBucket:
         Keep the step counts on the parameters' device (CUDA) instead of the CPU.
     describe : callable
         ``describe(p)`` names a parameter in error messages.
+    sharded : bool
+        The parameters are DTensors (FSDP2): the buffers cover their *local* shards, the
+        parameters stay where their engine keeps them (FSDP2 all-gathers from its own padded
+        shard storage, so ``p.data`` is never re-pointed) and every step takes the tensor-list
+        path over the local parameter and gradient shards, with the moments in flat buffers.
+        State entries are DTensors over the moment views (``torch.distributed.checkpoint``
+        reshards them).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], groups: Sequence[int], *, capturable: bool,
-                 describe: Callable[[torch.Tensor], str]) -> None:
+                 describe: Callable[[torch.Tensor], str], sharded: bool = False) -> None:
         self.params = list(params)
         self.device, self.dtype = self.params[0].device, self.params[0].dtype
         self.capturable = capturable
         self.describe = describe
-        self.layout = FlatLayout([tuple(p.shape) for p in self.params], groups=groups)
+        self.sharded = sharded
+        if sharded and capturable:
+            raise ValueError("capturable=True is not supported for DTensor (FSDP2) parameters")
+        self.layout = FlatLayout([tuple(local_tensor(p).shape) for p in self.params], groups=groups)
         kwargs = {"dtype": self.dtype, "device": self.device}
-        self.param_flat = torch.zeros(self.layout.size, **kwargs)
+        # Sharded: the parameters are not copied in; a zero-length stand-in keeps the attributes uniform.
+        self.param_flat = torch.zeros(0 if sharded else self.layout.size, **kwargs)
         self.exp_avg_flat = torch.zeros(self.layout.size, **kwargs)
         self.exp_avg_sq_flat = torch.zeros(self.layout.size, **kwargs)
         self.grad_flat: torch.Tensor | None = None
@@ -95,7 +123,7 @@ class FlatBucket:
                                  device=self.device if capturable else "cpu")
         #: Whether the optimizer's state holds an entry (views into these buffers) for each parameter.
         self.has_state = np.zeros(len(self.params), dtype=bool)
-        self.param_views = self.layout.unpack(self.param_flat)
+        self.param_views = [local_tensor(p) for p in self.params] if sharded else self.layout.unpack(self.param_flat)
         self.exp_avg_views = self.layout.unpack(self.exp_avg_flat)
         self.exp_avg_sq_views = self.layout.unpack(self.exp_avg_sq_flat)
         self.grad_views: list[torch.Tensor] | None = None
@@ -107,7 +135,8 @@ class FlatBucket:
         flats = (self.param_flat, self.exp_avg_flat, self.exp_avg_sq_flat)
         self.arrays = [self._array(t) for t in flats]
         self.grad_array: Any = None
-        self.segment_arrays = [self.layout.unpack(self.backend.as_array(a)) for a in self.arrays]
+        self.segment_arrays = [None if sharded and k == 0 else self.layout.unpack(self.backend.as_array(a))
+                               for k, a in enumerate(self.arrays)]
         self.steps_host = None if capturable else self.steps.numpy()
 
     # -- moving in ---------------------------------------------------------------------------
@@ -118,10 +147,13 @@ class FlatBucket:
         ``state`` entries are replaced by views into the buffers. With ``grad_views``, existing
         gradients are copied into a flat gradient buffer too and ``p.grad`` become its views.
         """
-        for i, p in enumerate(self.params):
-            self.param_views[i].copy_(p.data)
-            p.data = self.param_views[i]
+        if not self.sharded:
+            for i, p in enumerate(self.params):
+                self.param_views[i].copy_(p.data)
+                p.data = self.param_views[i]
         self.load_state(state)
+        if self.sharded:
+            return
         if grad_views:
             self.adopt_grads(copy=True)
 
@@ -133,8 +165,8 @@ class FlatBucket:
         for i, p in enumerate(self.params):
             entry = state.get(p)
             if entry:
-                self.exp_avg_views[i].copy_(entry["exp_avg"])
-                self.exp_avg_sq_views[i].copy_(entry["exp_avg_sq"])
+                self.exp_avg_views[i].copy_(local_tensor(entry["exp_avg"]))
+                self.exp_avg_sq_views[i].copy_(local_tensor(entry["exp_avg_sq"]))
                 self.steps[i].copy_(torch.as_tensor(entry["step"]).reshape(()))
                 self.has_state[i] = True
             else:
@@ -146,7 +178,19 @@ class FlatBucket:
             state[self.params[i]] = self.state_entry(i)
 
     def state_entry(self, i: int) -> dict:
-        """Parameter ``i``'s optimizer state, in torch.optim.RAdam's format, as views into the buffers."""
+        """Parameter ``i``'s optimizer state, in torch.optim.RAdam's format, as views into the buffers.
+
+        For a DTensor parameter the moments are DTensors of its mesh and placements over the local
+        views (no copy), as torch.optim.RAdam's ``zeros_like(p)`` state is.
+        """
+        if self.sharded:
+            from torch.distributed.tensor import DTensor
+
+            p = self.params[i]
+            moments = [DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                          stride=p.stride())
+                       for view in (self.exp_avg_views[i], self.exp_avg_sq_views[i])]
+            return {"step": self.steps[i], "exp_avg": moments[0], "exp_avg_sq": moments[1]}
         return {"step": self.steps[i], "exp_avg": self.exp_avg_views[i], "exp_avg_sq": self.exp_avg_sq_views[i]}
 
     def adopt_grads(self, copy: bool) -> None:
@@ -170,6 +214,12 @@ class FlatBucket:
         """What the backends take: a zero-copy NumPy view on the CPU, the torch tensor (DLPack) on CUDA."""
         return tensor.numpy() if self.on_cpu else tensor
 
+    def _foreign_view(self, grad: torch.Tensor | None) -> bool:
+        """A gradient that views some other buffer than ours (e.g. a DDP bucket with gradient_as_bucket_view)."""
+        if grad is None or grad._base is None:
+            return False
+        return self.grad_flat is None or grad.untyped_storage().data_ptr() != self.grad_flat.untyped_storage().data_ptr()
+
     def _is_grad_view(self, i: int, grad: torch.Tensor) -> bool:
         return self.grad_ptrs is not None and grad.data_ptr() == self.grad_ptrs[i] and grad.is_contiguous()
 
@@ -180,6 +230,13 @@ class FlatBucket:
                 p.grad = None
             return
         if all(p.grad is None for p in self.params):
+            return
+        if self.sharded or any(self._foreign_view(p.grad) for p in self.params):
+            # FSDP2's sharded gradients, or gradients that are views of an engine's buckets (DDP's
+            # gradient_as_bucket_view): zeroed where they are, so autograd keeps accumulating there.
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.zero_()
             return
         self.adopt_grads(copy=False)
         self.grad_flat.zero_()
@@ -194,15 +251,34 @@ class FlatBucket:
         """
         active = np.zeros(len(self.params), dtype=bool)
         grads: list[torch.Tensor | None] = []
-        fresh = False
+        fresh = self.sharded
         for i, (p, ptr) in enumerate(zip(self.params, self.param_ptrs)):
-            if p.data_ptr() != ptr:
+            if self.sharded:
+                local = local_tensor(p)
+                if local.data_ptr() != ptr or local.shape != self.param_views[i].shape:
+                    # FSDP2 re-pads a local shard it finds replaced (load_state_dict(assign=True), _apply).
+                    if local.shape != self.param_views[i].shape or not local.is_contiguous():
+                        raise RuntimeError(
+                            f"{self.describe(p)}: its local shard changed shape or layout ({tuple(local.shape)}, "
+                            f"was {tuple(self.param_views[i].shape)}) after fastradam.torch.RAdam was built; "
+                            "shard the model first, then build the optimizer")
+                    self.param_views[i] = local
+                    self.param_ptrs[i] = ptr = local.data_ptr()
+            elif p.data_ptr() != ptr:
                 raise RuntimeError(
                     f"{self.describe(p)} no longer lives in the optimizer's flat buffer on {self.device} "
                     f"(it is now on {p.device}, {p.dtype}): it was moved or its .data replaced after "
                     "fastradam.torch.RAdam was built (e.g. model.to(...), .cuda(), .double()); "
-                    "move the model first, then build the optimizer")
+                    "move the model first, then build the optimizer"
+                    "; under ZeroRedundancyOptimizer use parameters_as_bucket_view=False (the default): "
+                    "ZeRO re-points each parameter into its own buckets, and fastradam already keeps "
+                    "each rank's shard in flat buffers")
             grad = p.grad
+            if grad is not None and self.sharded:
+                grad = local_tensor(grad)
+                if grad.shape != self.param_views[i].shape:
+                    raise RuntimeError(f"{self.describe(p)}: local gradient shard of shape {tuple(grad.shape)} "
+                                       f"does not match the local parameter shard {tuple(self.param_views[i].shape)}")
             grads.append(grad)
             if grad is None:
                 continue
@@ -246,7 +322,11 @@ class FlatBucket:
         rows, tensor_row = scalar_rows(checked, self.layout.arrays.groups[index], steps[index],
                                        np.ones(index.size, dtype=bool))
         floats, ints = pack_rows(rows, self.np_dtype)
-        params, exp_avg, exp_avg_sq = ([views[i] for i in index] for views in self.segment_arrays)
+        exp_avg, exp_avg_sq = ([views[i] for i in index] for views in self.segment_arrays[1:])
+        if self.sharded:
+            params = [self.backend.as_array(self._array(self.param_views[i])) for i in index]
+        else:
+            params = [self.segment_arrays[0][i] for i in index]
         self.backend.radam_step_tensors(params, [self._grad_array(grads[i]) for i in index], exp_avg,
                                         exp_avg_sq, tensor_row, floats, ints)
 

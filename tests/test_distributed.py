@@ -1,0 +1,302 @@
+"""fastradam.torch.RAdam inside torch's distributed engines, on the CPU with gloo (2, 3 and 1 processes).
+
+- ZeroRedundancyOptimizer(optimizer_class=fastradam.torch.RAdam) under DDP, and FSDP2
+  (``fully_shard``, DTensor parameters): the trajectory equals single-process fastradam and
+  torch.optim.RAdam on the full batch (each rank takes an equal slice, the engines average).
+- Per-rank optimizer memory: the bytes of the flat buffers are ~1/world of the single-process ones.
+- ``consolidate_state_dict`` loads into torch.optim.RAdam and fastradam; a DCP checkpoint of 2
+  ranks resumes on 3 and on 1 with the same continuation.
+- DDP(gradient_as_bucket_view=True): the gradients stay DDP's bucket views (no flat gradient
+  buffer of ours, no copy).
+- A rank with a bad hyperparameter raises a clear error and writes nothing on that rank.
+
+Tolerance: float64 throughout; the runs differ from the single-process ones only in the order of
+the gradient reductions (a few ulps per step), so ``1e-10`` relative to a tensor's largest entry,
+five orders of magnitude below any real bug (one step moves parameters by ~lr = 1e-2), as in
+tests/test_torch_optimizer.py. One spawn per world size keeps the whole file to a few seconds of
+spawn/import time per world (each process runs with one thread).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+TOLERANCE = 1e-10
+WIDTH, DEPTH, BATCH = 64, 6, 48   # BATCH divisible by 1, 2 and 3: equal slices, so the mean of means is the mean
+STEPS, SAVE_AT = 6, 3
+LR = 1e-2   # DEPTH 6: ZeRO gives each of 2 or 3 ranks the same number of equal layers
+TIMEOUT = 30   # seconds a collective waits for a failed peer before raising (no hangs in CI)
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for _ in range(DEPTH):
+        layers += [torch.nn.Linear(WIDTH, WIDTH), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers).double()
+
+
+def batch(step):
+    generator = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(BATCH, WIDTH, generator=generator, dtype=torch.float64)
+    return x, torch.sin(x.sum(1))
+
+
+def loss_of(model, x, y):
+    return ((model(x).sum(1) - y) ** 2).mean()
+
+
+def rank_slice(x, rank, world):
+    n = x.shape[0] // world
+    return x[rank * n:(rank + 1) * n]
+
+
+def train(model, optimizer, steps, start=0, rank=0, world=1, set_to_none=True):
+    for s in range(start, start + steps):
+        x, y = batch(s)
+        optimizer.zero_grad(set_to_none=set_to_none)
+        loss_of(model, rank_slice(x, rank, world), rank_slice(y, rank, world)).backward()
+        optimizer.step()
+
+
+def reference(steps, optimizer_class):
+    model = make_model()
+    optimizer = optimizer_class(model.parameters(), lr=LR, weight_decay=0.01, decoupled_weight_decay=True)
+    train(model, optimizer, steps)
+    return model, optimizer
+
+
+def full(t):
+    """A plain tensor of the whole value (gathers a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t.detach()
+
+
+def assert_close(actual, expected, what):
+    actual, expected = full(actual), full(expected)
+    scale = expected.abs().max().clamp_min(1e-30)
+    error = ((actual - expected).abs().max() / scale).item()
+    assert error <= TOLERANCE, f"{what}: relative error {error:.3g} > {TOLERANCE}"
+
+
+def buffer_bytes(optimizer):
+    """What the optimizer's flat buffers hold: parameters (unless sharded), moments, step counts."""
+    return sum(t.nbytes for b in optimizer._buckets
+               for t in (b.param_flat, b.exp_avg_flat, b.exp_avg_sq_flat, b.steps))
+
+
+def shard(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def fsdp_optimizer(model):
+    import fastradam.torch as ft
+
+    return ft.RAdam(model.parameters(), lr=LR, weight_decay=0.01, decoupled_weight_decay=True)
+
+
+# -- the scenarios, run on every rank ---------------------------------------------------------
+
+def check_zero(rank, world):
+    import fastradam.torch as ft
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_model()
+    optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=ft.RAdam, lr=LR, weight_decay=0.01,
+                                        decoupled_weight_decay=True)
+    ddp = DDP(model)
+    train(ddp, optimizer, STEPS, rank=rank, world=world)
+    expected, expected_optimizer = reference(STEPS, ft.RAdam)
+    torch_model, _ = reference(STEPS, torch.optim.RAdam)
+    for p, q, r in zip(model.parameters(), expected.parameters(), torch_model.parameters()):
+        assert_close(p, q, "ZeRO vs fastradam")
+        assert_close(p, r, "ZeRO vs torch.optim.RAdam")
+    local = optimizer.optim
+    assert isinstance(local, ft.RAdam)
+    ratio = buffer_bytes(local) / buffer_bytes(expected_optimizer)
+    assert ratio <= 1.1 / world, f"ZeRO rank {rank}: {ratio:.3f} of the single-process optimizer memory"
+    optimizer.consolidate_state_dict(to=0)
+    if rank == 0:
+        state = optimizer.state_dict()
+        for cls in (torch.optim.RAdam, ft.RAdam):
+            fresh = make_model()
+            loaded = cls(fresh.parameters(), lr=LR)
+            loaded.load_state_dict(state)
+            for p, q in zip(fresh.parameters(), expected.parameters()):
+                mine, theirs = loaded.state[p], expected_optimizer.state[q]
+                assert float(mine["step"]) == STEPS
+                assert_close(mine["exp_avg"], theirs["exp_avg"], f"consolidated exp_avg into {cls.__module__}")
+                assert_close(mine["exp_avg_sq"], theirs["exp_avg_sq"], "consolidated exp_avg_sq")
+
+
+def check_zero_bucket_view(rank, world):
+    import fastradam.torch as ft
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model = make_model()
+    optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=ft.RAdam, lr=LR,
+                                        parameters_as_bucket_view=True)
+    loss_of(model, *batch(0)).backward()
+    with pytest.raises(RuntimeError, match="parameters_as_bucket_view=False"):
+        optimizer.step()
+
+
+def check_ddp_bucket_views(rank, world):
+    import fastradam.torch as ft
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_model()
+    ddp = DDP(model, gradient_as_bucket_view=True)
+    optimizer = ft.RAdam(model.parameters(), lr=LR, weight_decay=0.01, decoupled_weight_decay=True)
+    train(ddp, optimizer, 2, rank=rank, world=world, set_to_none=False)
+    pointers = [p.grad.data_ptr() for p in model.parameters()]
+    train(ddp, optimizer, STEPS - 2, start=2, rank=rank, world=world, set_to_none=False)
+    assert [p.grad.data_ptr() for p in model.parameters()] == pointers, "gradients left DDP's buckets"
+    assert all(b.grad_flat is None for b in optimizer._buckets), "an extra flat gradient buffer was allocated"
+    expected, _ = reference(STEPS, ft.RAdam)
+    for p, q in zip(model.parameters(), expected.parameters()):
+        assert_close(p, q, "DDP(gradient_as_bucket_view) vs fastradam")
+
+
+def check_fsdp(rank, world):
+    import fastradam.torch as ft
+    from torch.distributed.tensor import DTensor
+
+    model = shard(make_model())
+    optimizer = fsdp_optimizer(model)
+    train(model, optimizer, STEPS, rank=rank, world=world)
+    expected, expected_optimizer = reference(STEPS, ft.RAdam)
+    torch_model, _ = reference(STEPS, torch.optim.RAdam)
+    for p, q, r in zip(model.parameters(), expected.parameters(), torch_model.parameters()):
+        assert isinstance(p, DTensor)
+        assert_close(p, q, "FSDP2 vs fastradam")
+        assert_close(p, r, "FSDP2 vs torch.optim.RAdam")
+        state = optimizer.state[p]
+        assert isinstance(state["exp_avg"], DTensor) and state["exp_avg"].placements == p.placements
+        assert_close(state["exp_avg"], expected_optimizer.state[q]["exp_avg"], "FSDP2 exp_avg")
+    ratio = buffer_bytes(optimizer) / buffer_bytes(expected_optimizer)
+    assert ratio <= 1.1 / world, f"FSDP2 rank {rank}: {ratio:.3f} of the single-process optimizer memory"
+
+
+def check_fsdp_bad_rank(rank, world):
+    """A bad lr on the last rank: a clear error there, nothing written there; the step has no collective."""
+    model = shard(make_model())
+    optimizer = fsdp_optimizer(model)
+    train(model, optimizer, 1, rank=rank, world=world)
+    x, y = batch(1)
+    optimizer.zero_grad()
+    loss_of(model, rank_slice(x, rank, world), rank_slice(y, rank, world)).backward()
+    before = [p.to_local().clone() for p in model.parameters()]
+    states = [optimizer.state[p]["exp_avg"].to_local().clone() for p in model.parameters()]
+    bad = rank == world - 1
+    if bad:
+        optimizer.param_groups[0]["lr"] = -1.0
+        with pytest.raises(ValueError, match="lr"):
+            optimizer.step()
+    else:
+        optimizer.step()
+    for p, b, s in zip(model.parameters(), before, states):
+        unchanged = torch.equal(p.to_local(), b) and torch.equal(optimizer.state[p]["exp_avg"].to_local(), s)
+        assert unchanged == bad or p.to_local().numel() == 0
+        assert float(optimizer.state[p]["step"]) == (1 if bad else 2)
+
+
+def dcp_state(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optimizer_state}
+
+
+def check_dcp_save(rank, world, directory):
+    import torch.distributed.checkpoint as dcp
+
+    model = shard(make_model())
+    optimizer = fsdp_optimizer(model)
+    train(model, optimizer, SAVE_AT, rank=rank, world=world)
+    dcp.save(dcp_state(model, optimizer), checkpoint_id=os.path.join(directory, "checkpoint"))
+    train(model, optimizer, STEPS - SAVE_AT, start=SAVE_AT, rank=rank, world=world)
+    params = [full(p) for p in model.parameters()]
+    if rank == 0:
+        torch.save(params, os.path.join(directory, "continued.pt"))
+
+
+def check_dcp_load(rank, world, directory):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    model = shard(make_model(seed=1))   # other initial values: everything must come from the checkpoint
+    optimizer = fsdp_optimizer(model)
+    state = dcp_state(model, optimizer)
+    dcp.load(state, checkpoint_id=os.path.join(directory, "checkpoint"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for p in model.parameters():
+        assert float(optimizer.state[p]["step"]) == SAVE_AT
+    train(model, optimizer, STEPS - SAVE_AT, start=SAVE_AT, rank=rank, world=world)
+    expected = torch.load(os.path.join(directory, "continued.pt"))
+    for p, q in zip(model.parameters(), expected):
+        assert_close(p, q, f"DCP resume on {world} rank(s)")
+
+
+SCENARIOS = {
+    2: [check_zero, check_zero_bucket_view, check_ddp_bucket_views, check_fsdp, check_fsdp_bad_rank, check_dcp_save],
+    3: [check_zero, check_fsdp, check_dcp_load],
+    1: [check_dcp_load],
+}
+
+
+def worker(rank, world, port, directory):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT))
+    failures = []
+    try:
+        for scenario in SCENARIOS[world]:
+            args = (directory,) if scenario in (check_dcp_save, check_dcp_load) else ()
+            try:
+                if os.environ.get("FASTRADAM_DIST_TRACE"):
+                    print(f"rank {rank}/{world}: {scenario.__name__}", flush=True)
+                scenario(rank, world, *args)
+            except Exception:
+                failures.append(f"rank {rank}, {scenario.__name__}:\n{traceback.format_exc()}")
+                print(failures[-1], flush=True)   # now: a peer may then time out in a collective
+            torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+    if failures:
+        raise AssertionError("\n".join(failures))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(world, directory):
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(world, free_port(), str(directory)), nprocs=world, join=True)
+
+
+def test_distributed_engines(tmp_path):
+    """2 ranks (ZeRO, DDP bucket views, FSDP2, bad rank, DCP save), then 3 (and 1) resuming the DCP checkpoint."""
+    for world in (2, 3, 1):
+        spawn(world, tmp_path)
