@@ -10,6 +10,15 @@
   buffer of ours, no copy).
 - A rank with a bad hyperparameter raises a clear error and writes nothing on that rank.
 
+What the engines guarantee when one rank raises in the step (fastradam checks everything before
+its first write, so the failing rank's shard and state are untouched): FSDP2's optimizer step has
+no collective, so the other ranks step their shards and the model is then half updated (the next
+forward's all-gather waits for the failed rank until the process group's timeout, or fails at
+once when its process exits). ZeroRedundancyOptimizer steps the local shard, then broadcasts
+every shard: the other ranks have updated their own shard and block in that broadcast (timeout,
+or "Connection closed by peer" when the failed process exits; measured with gloo). Neither engine
+rolls back; restart from the last checkpoint.
+
 Tolerance: float64 throughout; the runs differ from the single-process ones only in the order of
 the gradient reductions (a few ulps per step), so ``1e-10`` relative to a tensor's largest entry,
 five orders of magnitude below any real bug (one step moves parameters by ~lr = 1e-2), as in
