@@ -6,6 +6,8 @@
 - Per-rank optimizer memory: the bytes of the flat buffers are ~1/world of the single-process ones.
 - ``consolidate_state_dict`` loads into torch.optim.RAdam and fastradam; a DCP checkpoint of 2
   ranks resumes on 3 and on 1 with the same continuation.
+- Under FSDP2 the DCP optimizer state has torch.optim.RAdam's layout (DTensor moments, the same
+  placements) and a DCP checkpoint of torch.optim.RAdam loads into fastradam.
 - DDP(gradient_as_bucket_view=True): the gradients stay DDP's bucket views (no flat gradient
   buffer of ours, no copy).
 - A rank with a bad hyperparameter raises a clear error and writes nothing on that rank.
@@ -30,8 +32,8 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -203,6 +205,41 @@ def check_fsdp(rank, world):
     assert ratio <= 1.1 / world, f"FSDP2 rank {rank}: {ratio:.3f} of the single-process optimizer memory"
 
 
+def state_layout(state_dict):
+    """Per parameter and key: type, placements, shape, dtype; the sorted group keys."""
+    state = {key: {name: (type(v).__name__, getattr(v, "placements", None), tuple(v.shape), v.dtype)
+                   for name, v in entry.items()} for key, entry in state_dict["state"].items()}
+    return state, [sorted(group) for group in state_dict["param_groups"]]
+
+
+def check_fsdp_torch_interchange(rank, world, directory):
+    """The DCP optimizer state has torch.optim.RAdam's layout, and a torch DCP checkpoint loads into fastradam."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_state_dict
+
+    layouts = []
+    for make in (lambda m: torch.optim.RAdam(m.parameters(), lr=LR, weight_decay=0.01, decoupled_weight_decay=True),
+                 fsdp_optimizer):
+        model = shard(make_model())
+        optimizer = make(model)
+        train(model, optimizer, 2, rank=rank, world=world)
+        layouts.append(state_layout(get_optimizer_state_dict(model, optimizer)))
+        if not layouts[1:]:
+            dcp.save(dcp_state(model, optimizer), checkpoint_id=os.path.join(directory, "torch-checkpoint"))
+            torch_model, torch_optimizer = model, optimizer
+    assert layouts[0] == layouts[1]
+    model = shard(make_model(seed=1))
+    optimizer = fsdp_optimizer(model)
+    state = dcp_state(model, optimizer)
+    dcp.load(state, checkpoint_id=os.path.join(directory, "torch-checkpoint"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for p, q in zip(model.parameters(), torch_model.parameters()):
+        assert torch.equal(p.to_local(), q.to_local())
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(optimizer.state[p][name].to_local(), torch_optimizer.state[q][name].to_local())
+        assert float(optimizer.state[p]["step"]) == 2
+
+
 def check_fsdp_bad_rank(rank, world):
     """A bad lr on the last rank: a clear error there, nothing written there; the step has no collective."""
     model = shard(make_model())
@@ -264,21 +301,25 @@ def check_dcp_load(rank, world, directory):
 
 
 SCENARIOS = {
-    2: [check_zero, check_zero_bucket_view, check_ddp_bucket_views, check_fsdp, check_fsdp_bad_rank, check_dcp_save],
+    2: [check_zero, check_zero_bucket_view, check_ddp_bucket_views, check_fsdp, check_fsdp_bad_rank,
+        check_fsdp_torch_interchange, check_dcp_save],
     3: [check_zero, check_fsdp, check_dcp_load],
     1: [check_dcp_load],
 }
 
 
-def worker(rank, world, port, directory):
+def worker(rank, world, directory):
     os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")   # gloo's pairs on the loopback interface only
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    # A FileStore, not a TCPStore: no rendezvous server that exits with rank 0 while others still tear down.
+    store = os.path.join(directory, f"store-{world}")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                                          world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT))
     failures = []
     try:
         for scenario in SCENARIOS[world]:
-            args = (directory,) if scenario in (check_dcp_save, check_dcp_load) else ()
+            args = (directory,) if scenario in (check_dcp_save, check_dcp_load, check_fsdp_torch_interchange) else ()
             try:
                 if os.environ.get("FASTRADAM_DIST_TRACE"):
                     print(f"rank {rank}/{world}: {scenario.__name__}", flush=True)
@@ -289,20 +330,27 @@ def worker(rank, world, port, directory):
             torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
+    if os.environ.get("FASTRADAM_DIST_TRACE"):
+        print(f"rank {rank}/{world}: destroyed", flush=True)
     if failures:
         raise AssertionError("\n".join(failures))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with open(os.path.join(directory, f"passed-{world}-{rank}"), "w"):
+        pass
 
 
 def spawn(world, directory):
     import torch.multiprocessing as mp
 
-    mp.spawn(worker, args=(world, free_port(), str(directory)), nprocs=world, join=True)
+    try:
+        mp.spawn(worker, args=(world, str(directory)), nprocs=world, join=True)
+    except mp.ProcessExitedException as error:
+        # Rarely (~1 run in 10 here) a gloo process aborts at exit ("terminate called without an
+        # active exception", SIGABRT) after everything it ran passed. Tolerated only when every
+        # rank wrote its marker, i.e. finished all checks and destroyed its process group.
+        passed = all(os.path.exists(os.path.join(directory, f"passed-{world}-{r}")) for r in range(world))
+        if not passed or error.signal_name is None:
+            raise
+        warnings.warn(f"world {world}: a rank exited with {error.signal_name} after passing all checks")
 
 
 def test_distributed_engines(tmp_path):
