@@ -41,7 +41,7 @@ class Flavour:
         A label for messages and reports.
     threshold : float, default 5
         The SMA length above which the adaptive step is rectified; at least 4 (below that
-        ``r_t`` is not real).
+        ``r_t`` is not real), and above 4 when ``inclusive``.
     inclusive : bool, default False
         Rectify when ``rho_t >= threshold`` (True) or ``rho_t > threshold`` (False).
     below_threshold : {"momentum", "none"}, default "momentum"
@@ -61,6 +61,9 @@ class Flavour:
     def __post_init__(self) -> None:
         if not self.threshold >= 4.0:
             raise ValueError(f"flavour threshold must be >= 4 (r_t is not real below 4), got {self.threshold!r}")
+        if self.inclusive and self.threshold == 4.0:
+            raise ValueError("an inclusive flavour needs a threshold > 4: at rho_t = rho_inf = 4 (beta2 = 0.6) "
+                             "r_t is 0/0")
         if self.below_threshold not in ("momentum", "none"):
             raise ValueError(f"flavour below_threshold must be 'momentum' or 'none', got {self.below_threshold!r}")
 

@@ -35,6 +35,17 @@ def _options(group: dict) -> dict:
     return options
 
 
+def _validatable(options: dict) -> dict:
+    """Options as ``check_group`` takes them: a capturable group's lr may be a 0-d floating tensor
+    (read on the device at each step), checked here and validated through a placeholder."""
+    lr = options["lr"]
+    if not isinstance(lr, torch.Tensor):
+        return options
+    if lr.dim() != 0 or not lr.is_floating_point():
+        raise ValueError(f"a tensor lr must be a 0-d floating tensor, got shape {tuple(lr.shape)} and {lr.dtype}")
+    return {**options, "lr": 0.0}
+
+
 def _encode_extras(group: dict) -> None:
     """``flavour``/``schedule`` as plain values (``torch.load(weights_only=True)`` reads them); defaults dropped."""
     flavour = group.pop("flavour", "torch")
@@ -164,7 +175,7 @@ class RAdam(torch.optim.Optimizer):
                                       "(use torch.optim.RAdam for a differentiable step)")
         if group["capturable"] and group["schedule"] is not None:
             raise ValueError("schedule needs a host step; with capturable=True pass the scheduled lr instead")
-        check_group(_options(group))
+        check_group(_validatable(_options(group)))
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's ``add_param_group``, then the parameters move into the flat buffers."""
@@ -225,7 +236,7 @@ class RAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         groups = [_options(group) for group in self.param_groups]
-        checked = check_groups(groups)
+        checked = check_groups([_validatable(options) for options in groups])
         plans = [bucket.plan() for bucket in self._buckets]
         for bucket, (active, grads) in zip(self._buckets, plans):
             new = active & ~bucket.has_state

@@ -27,6 +27,9 @@ SUPPORTED_STORAGE = (
     "weights only beside bfloat16/float16 params (math in float32)"
 )
 
+#: The largest step: beyond 2**53 a step is no longer an exact float64 in the scalars.
+MAX_STEP = 2**53
+
 BUFFER_NAMES = ("params", "grads", "exp_avg", "exp_avg_sq")
 #: Which of the four buffers a step writes; ``grads`` is only read.
 WRITTEN = (True, False, True, True)
@@ -83,8 +86,8 @@ def check_step(step: Any, name: str = "step") -> int:
     """Return ``step`` as an int; it must be an integer >= 1 (booleans are refused)."""
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
         raise TypeError(f"{name} must be an int >= 1 (the 1-based update number), got {type(step).__name__}")
-    if step < 1:
-        raise ValueError(f"{name} must be >= 1 (the 1-based update number), got {step}")
+    if not 1 <= step <= MAX_STEP:
+        raise ValueError(f"{name} must be >= 1 and <= 2**53 (the 1-based update number), got {step}")
     return int(step)
 
 
@@ -143,16 +146,19 @@ def check_per_tensor(name: str, values: Any, count: int, kind: str, active: np.n
     array = np.asarray(values)
     if array.shape != (count,):
         raise ValueError(f"{name} must have one entry per tensor ({count}), got shape {array.shape}")
+    if count == 0:  # np.asarray([]) is float64: an empty list is fine for any kind
+        return np.zeros(0, dtype=np.bool_ if kind == "mask" else np.int64)
     if kind == "mask":
         if array.dtype != np.bool_:
             raise TypeError(f"{name} must be booleans, got dtype {array.dtype}")
         return array
     if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"{name} must be integers, got dtype {array.dtype}")
-    smallest = 1 if kind == "step" else 0
+    smallest, largest = (1, MAX_STEP) if kind == "step" else (0, np.iinfo(np.int64).max)
     checked = array if active is None else array[active]
-    if checked.size and checked.min() < smallest:
-        raise ValueError(f"{name} must be >= {smallest}, got {checked.min()}")
+    if checked.size and not smallest <= checked.min() <= checked.max() <= largest:
+        raise ValueError(f"{name} must be in [{smallest}, {largest}], got values from {checked.min()} "
+                         f"to {checked.max()}")
     return array.astype(np.int64, copy=False)
 
 

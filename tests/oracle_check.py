@@ -57,13 +57,18 @@ def error_scales(before: Sequence[Any], hyper: Mapping[str, Any]) -> tuple[np.nd
     return scale_p, scale_m, scale_v
 
 
+#: (mantissa bits, smallest normal exponent) of the 16-bit storage formats.
+_FORMATS = {"bfloat16": (7, -126), "float16": (10, -14)}
+
+
 def storage_ulp(values: np.ndarray, dtype: Any) -> np.ndarray:
-    """One unit in the last place of ``dtype`` (a 16-bit float) at each of ``values``."""
-    rounded = np.asarray(values, dtype=np.float64).astype(dtype)
-    bits = rounded.view(np.uint16)
-    neighbour = (bits + np.uint16(1)).view(dtype)
-    with np.errstate(invalid="ignore"):
-        return np.abs(neighbour.astype(np.float64) - rounded.astype(np.float64))
+    """One unit in the last place of ``dtype`` (a 16-bit float) at each of ``values``: the gap
+    above ``|value|`` in its binade, the subnormal spacing near zero, never infinite."""
+    mantissa, min_exponent = _FORMATS[np.dtype(dtype).name]
+    magnitude = np.abs(np.asarray(values, dtype=np.float64))
+    with np.errstate(divide="ignore"):
+        exponent = np.maximum(np.floor(np.log2(magnitude)), min_exponent)
+    return np.exp2(exponent - mantissa)
 
 
 def assert_matches_oracle(

@@ -51,6 +51,8 @@ def test_threshold_comparisons_differ_where_the_peers_do():
 def test_bad_flavours():
     with pytest.raises(ValueError, match="threshold must be >= 4"):
         Flavour("x", threshold=3.0)
+    with pytest.raises(ValueError, match="inclusive flavour needs a threshold > 4"):
+        Flavour("x", threshold=4.0, inclusive=True)
     with pytest.raises(ValueError, match="below_threshold must be"):
         Flavour("x", below_threshold="sgd")
     with pytest.raises(ValueError, match="flavour must be one of"):

@@ -98,7 +98,6 @@ def test_power_of_two_grad_scale_is_exact(dtype):
 def test_any_grad_scale_unscales_inside_the_kernel():
     p, g, m, v = random_buffers(1000, np.float32, 2)
     scale = 3000.0
-    before = (p.copy(), g.astype(np.float64), m.copy(), v.copy())
     scaled_grads = (g.astype(np.float64) * scale).astype(np.float32)
     before = (p.copy(), scaled_grads.astype(np.float64) / scale, m.copy(), v.copy())
     fused_step(p, scaled_grads, m, v, step=9, grad_scale=scale)

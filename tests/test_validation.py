@@ -147,6 +147,7 @@ def test_adjacent_views_of_one_allocation_are_fine():
 BAD_HYPERPARAMETERS = [
     ({"step": 0}, ValueError, "step must be >= 1"),
     ({"step": -3}, ValueError, "step must be >= 1"),
+    ({"step": 10**400}, ValueError, r"step must be >= 1 and <= 2\*\*53"),
     ({"step": 2.0}, TypeError, "step must be an int"),
     ({"step": True}, TypeError, "step must be an int"),
     ({"step": "1"}, TypeError, "step must be an int"),
@@ -193,3 +194,10 @@ def test_a_host_array_beside_a_device_like_array_is_refused():
 
 def test_a_host_array_step_is_refused_on_the_cpu():
     _assert_rejected(_buffers(), TypeError, "step must be an int", step=np.array(3))
+
+
+@pytest.mark.parametrize("position,name", [(0, "params"), (1, "grads")])
+def test_non_native_byte_order_is_a_type_error(position, name):
+    buffers = _buffers()
+    buffers[position] = buffers[position].astype(buffers[position].dtype.newbyteorder())
+    _assert_rejected(buffers, TypeError, f"{name} must have dtype .* got float32 \\(non-native byte order\\)")

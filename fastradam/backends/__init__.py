@@ -1,9 +1,12 @@
 """The backend registry: which backend owns an array, and lazy loading of its module.
 
-A backend is a module with ``as_array(obj)`` (zero-copy conversion of an accepted object to
-its native array, or the object itself), ``check_devices(arrays)`` and
-``radam_step(params, grads, exp_avg, exp_avg_sq, scalars)``. Claiming an array and probing
-availability are cheap and import nothing heavy, so ``import fastradam`` stays light.
+A backend is a module with ``storage_of(obj)`` (the storage format's name), ``as_array(obj)``
+(zero-copy conversion to the array its kernels take: 16-bit floats as bit views),
+``check_devices(arrays)``, and the steps ``radam_step``, ``radam_step_segments`` and
+``radam_step_tensors`` (buffers, the scalar tables of ``scalars.pack_rows``, and keyword
+``master``, ``found_inf``, ``check_finite``); the CUDA one adds ``radam_step_on_device``.
+Claiming an array and probing availability are cheap and import nothing heavy, so
+``import fastradam`` stays light.
 """
 
 from __future__ import annotations

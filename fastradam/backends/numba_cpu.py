@@ -186,8 +186,10 @@ def _flat_blocks(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def storage_of(obj: np.ndarray) -> str:
-    """The storage format of a NumPy array: its dtype's name (``bfloat16`` for ml_dtypes')."""
-    return obj.dtype.name
+    """The storage format of a NumPy array: its dtype's name (``bfloat16`` for ml_dtypes'), marked
+    when the byte order is not the machine's (the kernels read native values only)."""
+    name = obj.dtype.name
+    return name if obj.dtype.isnative else f"{name} (non-native byte order)"
 
 
 def as_array(obj: np.ndarray) -> np.ndarray:
