@@ -285,6 +285,10 @@ class FlatBucket:
             if grad.layout is not torch.strided:
                 raise RuntimeError(f"{self.describe(p)} has a sparse gradient; RAdam does not support "
                                    "sparse gradients")
+            if grad.dtype != self.dtype or grad.device != self.device:
+                # the tensor-list step reads the gradient through its address, as this bucket's dtype
+                raise RuntimeError(f"{self.describe(p)} has a {grad.dtype} gradient on {grad.device}; "
+                                   f"its buffer holds {self.dtype} on {self.device}")
             active[i] = True
             if not fresh and not self._is_grad_view(i, grad):
                 fresh = True
