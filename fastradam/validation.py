@@ -63,6 +63,8 @@ class GroupHyperparameters:
 
 
 def _real(name: str, value: Any) -> float:
+    if type(value) in (float, int):  # the common case, without the slower ABC check
+        return float(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
@@ -221,11 +223,12 @@ def check_buffers(buffers: Sequence[Any], names: Sequence[str] = BUFFER_NAMES,
 
 
 def check_disjoint(names: Sequence[str], spans: Sequence[tuple[int, int]]) -> None:
-    """ValueError naming two buffers whose memory overlaps; empty buffers overlap nothing."""
-    bounds = np.array(spans, dtype=np.uint64).reshape(-1, 2)
-    nonempty = np.flatnonzero(bounds[:, 1] > bounds[:, 0])
-    order = nonempty[np.argsort(bounds[nonempty, 0], kind="stable")]
-    overlapping = np.flatnonzero(bounds[order[1:], 0] < bounds[order[:-1], 1])
-    if overlapping.size:
-        first, second = sorted((int(order[overlapping[0]]), int(order[overlapping[0] + 1])))
-        raise ValueError(f"{names[first]} and {names[second]} share memory: the buffers must be distinct")
+    """ValueError naming two buffers whose memory overlaps; empty buffers overlap nothing.
+
+    Sorted by start, the spans are disjoint exactly when each ends before the next begins.
+    """
+    order = sorted((start, end, i) for i, (start, end) in enumerate(spans) if end > start)
+    for (_, end, first), (start, _, second) in zip(order, order[1:]):
+        if start < end:
+            first, second = sorted((first, second))
+            raise ValueError(f"{names[first]} and {names[second]} share memory: the buffers must be distinct")

@@ -74,6 +74,33 @@ def test_16_bit_results_are_the_float32_results_rounded_bit_for_bit(combo, step)
         assert master.tobytes() == wide[0].tobytes()
 
 
+def _at_byte_offset(values, offset):
+    """``values`` copied into a buffer that starts ``offset`` bytes past a 64-byte boundary."""
+    raw = np.empty(values.nbytes + 64 + offset, np.uint8)
+    start = -raw.__array_interface__["data"][0] % 64 + offset
+    view = raw[start:start + values.nbytes].view(values.dtype)
+    view[...] = values
+    return view
+
+
+@pytest.mark.parametrize("offsets", [(0, 0, 0, 0), (2, 2, 2, 2), (0, 2, 0, 0), (2, 0, 2, 2), (1, 1, 1, 1),
+                                     (0, 0, 0, 1)], ids=str)
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 4, 5, 33, 2**16 + 3])
+def test_bfloat16_kernel_pairs_any_alignment_bit_for_bit(offsets, size):
+    """All-bfloat16 buffers are stepped two elements a word where their addresses allow (all
+    aligned alike, a peeled head when they start at 2 mod 4, an odd tail), one at a time
+    otherwise: every case must equal the float32 step rounded, bit for bit."""
+    stored, _ = _stored(size, (BF16, BF16, BF16, None), seed=size)
+    if size:
+        stored[0][0], stored[1][-1] = np.nan, np.inf  # non-finite values in the head and the tail
+    wide = [b.astype(F32) for b in stored]
+    placed = [_at_byte_offset(b, offset) for b, offset in zip(stored, offsets)]
+    fused_step(*wide, step=10, lr=1e-2, weight_decay=0.1)
+    fused_step(*placed, step=10, lr=1e-2, weight_decay=0.1)
+    for narrow, full in ((placed[0], wide[0]), (placed[2], wide[2]), (placed[3], wide[3])):
+        assert narrow.tobytes() == full.astype(BF16).tobytes()
+
+
 def test_non_finite_values_survive_16_bit_storage():
     p, g, m, v = (np.ones(8, dtype=BF16) for _ in range(4))
     g[1], g[2], p[3] = np.inf, np.nan, -np.inf

@@ -11,6 +11,10 @@ as integer views, and the integer type says which format the bits hold:
 rounds a math value to the storage format, round-to-nearest-even, keeping NaN and infinity
 and producing subnormals where due, exactly as ``numpy``/``ml_dtypes`` ``astype`` does.
 Dispatch is on the numba types, so every branch is decided at compile time.
+
+When every buffer is bfloat16, the kernels can also take two neighbours at once as one 32-bit
+word (:func:`bfloat16_pair` / :func:`bfloat16_word`): the same values and roundings, without
+the 16-to-32-bit widening and narrowing shuffles that cost as much as the step's arithmetic.
 """
 
 from __future__ import annotations
@@ -52,22 +56,54 @@ def _bfloat16_to_float32(typingctx, bits):
     return types.float32(types.uint16), codegen
 
 
+def _round_to_bfloat16(builder, value):
+    """LLVM IR: float32 ``value`` rounded to bfloat16, as an i32 whose top half holds the result
+    (the low half is garbage): nearest-even on the top 16 bits; a NaN becomes the canonical quiet
+    NaN with its sign (``sign | 0x7FC0``, as ml_dtypes). Kept in 32-bit integer arithmetic (Numba
+    would widen it to 64-bit lanes) so it vectorises 16 to a 512-bit register."""
+    i32 = ir.IntType(32)
+    bits = builder.bitcast(value, i32)
+    lowest_kept = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+    rounded = builder.add(builder.add(bits, ir.Constant(i32, 0x7FFF)), lowest_kept)
+    quiet_nan = builder.or_(builder.and_(bits, ir.Constant(i32, 0x80000000)), ir.Constant(i32, 0x7FC00000))
+    return builder.select(builder.fcmp_unordered("uno", value, value), quiet_nan, rounded)
+
+
 @intrinsic
 def _float32_to_bfloat16(typingctx, value):
-    """float32 rounded to bfloat16 bits (uint16): nearest-even on the top 16 bits; a NaN becomes
-    the canonical quiet NaN with its sign (``sign | 0x7FC0``, as ml_dtypes). Written in LLVM IR so the arithmetic stays 32-bit (Numba would widen
-    it to 64-bit lanes) and vectorises 16 to a 512-bit register."""
+    """float32 rounded to bfloat16 bits (uint16), as :func:`_round_to_bfloat16`."""
     def codegen(context, builder, signature, args):
         i32 = ir.IntType(32)
-        bits = builder.bitcast(args[0], i32)
-        high = builder.lshr(bits, ir.Constant(i32, 16))
-        rounded = builder.lshr(builder.add(builder.add(bits, ir.Constant(i32, 0x7FFF)),
-                                           builder.and_(high, ir.Constant(i32, 1))), ir.Constant(i32, 16))
-        quiet_nan = builder.or_(builder.and_(high, ir.Constant(i32, 0x8000)), ir.Constant(i32, 0x7FC0))
-        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
-        return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
+        return builder.trunc(builder.lshr(_round_to_bfloat16(builder, args[0]), ir.Constant(i32, 16)),
+                             ir.IntType(16))
 
     return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def bfloat16_pair(typingctx, word):
+    """The two bfloat16 values of a 32-bit word (little endian: element ``2k`` in the low half,
+    ``2k+1`` in the high half), widened exactly to float32: ``(low, high)``."""
+    def codegen(context, builder, signature, args):
+        i32, f32 = ir.IntType(32), ir.FloatType()
+        low = builder.bitcast(builder.shl(args[0], ir.Constant(i32, 16)), f32)
+        high = builder.bitcast(builder.and_(args[0], ir.Constant(i32, 0xFFFF0000)), f32)
+        return context.make_tuple(builder, signature.return_type, (low, high))
+
+    return types.UniTuple(types.float32, 2)(types.uint32), codegen
+
+
+@intrinsic
+def bfloat16_word(typingctx, low, high):
+    """Two float32 values rounded to bfloat16 (as :func:`_float32_to_bfloat16`) and packed into
+    one 32-bit word, the inverse of :func:`bfloat16_pair`: no 16-bit lanes, so no narrowing."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        low_bits = builder.lshr(_round_to_bfloat16(builder, args[0]), ir.Constant(i32, 16))
+        high_bits = builder.and_(_round_to_bfloat16(builder, args[1]), ir.Constant(i32, 0xFFFF0000))
+        return builder.or_(high_bits, low_bits)
+
+    return types.uint32(types.float32, types.float32), codegen
 
 
 def load(value):
