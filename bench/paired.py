@@ -3,6 +3,7 @@
 On a shared VM the bandwidth drifts by tens of percent between pytest-benchmark cases; timing
 fastradam, the same-traffic kernel and the peers round-robin, and taking the median of each
 round's ratio, gives a steadier share of the roofline and speedups than separate medians.
+Mixed-precision storages are also paired with the float32 step, for their speedup over it.
 
 Each round also times the step on cache-resident buffers (2**19 elements, all threads): the
 VM's compute capacity moves too (its two vCPUs are sometimes worth one core, for seconds at a
@@ -57,13 +58,16 @@ def _host_time(storage: tuple[np.dtype, np.dtype, np.dtype], calls: int = 400) -
 
 
 def measure(n: int, rounds: int) -> None:
+    fp32 = _buffers(n, STORAGES["fp32"])
     for label, storage in STORAGES.items():
         buffers, in_cache = _buffers(n, storage), _buffers(IN_CACHE, storage)
         steps = {"fastradam": lambda: fastradam.fused_step(*buffers, step=STEADY_STEP),
                  "same_traffic": lambda: same_traffic_step(*buffers),
                  "in_cache": lambda: min(_time(lambda: fastradam.fused_step(*in_cache, step=STEADY_STEP))
                                          for _ in range(5))}
-        if label == "fp32":
+        if label != "fp32":
+            steps["fastradam_fp32"] = lambda: fastradam.fused_step(*fp32, step=STEADY_STEP)
+        else:
             for peer in ("torch_adam_fused", "torch_radam_foreach"):
                 steps[peer] = torch_optimizer_step(peer, [buffers])
         for step in steps.values():
@@ -81,6 +85,9 @@ def measure(n: int, rounds: int) -> None:
                 f"share of same-traffic {np.median(share):.2f} "
                 f"({np.median(share[full]):.2f} in the {full.sum()} of {rounds} rounds at full compute)"]
         line += [f"{name} {np.median(t[name] / ours):.2f}x" for name in steps if name.startswith("torch")]
+        if "fastradam_fp32" in t:
+            line.append(f"{np.median(t['fastradam_fp32'] / ours):.2f}x faster than fp32 storage "
+                        f"(bytes: {bytes_per_element(*fp32) / bytes_per_element(*buffers):.2f}x)")
         line.append(f"compute ceiling {ceiling / 1e9:.1f} G elements/s = "
                     f"{ceiling * bytes_per_element(*buffers) / 1e9:.0f} GB/s")
         print("; ".join(line), flush=True)
