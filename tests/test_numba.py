@@ -59,6 +59,24 @@ def test_any_shape_is_treated_as_flat(shape):
     assert_matches_oracle(before, (buffers[0], buffers[2], buffers[3]), {"step": 9})
 
 
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix itself
+@pytest.mark.parametrize("subclass", ["matrix", "memmap"])
+def test_ndarray_subclasses_are_stepped_in_place(subclass, tmp_path):
+    """np.matrix (always 2-D, even after reshape(-1)) and np.memmap are stepped as plain arrays."""
+    plain = random_buffers(12, np.float32, seed=2)
+    if subclass == "matrix":
+        buffers = tuple(np.asmatrix(b.reshape(3, 4)) for b in plain)
+    else:
+        buffers = tuple(np.memmap(tmp_path / f"{i}.bin", np.float32, "w+", shape=(12,)) for i in range(4))
+        for target, values in zip(buffers, plain):
+            target[:] = values
+    before = tuple(np.asarray(b).reshape(-1).copy() for b in buffers)
+    fused_step(*buffers, step=9)
+    assert all(type(b).__name__ == subclass for b in buffers)
+    assert_matches_oracle(before, tuple(np.asarray(b).reshape(-1) for b in (buffers[0], buffers[2], buffers[3])),
+                          {"step": 9})
+
+
 def test_non_finite_gradients_propagate_as_in_torch():
     p, g, m, v = random_buffers(4, np.float32, seed=2)
     g[1], g[2] = np.nan, np.inf

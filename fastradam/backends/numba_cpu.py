@@ -272,9 +272,11 @@ def _bit_view(dtype: np.dtype) -> np.dtype | None:
 
 
 def as_array(obj: np.ndarray) -> np.ndarray:
-    """The array the kernels take: itself, or the bit view of a 16-bit float array (zero-copy)."""
+    """The array the kernels take, zero-copy: a plain ndarray (a subclass such as ``np.matrix``
+    or ``np.memmap`` is viewed as one), as the bit view of a 16-bit float array."""
+    plain = obj if type(obj) is np.ndarray else obj.view(np.ndarray)
     view = _bit_view(obj.dtype)
-    return obj if view is None else obj.view(view)
+    return plain if view is None else plain.view(view)
 
 
 def check_devices(arrays: list[np.ndarray]) -> None:
