@@ -227,8 +227,8 @@ def check_disjoint(names: Sequence[str], spans: Sequence[tuple[int, int]]) -> No
 
     Sorted by start, the spans are disjoint exactly when each ends before the next begins.
     """
-    order = sorted((start, end, i) for i, (start, end) in enumerate(spans) if end > start)
-    for (_, end, first), (start, _, second) in zip(order, order[1:]):
+    order = sorted((start, i, end) for i, (start, end) in enumerate(spans) if end > start)
+    for (_, first, end), (start, second, _) in zip(order, order[1:]):
         if start < end:
             first, second = sorted((first, second))
             raise ValueError(f"{names[first]} and {names[second]} share memory: the buffers must be distinct")

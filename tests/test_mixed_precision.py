@@ -53,6 +53,23 @@ def test_storage_combinations_match_the_oracle_within_one_storage_ulp(combo, siz
         assert stored[0].tobytes() == master.astype(combo[0]).tobytes()
 
 
+@pytest.mark.parametrize("combo", COMBINATIONS, ids=IDS)
+def test_storage_combinations_as_tensor_lists_match_the_oracle(combo):
+    """The address-table kernel, every storage, tensors of odd sizes in one call."""
+    tensors = [_stored(size, combo, seed=size) for size in (1, 3, 1023, 2**16 + 5)]
+    hyper = {"lr": 1e-2, "weight_decay": 0.1}
+    masters = None if combo[3] is None else [master for _, master in tensors]
+    before = [(stored[0].copy() if master is None else master.copy(), *(b.copy() for b in stored[1:]))
+              for stored, master in tensors]
+    fused_step_multi(*([stored[k] for stored, _ in tensors] for k in range(4)), steps=[7] * len(tensors),
+                     groups=[hyper], master_params=masters)
+    for (stored, master), old in zip(tensors, before):
+        assert_matches_oracle(old, (stored[0] if master is None else master, stored[2], stored[3]),
+                              {"step": 7, **hyper})
+        if master is not None:
+            assert stored[0].tobytes() == master.astype(combo[0]).tobytes()
+
+
 @pytest.mark.parametrize("combo", [c for c in COMBINATIONS if c[0].itemsize == 2 or c[2].itemsize == 2],
                          ids=[i for c, i in zip(COMBINATIONS, IDS) if c[0].itemsize == 2 or c[2].itemsize == 2])
 @pytest.mark.parametrize("step", [3, 10])
@@ -83,20 +100,36 @@ def _at_byte_offset(values, offset):
     return view
 
 
+def _step_bfloat16(entry, buffers, hyper):
+    """One step of the buffers through ``entry``: a flat buffer, a one-tensor list, or a layout of
+    three segments packed without alignment (so segments start at odd elements)."""
+    if entry == "flat":
+        fused_step(*buffers, step=10, **hyper)
+    elif entry == "tensor_list":
+        fused_step_multi(*([b] for b in buffers), steps=[10], groups=[hyper])
+    else:
+        size = buffers[0].size
+        layout = FlatLayout([(size // 3,), (1,), (size - size // 3 - 1,)] if size else [], align=1)
+        fused_step_layout(layout, *buffers, steps=np.full(len(layout), 10), groups=[hyper])
+
+
+@pytest.mark.parametrize("entry", ["flat", "tensor_list", "layout"])
 @pytest.mark.parametrize("offsets", [(0, 0, 0, 0), (2, 2, 2, 2), (0, 2, 0, 0), (2, 0, 2, 2), (1, 1, 1, 1),
                                      (0, 0, 0, 1)], ids=str)
-@pytest.mark.parametrize("size", [0, 1, 2, 3, 4, 5, 33, 2**16 + 3])
-def test_bfloat16_kernel_pairs_any_alignment_bit_for_bit(offsets, size):
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 4, 5, 9, 33, 2**16 + 3])
+def test_bfloat16_kernel_pairs_any_alignment_bit_for_bit(entry, offsets, size):
     """All-bfloat16 buffers are stepped two elements a word where their addresses allow (all
     aligned alike, a peeled head when they start at 2 mod 4, an odd tail), one at a time
-    otherwise: every case must equal the float32 step rounded, bit for bit."""
+    otherwise: every case, through every entry point, must equal the float32 step rounded, bit
+    for bit."""
     stored, _ = _stored(size, (BF16, BF16, BF16, None), seed=size)
     if size:
         stored[0][0], stored[1][-1] = np.nan, np.inf  # non-finite values in the head and the tail
+    hyper = {"lr": 1e-2, "weight_decay": 0.1}
     wide = [b.astype(F32) for b in stored]
     placed = [_at_byte_offset(b, offset) for b, offset in zip(stored, offsets)]
-    fused_step(*wide, step=10, lr=1e-2, weight_decay=0.1)
-    fused_step(*placed, step=10, lr=1e-2, weight_decay=0.1)
+    _step_bfloat16(entry, wide, hyper)
+    _step_bfloat16(entry, placed, hyper)
     for narrow, full in ((placed[0], wide[0]), (placed[2], wide[2]), (placed[3], wide[3])):
         assert narrow.tobytes() == full.astype(BF16).tobytes()
 

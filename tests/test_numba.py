@@ -127,3 +127,17 @@ def test_float32_math_is_vectorised_and_stays_float32(storage):
     with open("/proc/cpuinfo") as cpuinfo:
         if "avx512f" in cpuinfo.read():
             assert "z" in packed_sqrt, "AVX-512 CPU but no 512-bit (zmm) sqrt"
+
+
+def test_all_bfloat16_buffers_get_the_vectorised_word_loop():
+    """With every buffer bfloat16 the kernel holds a loop over 32-bit words (two elements each),
+    vectorised: wide i32 loads that the 16-bit element loop does not have."""
+    from fastradam.backends import numba_cpu
+
+    kernel = numba.njit(parallel=True)(numba_cpu._radam_blocks.py_func)
+    floats, ints = pack_rows([step_scalars(step=6, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                                           decoupled_weight_decay=False, maximize=False)], np.dtype(np.float32))
+    bits = [np.ones(8, dtype=np.uint16) for _ in range(4)]
+    kernel(*bits, None, np.array([0]), np.array([8]), np.array([0], np.int32), floats, ints)
+    ir = kernel.inspect_llvm(kernel.signatures[0])
+    assert re.search(r"load <(8|16|32|64) x i32>", ir), "no vectorised 32-bit word loop for bfloat16 buffers"

@@ -34,6 +34,17 @@ def test_non_arrays_are_type_errors(position, name, bad):
 
 
 @pytest.mark.parametrize("position,name", list(enumerate(["params", "grads", "exp_avg", "exp_avg_sq"])))
+def test_masked_arrays_are_type_errors(position, name):
+    """An in-place step cannot honour a mask: refused rather than stepping the masked elements."""
+    buffers = _buffers()
+    buffers[position] = np.ma.masked_array(buffers[position], mask=np.arange(N) % 2 == 0)
+    snapshot = [np.asarray(b).copy() for b in buffers]  # np.asarray: a masked array's data, mask ignored
+    with pytest.raises(TypeError, match=f"{name} must be a NumPy array .* got numpy\\.ma\\..*MaskedArray"):
+        fused_step(*buffers, step=10)
+    assert all(before.tobytes() == np.asarray(now).tobytes() for before, now in zip(snapshot, buffers))
+
+
+@pytest.mark.parametrize("position,name", list(enumerate(["params", "grads", "exp_avg", "exp_avg_sq"])))
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint16, np.complex64, np.bool_])
 def test_non_float_dtypes_are_type_errors(position, name, dtype):
     buffers = _buffers()

@@ -37,7 +37,8 @@ class Backend:
 
 
 def _is_numpy(obj: Any) -> bool:
-    return isinstance(obj, np.ndarray)
+    # a masked array's mask would be ignored by an in-place step: refused, not silently stepped
+    return isinstance(obj, np.ndarray) and not isinstance(obj, np.ma.MaskedArray)
 
 
 def _is_cuda(obj: Any) -> bool:

@@ -114,6 +114,14 @@ def _radam_at(p_view, g_view, m_view, v_view, master_view, i, scalars):
     v_view[i] = store(v, v_view)
 
 
+@njit(inline="never")
+def _radam_single(p_view, g_view, m_view, v_view, master_view, i, scalars):
+    """:func:`_radam_at` as a call, for the lone head and tail elements of the word loop. Numba
+    0.68's IR inliner miscompiles :func:`_radam_at` inlined there (on the tensor-list path an
+    element's moment update was lost); a call is also all that one element needs."""
+    _radam_at(p_view, g_view, m_view, v_view, master_view, i, scalars)
+
+
 @njit(inline="always")
 def _radam_elements(p_view, g_view, m_view, v_view, master_view, scalars):
     """Every element of the views, one at a time (the loop LLVM vectorises)."""
@@ -160,11 +168,11 @@ def _radam_views_impl(p_view, g_view, m_view, v_view, master_view, scalars):
         head = min(offset >> 1, n)
         end = head + (n - head) // 2 * 2
         if head:
-            _radam_at(p_view, g_view, m_view, v_view, master_view, 0, scalars)
+            _radam_single(p_view, g_view, m_view, v_view, master_view, 0, scalars)
         _radam_bfloat16_words(p_view[head:end].view(np.uint32), g_view[head:end].view(np.uint32),
                               m_view[head:end].view(np.uint32), v_view[head:end].view(np.uint32), scalars)
         if end < n:
-            _radam_at(p_view, g_view, m_view, v_view, master_view, n - 1, scalars)
+            _radam_single(p_view, g_view, m_view, v_view, master_view, n - 1, scalars)
     return by_pairs
 
 
