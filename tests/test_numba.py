@@ -104,13 +104,9 @@ def test_bit_identical_reruns_and_thread_counts(dtype):
         assert a.tobytes() == b.tobytes() == c.tobytes()
 
 
-@pytest.mark.parametrize("storage", [
-    (np.float32, np.float32, np.float32, None),
-    (np.uint16, np.uint16, np.float32, None),  # bfloat16 params and grads, float32 moments
-    (np.int16, np.int16, np.uint16, np.float32),  # float16 params + master, bfloat16 moments
-], ids=["float32", "bf16-params-grads", "fp16-master-bf16-moments"])
-def test_float32_math_is_vectorised_and_stays_float32(storage):
-    """The kernel's own source, compiled afresh (cached code cannot be inspected)."""
+def _compiled_afresh(storage):
+    """The kernel's own source compiled afresh (cached code cannot be inspected) and run once on
+    8-element buffers of ``storage`` (params, grads, moments, master bit-view dtypes)."""
     from fastradam.backends import numba_cpu
 
     kernel = numba.njit(parallel=True)(numba_cpu._radam_blocks.py_func)
@@ -120,7 +116,17 @@ def test_float32_math_is_vectorised_and_stays_float32(storage):
     p, g, m = (np.ones(8, dtype=d) for d in storage[:3])
     master = None if storage[3] is None else np.ones(8, dtype=storage[3])
     kernel(p, g, m, m.copy(), master, np.array([0]), np.array([8]), np.array([0], np.int32), floats, ints)
-    asm = kernel.inspect_asm(kernel.signatures[0])
+    return kernel, kernel.signatures[0]
+
+
+@pytest.mark.parametrize("storage", [
+    (np.float32, np.float32, np.float32, None),
+    (np.uint16, np.uint16, np.float32, None),  # bfloat16 params and grads, float32 moments
+    (np.int16, np.int16, np.uint16, np.float32),  # float16 params + master, bfloat16 moments
+], ids=["float32", "bf16-params-grads", "fp16-master-bf16-moments"])
+def test_float32_math_is_vectorised_and_stays_float32(storage):
+    kernel, signature = _compiled_afresh(storage)
+    asm = kernel.inspect_asm(signature)
     packed_sqrt = re.findall(r"vsqrtps\s+%([xyz])mm", asm)
     assert packed_sqrt, "no packed single-precision sqrt: the loop did not vectorise"
     assert not re.search(r"vsqrtpd|vcvtps2pd", asm), "float32 math promoted to float64"
@@ -132,12 +138,6 @@ def test_float32_math_is_vectorised_and_stays_float32(storage):
 def test_all_bfloat16_buffers_get_the_vectorised_word_loop():
     """With every buffer bfloat16 the kernel holds a loop over 32-bit words (two elements each),
     vectorised: wide i32 loads that the 16-bit element loop does not have."""
-    from fastradam.backends import numba_cpu
-
-    kernel = numba.njit(parallel=True)(numba_cpu._radam_blocks.py_func)
-    floats, ints = pack_rows([step_scalars(step=6, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                                           decoupled_weight_decay=False, maximize=False)], np.dtype(np.float32))
-    bits = [np.ones(8, dtype=np.uint16) for _ in range(4)]
-    kernel(*bits, None, np.array([0]), np.array([8]), np.array([0], np.int32), floats, ints)
-    ir = kernel.inspect_llvm(kernel.signatures[0])
+    kernel, signature = _compiled_afresh((np.uint16, np.uint16, np.uint16, None))
+    ir = kernel.inspect_llvm(signature)
     assert re.search(r"load <(8|16|32|64) x i32>", ir), "no vectorised 32-bit word loop for bfloat16 buffers"
