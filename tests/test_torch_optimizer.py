@@ -440,9 +440,13 @@ def test_foreach_is_accepted_and_kept_for_the_state_dict():
 @pytest.mark.parametrize("capturable", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_trajectory_matches_torch(dtype, capturable):
+    # The reference is torch's host-scalar path even for capturable=True: torch's capturable path
+    # folds bias corrections and rho_t from a float32 step tensor in float32 on the device, and
+    # drifts from its own host path (1.3e-3 relative after 250 steps, float64 models too);
+    # fastradam's capturable kernel folds them in float64, as the host path does.
     data = tuple(t.cuda() for t in make_data(dtype))
     reference, fused = make_model(dtype).cuda(), make_model(dtype).cuda()
-    torch_opt = torch.optim.RAdam(param_groups(reference), lr=1e-2, foreach=False, capturable=capturable)
+    torch_opt = torch.optim.RAdam(param_groups(reference), lr=1e-2, foreach=False)
     fused_opt = ft.RAdam(param_groups(fused), lr=1e-2, capturable=capturable)
     train(reference, torch_opt, STEPS, data)
     train(fused, fused_opt, STEPS, data, set_to_none=False)
@@ -471,7 +475,7 @@ def test_cuda_capturable_step_replays_in_a_cuda_graph():
     model = make_model(torch.float32).cuda()
     reference = make_model(torch.float32).cuda()
     optimizer = ft.RAdam(model.parameters(), lr=1e-2, capturable=True)
-    torch_opt = torch.optim.RAdam(reference.parameters(), lr=1e-2, capturable=True, foreach=False)
+    torch_opt = torch.optim.RAdam(reference.parameters(), lr=1e-2, foreach=False)  # host scalars: see above
     x, y = (t.cuda() for t in make_data(torch.float32))
     for m, o in ((model, optimizer), (reference, torch_opt)):
         o.zero_grad(set_to_none=False)
