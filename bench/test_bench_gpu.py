@@ -6,8 +6,11 @@ fp32 28, bf16/bf16/fp32 22, bf16 everywhere 14, bf16/bf16/fp32+master 28: the ke
 master instead of the bf16 params) beside a same-traffic kernel of exactly its bytes, and with
 ``check_finite`` (the cost of the read-only gradient pre-pass). Each round launches ``iterations`` steps
 back to back between two device synchronisations (the benchmark's timer synchronises the
-device, then reads the clock), so the median is GPU time per step with launch overhead
-amortised. ``extra_info`` follows ``bench/report.py`` (GB/s, share of the same-traffic
+device, then reads the clock), so the median is the time per step of a loop of calls: the
+larger of the GPU time and the host time of one call (~0.1 ms of Python on the lent machine).
+``fastradam_graph`` is the same step captured once in a CUDA graph and replayed: device time
+alone, what a graph-captured training step sees, and the kernel against the roofline where a
+plain call is host-bound (float32 at 1M-4M, 16-bit storage at 16M). ``extra_info`` follows ``bench/report.py`` (GB/s, share of the same-traffic
 kernel and speedups are derived there). Run by ``bench/gpu_check.sh``.
 """
 
@@ -26,7 +29,7 @@ pytestmark = pytest.mark.gpu  # skipped without a device by the root conftest.py
 
 MEBI = 2**20
 CASES = [(n * MEBI, np.float32) for n in (1, 4, 16, 64, 256)] + [(64 * MEBI, np.float64)]
-IMPLEMENTATIONS = ("fastradam", "same_traffic", "torch_radam_foreach", "torch_adam_fused")
+IMPLEMENTATIONS = ("fastradam", "fastradam_graph", "same_traffic", "torch_radam_foreach", "torch_adam_fused")
 #: GPU time aimed at per round, and a rough bandwidth to plan the iterations with.
 ROUND_SECONDS = 5e-3
 PLANNING_BYTES_PER_SECOND = 3e12
@@ -96,9 +99,27 @@ def same_traffic_step(buffers: tuple):
     return lambda: kernel(grid, (256,), args)
 
 
+def graph_replay(step):
+    """``step`` captured once in a CUDA graph (on a fresh stream, torch's current stream too, so a
+    call on torch tensors needs no cross-stream event); returns a replay of it."""
+    import cupy
+    import torch
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream, torch.cuda.stream(torch.cuda.ExternalStream(stream.ptr)):
+        step()  # compiles and allocates outside the capture
+        stream.synchronize()
+        stream.begin_capture()
+        step()
+        graph = stream.end_capture()
+    return lambda: graph.launch(stream)
+
+
 def make_step(implementation: str, buffers: tuple):
     if implementation == "fastradam":
         return lambda: fastradam.fused_step(*buffers, step=STEADY_STEP)
+    if implementation == "fastradam_graph":
+        return graph_replay(lambda: fastradam.fused_step(*buffers, step=STEADY_STEP))
     if implementation == "same_traffic":
         return same_traffic_step(buffers)
     import torch
@@ -227,7 +248,7 @@ def mixed_same_traffic_step(tensors, master, combo):
     return lambda: kernel(grid, (256,), args)
 
 
-MIXED_IMPLEMENTATIONS = ("fastradam", "same_traffic", "fastradam_check_finite")
+MIXED_IMPLEMENTATIONS = ("fastradam", "fastradam_graph", "same_traffic", "fastradam_check_finite")
 
 
 @pytest.mark.parametrize("implementation", MIXED_IMPLEMENTATIONS)
@@ -245,6 +266,8 @@ def test_gpu_storage_step(benchmark, implementation, n, combo):
 
         def step():
             fastradam.fused_step(*tensors, step=STEADY_STEP, master_params=master, check_finite=check)
+        if implementation == "fastradam_graph":
+            step = graph_replay(step)
     bytes_per_element = mixed_bytes_per_element(combo)
     benchmark.group = f"gpu {mixed_label(combo)} N={n // MEBI}M"
     benchmark.extra_info.update(implementation=implementation, n=n, dtype=mixed_label(combo),

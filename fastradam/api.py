@@ -9,8 +9,9 @@ a :class:`~fastradam.layout.FlatLayout` (many tensors, many groups, one launch) 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +85,7 @@ def _prepare(quads: Sequence[Sequence[Any]], masters: Sequence[Any] | None, sing
         if storage != storages[first]:
             raise TypeError(f"{name} has dtype {storage} but {(names + master_names)[first]} has "
                             f"{storages[first]}: all tensors must share one storage per role")
-    arrays = [backend.as_array(obj) for obj in objects]
+    arrays = backend.as_arrays(objects)
     spans = []
     for i in range(count):
         own = arrays[4 * i:4 * i + 4] + ([arrays[4 * count + i]] if masters is not None else [])

@@ -133,10 +133,10 @@ class FlatBucket:
         self.backend = _backend(self.device)
         self.np_dtype = NUMPY_DTYPES[self.dtype]
         flats = (self.param_flat, self.exp_avg_flat, self.exp_avg_sq_flat)
-        self.arrays = [self._array(t) for t in flats]
+        # the backend's arrays over the flat buffers, made once (a step converts nothing of its own)
+        self.arrays = self.backend.as_arrays([self._array(t) for t in flats])
         self.grad_array: Any = None
-        self.segment_arrays = [None if sharded and k == 0 else self.layout.unpack(self.backend.as_array(a))
-                               for k, a in enumerate(self.arrays)]
+        self.segment_arrays = [None if sharded and k == 0 else self.layout.unpack(a) for k, a in enumerate(self.arrays)]
         self.steps_host = None if capturable else self.steps.numpy()
 
     # -- moving in ---------------------------------------------------------------------------
@@ -202,7 +202,7 @@ class FlatBucket:
             self.grad_flat = torch.zeros(self.layout.size, dtype=self.dtype, device=self.device)
             self.grad_views = self.layout.unpack(self.grad_flat)
             self.grad_ptrs = [v.data_ptr() for v in self.grad_views]
-            self.grad_array = self._array(self.grad_flat)
+            self.grad_array = self.backend.as_array(self._array(self.grad_flat))
         for i, p in enumerate(self.params):
             grad = p.grad
             if grad is not None and not self._is_grad_view(i, grad):
@@ -221,7 +221,8 @@ class FlatBucket:
         return self.grad_flat is None or grad.untyped_storage().data_ptr() != self.grad_flat.untyped_storage().data_ptr()
 
     def _is_grad_view(self, i: int, grad: torch.Tensor) -> bool:
-        return self.grad_ptrs is not None and grad.data_ptr() == self.grad_ptrs[i] and grad.is_contiguous()
+        return (self.grad_ptrs is not None and grad.layout is torch.strided and grad.data_ptr() == self.grad_ptrs[i]
+                and grad.is_contiguous())
 
     def zero_grad(self, set_to_none: bool) -> None:
         """torch's ``zero_grad``: drop the gradients, or zero them as one memset of the flat buffer."""
@@ -249,39 +250,30 @@ class FlatBucket:
         Returns the per-parameter ``has_grad`` mask and, when some gradient is not a view of the
         flat gradient buffer, the gradients (``None`` where absent); ``None`` when all are views.
         """
-        active = np.zeros(len(self.params), dtype=bool)
-        grads: list[torch.Tensor | None] = []
-        fresh = self.sharded
-        for i, (p, ptr) in enumerate(zip(self.params, self.param_ptrs)):
+        if self.sharded:
+            self._follow_local_shards()
+        elif [p.data_ptr() for p in self.params] != self.param_ptrs:
+            p = next(p for p, ptr in zip(self.params, self.param_ptrs) if p.data_ptr() != ptr)
+            raise RuntimeError(
+                f"{self.describe(p)} no longer lives in the optimizer's flat buffer on {self.device} "
+                f"(it is now on {p.device}, {p.dtype}): it was moved or its .data replaced after "
+                "fastradam.torch.RAdam was built (e.g. model.to(...), .cuda(), .double()); "
+                "move the model first, then build the optimizer"
+                "; under ZeroRedundancyOptimizer use parameters_as_bucket_view=False (the default): "
+                "ZeRO re-points each parameter into its own buckets, and fastradam already keeps "
+                "each rank's shard in flat buffers")
+        grads = [p.grad for p in self.params]
+        active = np.array([grad is not None for grad in grads], dtype=bool)
+        if not self.sharded and all(grad is None or self._is_grad_view(i, grad) for i, grad in enumerate(grads)):
+            return active, None  # views of the flat gradient buffer: this buffer's dtype and device
+        for i, (p, grad) in enumerate(zip(self.params, grads)):
+            if grad is None:
+                continue
             if self.sharded:
-                local = local_tensor(p)
-                if local.data_ptr() != ptr or local.shape != self.param_views[i].shape:
-                    # FSDP2 re-pads a local shard it finds replaced (load_state_dict(assign=True), _apply).
-                    if local.shape != self.param_views[i].shape or not local.is_contiguous():
-                        raise RuntimeError(
-                            f"{self.describe(p)}: its local shard changed shape or layout ({tuple(local.shape)}, "
-                            f"was {tuple(self.param_views[i].shape)}) after fastradam.torch.RAdam was built; "
-                            "shard the model first, then build the optimizer")
-                    self.param_views[i] = local
-                    self.param_ptrs[i] = ptr = local.data_ptr()
-            elif p.data_ptr() != ptr:
-                raise RuntimeError(
-                    f"{self.describe(p)} no longer lives in the optimizer's flat buffer on {self.device} "
-                    f"(it is now on {p.device}, {p.dtype}): it was moved or its .data replaced after "
-                    "fastradam.torch.RAdam was built (e.g. model.to(...), .cuda(), .double()); "
-                    "move the model first, then build the optimizer"
-                    "; under ZeroRedundancyOptimizer use parameters_as_bucket_view=False (the default): "
-                    "ZeRO re-points each parameter into its own buckets, and fastradam already keeps "
-                    "each rank's shard in flat buffers")
-            grad = p.grad
-            if grad is not None and self.sharded:
-                grad = local_tensor(grad)
+                grads[i] = grad = local_tensor(grad)
                 if grad.shape != self.param_views[i].shape:
                     raise RuntimeError(f"{self.describe(p)}: local gradient shard of shape {tuple(grad.shape)} "
                                        f"does not match the local parameter shard {tuple(self.param_views[i].shape)}")
-            grads.append(grad)
-            if grad is None:
-                continue
             if grad.layout is not torch.strided:
                 raise RuntimeError(f"{self.describe(p)} has a sparse gradient; RAdam does not support "
                                    "sparse gradients")
@@ -289,10 +281,21 @@ class FlatBucket:
                 # the tensor-list step reads the gradient through its address, as this bucket's dtype
                 raise RuntimeError(f"{self.describe(p)} has a {grad.dtype} gradient on {grad.device}; "
                                    f"its buffer holds {self.dtype} on {self.device}")
-            active[i] = True
-            if not fresh and not self._is_grad_view(i, grad):
-                fresh = True
-        return active, grads if fresh else None
+        return active, grads
+
+    def _follow_local_shards(self) -> None:
+        """FSDP2 re-pads a local shard it finds replaced (load_state_dict(assign=True), _apply):
+        follow a moved shard of the same shape; refuse one whose shape or layout changed."""
+        for i, p in enumerate(self.params):
+            local = local_tensor(p)
+            if local.data_ptr() != self.param_ptrs[i] or local.shape != self.param_views[i].shape:
+                if local.shape != self.param_views[i].shape or not local.is_contiguous():
+                    raise RuntimeError(
+                        f"{self.describe(p)}: its local shard changed shape or layout ({tuple(local.shape)}, "
+                        f"was {tuple(self.param_views[i].shape)}) after fastradam.torch.RAdam was built; "
+                        "shard the model first, then build the optimizer")
+                self.param_views[i] = local
+                self.param_ptrs[i] = local.data_ptr()
 
     def step(self, active: np.ndarray, grads: list | None, groups: list[dict],
              checked: list[GroupHyperparameters]) -> None:
@@ -312,12 +315,12 @@ class FlatBucket:
                 self._step_tensors(active, grads, steps, checked)
             self.steps_host[active] += 1
 
-    def _grad_array(self, grad: torch.Tensor) -> Any:
+    def _grad_tensor(self, grad: torch.Tensor) -> Any:
         if grad.requires_grad:
             grad = grad.detach()
         if not grad.is_contiguous():
             grad = grad.contiguous()
-        return self.backend.as_array(self._array(grad))
+        return self._array(grad)
 
     def _step_tensors(self, active: np.ndarray, grads: list, steps: np.ndarray,
                       checked: list[GroupHyperparameters]) -> None:
@@ -328,11 +331,11 @@ class FlatBucket:
         floats, ints = pack_rows(rows, self.np_dtype)
         exp_avg, exp_avg_sq = ([views[i] for i in index] for views in self.segment_arrays[1:])
         if self.sharded:
-            params = [self.backend.as_array(self._array(self.param_views[i])) for i in index]
+            params = self.backend.as_arrays([self._array(self.param_views[i]) for i in index])
         else:
             params = [self.segment_arrays[0][i] for i in index]
-        self.backend.radam_step_tensors(params, [self._grad_array(grads[i]) for i in index], exp_avg,
-                                        exp_avg_sq, tensor_row, floats, ints)
+        grads_a = self.backend.as_arrays([self._grad_tensor(grads[i]) for i in index])
+        self.backend.radam_step_tensors(params, grads_a, exp_avg, exp_avg_sq, tensor_row, floats, ints)
 
     def _step_on_device(self, active: np.ndarray, grads: list | None, groups: list[dict]) -> None:
         """capturable: step counts advance on the device and each parameter's launch reads its own."""

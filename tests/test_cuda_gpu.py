@@ -119,6 +119,28 @@ def test_torch_cuda_tensors_updated_in_place(cp):
     assert_matches_oracle(host, tuple(tensors[i].cpu().numpy() for i in (0, 2, 3)), hyper)
 
 
+def test_torch_work_queued_before_the_call_is_seen(cp):
+    """torch tensors are viewed from their addresses, not exported through DLPack; the call still
+    orders CuPy's stream (here the null stream) after torch's current one (here a non-blocking
+    side stream, busy for a while before it writes the gradients), as DLPack's handshake would."""
+    torch = pytest.importorskip("torch")
+    host = host_buffers(np.random.default_rng(3), np.dtype(np.float32), 2**20 + 3)
+    tensors = [torch.from_numpy(x.copy()).cuda() for x in host]
+    new_grads = -3.0 * host[1]
+    new_grads_device = torch.from_numpy(new_grads).cuda()
+    torch.cuda.synchronize()
+    hyper = hyper_for(9, weight_decay=0.01)
+    side = torch.cuda.Stream()
+    assert cp.cuda.get_current_stream().ptr != side.cuda_stream
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # tens of milliseconds of device time before the write
+        tensors[1].copy_(new_grads_device)
+        fastradam.fused_step(*tensors, **hyper)
+    torch.cuda.synchronize()
+    assert_matches_oracle((host[0], new_grads, host[2], host[3]),
+                          tuple(tensors[i].cpu().numpy() for i in (0, 2, 3)), hyper)
+
+
 def test_numba_device_arrays_updated_in_place():
     numba_cuda = pytest.importorskip("numba.cuda")
     if not numba_cuda.is_available():

@@ -1,7 +1,7 @@
 """The backend registry: which backend owns an array, and lazy loading of its module.
 
-A backend is a module with ``storage_of(obj)`` (the storage format's name), ``as_array(obj)``
-(zero-copy conversion to the array its kernels take: 16-bit floats as bit views),
+A backend is a module with ``storage_of(obj)`` (the storage format's name), ``as_arrays(objects)``
+and ``as_array(obj)`` (zero-copy conversion to the arrays its kernels take: 16-bit floats as bit views),
 ``check_devices(arrays)``, and the steps ``radam_step``, ``radam_step_segments`` and
 ``radam_step_tensors`` (buffers, the scalar tables of ``scalars.pack_rows``, and keyword
 ``master``, ``found_inf``, ``check_finite``); the CUDA one adds ``radam_step_on_device``.
@@ -42,8 +42,11 @@ def _is_numpy(obj: Any) -> bool:
 
 
 def _is_cuda(obj: Any) -> bool:
-    if type(obj).__module__.startswith("cupy"):
+    module = type(obj).__module__
+    if module.startswith("cupy"):
         return True
+    if module.startswith("torch"):  # a tensor or Parameter: its flag is cheaper than a DLPack query
+        return getattr(obj, "is_cuda", False) is True
     if hasattr(type(obj), "__cuda_array_interface__") and not hasattr(obj, "__dlpack_device__"):
         return True  # e.g. numba device arrays
     dlpack_device = getattr(obj, "__dlpack_device__", None)

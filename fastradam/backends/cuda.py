@@ -45,6 +45,7 @@ import hashlib
 import itertools
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -105,12 +106,12 @@ class Storage:
     moments: str
     master: bool = False
 
-    @property
+    @functools.cached_property
     def math_dtype(self) -> np.dtype:
         """float64 only when everything is float64; float32 otherwise."""
         return np.dtype(np.float64 if self.params == "float64" else np.float32)
 
-    @property
+    @functools.cached_property
     def lanes(self) -> int:
         """Elements per 16-byte pack of the narrowest role."""
         return _PACK_BYTES // min(np.dtype(_NUMPY_OF[f]).itemsize for f in (self.params, self.grads, self.moments))
@@ -143,30 +144,39 @@ STORAGE_COMBINATIONS = _supported_storage()
 def storage_of_arrays(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray,
                       master: Any = None) -> Storage:
     """The :class:`Storage` of validated kernel arrays (16-bit formats as their bit views)."""
-    return Storage(VIEW_STORAGE[params.dtype], VIEW_STORAGE[grads.dtype], VIEW_STORAGE[exp_avg.dtype],
-                   master is not None)
+    return _storage_of_dtypes(params.dtype, grads.dtype, exp_avg.dtype, master is not None)
 
 
+@functools.lru_cache(maxsize=None)
+def _storage_of_dtypes(params: np.dtype, grads: np.dtype, moments: np.dtype, master: bool) -> Storage:
+    return Storage(VIEW_STORAGE[params], VIEW_STORAGE[grads], VIEW_STORAGE[moments], master)
+
+
+@functools.lru_cache(maxsize=None)
 def step_kernel_name(storage: Storage) -> str:
     """Name expression of the kernel that takes host scalars."""
     return f"fastradam::radam_step<{storage.template_arguments()}>"
 
 
+@functools.lru_cache(maxsize=None)
 def segments_kernel_name(storage: Storage) -> str:
     """Name expression of the kernel over the segments of flat buffers."""
     return f"fastradam::radam_step_segments<{storage.template_arguments()}>"
 
 
+@functools.lru_cache(maxsize=None)
 def tensors_kernel_name(storage: Storage) -> str:
     """Name expression of the kernel over a list of separate tensors."""
     return f"fastradam::radam_step_tensors<{storage.template_arguments()}>"
 
 
+@functools.lru_cache(maxsize=None)
 def capturable_kernel_name(storage: Storage) -> str:
     """Name expression of the capturable kernel (step and lr read through type codes)."""
     return f"fastradam::radam_step_capturable<{storage.template_arguments()}>"
 
 
+@functools.lru_cache(maxsize=None)
 def finite_kernel_name(kind: str, grads: str) -> str:
     """Name expression of the check_finite pre-pass ``kind`` ("flat", "segments", "tensors") over ``grads``."""
     return f"fastradam::nonfinite_{kind}<{STORAGE_TYPES[grads]}>"
@@ -275,52 +285,121 @@ def _upload(*tables: np.ndarray) -> list[cupy.ndarray]:
     return [device[start:start + table.nbytes].view(table.dtype) for table, start in zip(tables, offsets)]
 
 
+@functools.lru_cache(maxsize=None)
+def _dtype_name(dtype: np.dtype) -> str:
+    return dtype.name  # computed in Python by NumPy on every access: ~1 us
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_dtype_name(dtype: Any) -> str | None:
+    name = str(dtype)
+    return name[len("torch."):] if name.startswith("torch.") else None
+
+
 def _torch_storage(obj: Any) -> str | None:
     """``bfloat16``, ``float16``, ... for a torch tensor (by its dtype's name), else None."""
-    name = str(getattr(obj, "dtype", ""))
-    return name[len("torch."):] if name.startswith("torch.") else None
+    dtype = getattr(obj, "dtype", None)
+    return None if dtype is None else _torch_dtype_name(dtype)
 
 
 def storage_of(obj: Any) -> str:
     """The storage format of a CUDA array: its dtype's name (``bfloat16`` for a torch bf16 tensor)."""
     if isinstance(obj, cupy.ndarray):
-        return obj.dtype.name
+        return _dtype_name(obj.dtype)
     torch_storage = _torch_storage(obj)
     if torch_storage is not None:
         return torch_storage
-    return as_array(obj).dtype.name
+    return _dtype_name(as_array(obj).dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _view_dtype(storage: str) -> np.dtype | None:
+    """The dtype a CuPy view of this storage format has (16-bit floats: their bit views)."""
+    if storage in BIT_VIEWS:
+        return BIT_VIEWS[storage]
+    try:
+        return np.dtype(storage)
+    except TypeError:
+        return None
+
+
+def _torch_view(tensor: Any, storage: str) -> cupy.ndarray | None:
+    """A CuPy array over a dense, contiguous, non-empty torch CUDA tensor's memory, made from its
+    address (16-bit floats as bit views); None for any other tensor (DLPack takes those).
+
+    Unlike a DLPack export it does not order the call after torch's current stream:
+    :func:`as_arrays` does that once per call.
+    """
+    dtype = _view_dtype(storage)
+    if (dtype is None or not tensor.is_cuda or tensor.layout is not sys.modules["torch"].strided or tensor.is_neg()
+            or not tensor.is_contiguous() or tensor.numel() == 0):
+        return None
+    memory = cupy.cuda.UnownedMemory(tensor.data_ptr(), tensor.numel() * tensor.element_size(), tensor,
+                                     tensor.get_device())
+    return cupy.ndarray(tuple(tensor.shape), dtype, cupy.cuda.MemoryPointer(memory, 0))
+
+
+def _follow_torch_stream(device_id: int) -> None:
+    """Order CuPy's current stream after torch's current stream on ``device_id``, as a DLPack export
+    does (an event, only when the two streams differ): what torch queued on those tensors
+    (a backward pass, an unscale) happens before the step."""
+    torch = sys.modules["torch"]
+    # the raw handle as torch's own generated code (and Triton) reads it; the public query
+    # costs ~10 us more in Python where torch lacks it
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    producer = raw(device_id) if raw is not None else torch.cuda.current_stream(device_id).cuda_stream
+    consumer = cupy.cuda.get_current_stream(device_id)
+    if producer != consumer.ptr:
+        event = cupy.cuda.Event(block=False, disable_timing=True)
+        event.record(cupy.cuda.ExternalStream(producer, device_id))
+        consumer.wait_event(event)
+
+
+def as_arrays(objects: Sequence[Any]) -> list[cupy.ndarray]:
+    """``objects`` as the CuPy arrays the kernels take, sharing their memory (no copy).
+
+    CuPy arrays are themselves (float16 ones viewed as bits). A torch CUDA tensor is viewed from
+    its address, as its dtype or, for bfloat16/float16, as bits (CuPy has no bfloat16 and
+    DLPack cannot carry it): ``uint16`` holds bfloat16 bits, ``int16`` float16 bits; then CuPy's
+    current stream is ordered once after torch's (as DLPack's per-tensor handshake would).
+    Other objects (a tensor that is not dense and contiguous, JAX arrays, Numba device arrays)
+    cross through DLPack or ``__cuda_array_interface__``.
+    """
+    arrays, torch_device = [], None
+    for obj in objects:
+        if isinstance(obj, cupy.ndarray):
+            view = BIT_VIEWS.get(_dtype_name(obj.dtype))
+            arrays.append(obj if view is None else obj.view(view))
+            continue
+        storage = _torch_storage(obj)
+        array = None if storage is None else _torch_view(obj, storage)
+        if array is not None:
+            torch_device = array.data.device_id
+        elif storage is not None:
+            tensor = obj.detach()
+            if storage in BIT_VIEWS:
+                import torch
+
+                tensor = tensor.view(torch.int16)
+            array = cupy.from_dlpack(tensor)
+        elif hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+            array = cupy.from_dlpack(obj)
+        else:
+            array = cupy.asarray(obj)
+        view = BIT_VIEWS.get(storage or _dtype_name(array.dtype))
+        arrays.append(array if view is None or array.dtype == view else array.view(view))
+    if torch_device is not None:
+        _follow_torch_stream(torch_device)
+    return arrays
 
 
 def as_array(obj: Any) -> cupy.ndarray:
-    """``obj`` as the CuPy array the kernels take, sharing its memory (no copy).
-
-    CuPy has no bfloat16 dtype and DLPack cannot carry bfloat16 into CuPy, so a torch bfloat16
-    (or float16) tensor crosses as ``tensor.view(torch.int16)``; 16-bit formats then reach the
-    kernels as bit views: ``uint16`` holds bfloat16 bits, ``int16`` float16 bits (a CuPy float16
-    array is viewed the same way). float32/float64 arrays are themselves.
-    """
-    storage = _torch_storage(obj)
-    if storage is not None:
-        tensor = obj.detach()
-        if storage in BIT_VIEWS:
-            import torch
-
-            tensor = tensor.view(torch.int16)
-        array = cupy.from_dlpack(tensor)
-    elif isinstance(obj, cupy.ndarray):
-        array, storage = obj, obj.dtype.name
-    elif hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
-        array = cupy.from_dlpack(obj)
-        storage = array.dtype.name
-    else:
-        array = cupy.asarray(obj)
-        storage = array.dtype.name
-    view = BIT_VIEWS.get(storage)
-    return array if view is None else array.view(view)
+    """One object as :func:`as_arrays` takes it."""
+    return as_arrays((obj,))[0]
 
 
 def _device_id(array: cupy.ndarray) -> int:
-    return int(array.device.id)
+    return array.data.device_id
 
 
 def check_devices(arrays: Sequence[cupy.ndarray], names: Sequence[str] = ("params", "grads", "exp_avg", "exp_avg_sq")) -> None:

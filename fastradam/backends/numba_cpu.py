@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import Sequence
 
 import numpy as np
 from numba import carray, njit, prange, types
@@ -285,6 +286,11 @@ def as_array(obj: np.ndarray) -> np.ndarray:
     plain = obj if type(obj) is np.ndarray else obj.view(np.ndarray)
     view = _bit_view(obj.dtype)
     return plain if view is None else plain.view(view)
+
+
+def as_arrays(objects: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """:func:`as_array` of each object."""
+    return [as_array(obj) for obj in objects]
 
 
 def check_devices(arrays: list[np.ndarray]) -> None:
