@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, from the source tree (no install, no network):
 #   1. the gpu-marked tests, required to run (FASTRADAM_REQUIRE_GPU=1 turns skips into failures);
-#   2. the GPU benchmark (bench/test_bench_gpu.py), JSON plus a Markdown table under
+#   2. the GPU benchmarks (bench/test_bench_gpu.py, and the torch drop-in's CUDA cases in
+#      bench/test_bench_wrapper.py), JSON plus a Markdown table under
 #      bench/results/, named after the device (nvidia-smi --query-gpu=name).
 # Needs python3 with cupy, numba, torch, pytest and pytest-benchmark. Exits non-zero if any
 # step failed, after running them all. Usage: bash bench/gpu_check.sh  (PYTHON=... to pick one)
@@ -24,7 +25,7 @@ echo "== gpu tests"
 "$python" -m pytest -q -p no:cacheprovider -m gpu tests || status=1
 
 echo "== gpu benchmark"
-"$python" -m pytest -q -p no:cacheprovider bench/test_bench_gpu.py \
+"$python" -m pytest -q -p no:cacheprovider -m gpu bench/test_bench_gpu.py bench/test_bench_wrapper.py \
     --benchmark-json="$results/gpu-$slug.json" --benchmark-columns=median,rounds,iterations || status=1
 if [ -f "$results/gpu-$slug.json" ]; then
     "$python" bench/report.py "$results/gpu-$slug.json" --markdown "$results/gpu-$slug.md" --no-plots || status=1

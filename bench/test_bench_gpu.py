@@ -105,6 +105,7 @@ def graph_replay(step):
     import cupy
     import torch
 
+    cupy.cuda.Device().synchronize()  # the buffers' initialisation, queued on other streams
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream, torch.cuda.stream(torch.cuda.ExternalStream(stream.ptr)):
         step()  # compiles and allocates outside the capture

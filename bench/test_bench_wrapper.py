@@ -7,7 +7,9 @@ gradient buffer (after ``zero_grad(set_to_none=False)``: one layout launch, no c
 torch's default ``zero_grad()`` (the tensor-list launch); ``fastradam_torch_copy_grads`` copies
 such fresh gradients into the flat buffer first and then takes the layout launch (the design
 alternative, for the record). Peers: torch.optim.RAdam foreach and loop, torch.optim.Adam fused.
-The CUDA cases (marked ``gpu``) synchronise after each step, so they include launch overhead.
+The CUDA cases (marked ``gpu``, run by ``bench/gpu_check.sh``) synchronise after each step, so
+they include the host time; on CUDA, ``fastradam_torch_capturable`` is ``capturable=True`` (step
+counts on the device, one launch reading them there) with gradient views.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def wrapper_step(implementation: str, tensors, device: str = "cpu"):
 
     parameters = [torch.nn.Parameter(torch.from_numpy(p.copy()).to(device)) for p, _, _, _ in tensors]
     grads = [torch.from_numpy(g).to(device) for _, g, _, _ in tensors]
-    optimizer = fastradam_torch.RAdam(parameters, lr=1e-3)
+    optimizer = fastradam_torch.RAdam(parameters, lr=1e-3, capturable=implementation.endswith("capturable"))
     for parameter, grad in zip(parameters, grads):
         parameter.grad = grad.clone()
     optimizer.step()  # creates the state (and compiles)
@@ -53,7 +55,7 @@ def wrapper_step(implementation: str, tensors, device: str = "cpu"):
         state["exp_avg"].copy_(torch.from_numpy(exp_avg))
         state["exp_avg_sq"].copy_(torch.from_numpy(exp_avg_sq))
         state["step"].fill_(STEADY_STEP)
-    if implementation == "fastradam_torch":
+    if implementation in ("fastradam_torch", "fastradam_torch_capturable"):
         optimizer.zero_grad(set_to_none=False)
         torch._foreach_copy_([p.grad for p in parameters], grads)
         return optimizer.step
@@ -101,7 +103,8 @@ def test_wrapper_step_cpu(benchmark, implementation):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("implementation", [i for i in IMPLEMENTATIONS if i != "torch_radam_loop"])
+@pytest.mark.parametrize("implementation", [i for i in IMPLEMENTATIONS if i != "torch_radam_loop"]
+                         + ["fastradam_torch_capturable"])
 def test_wrapper_step_cuda(benchmark, implementation):
     import torch
 
@@ -111,5 +114,5 @@ def test_wrapper_step_cuda(benchmark, implementation):
         step()
         torch.cuda.synchronize()
 
-    _record(benchmark, implementation, f"cuda: {torch.cuda.get_device_name()}")
-    benchmark.pedantic(synchronized_step, rounds=50, warmup_rounds=3)
+    _record(benchmark, implementation, f"gpu: {torch.cuda.get_device_name()}")
+    benchmark.pedantic(synchronized_step, rounds=50, warmup_rounds=20)  # clocks up before the first case

@@ -135,7 +135,9 @@ class RAdam(torch.optim.Optimizer):
     Not supported: sparse gradients (RuntimeError at the step), complex or other non-float
     dtypes (TypeError), ``differentiable=True`` (NotImplementedError), ``capturable`` on the
     CPU (ValueError). ``foreach`` is accepted and ignored. ``capturable=True`` keeps the step
-    counts on the device and launches one capturable kernel per parameter (CUDA graphs).
+    counts on the device (CUDA graphs): one launch per buffer reads them, and any tensor lr,
+    there; fresh gradients are first copied into the flat gradient buffer (one ``_foreach_copy_``).
+    As with torch, take one step before capturing (it builds the state and the device tables).
     """
 
     def __init__(

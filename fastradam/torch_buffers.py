@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from fastradam.api import fused_step, fused_step_layout
+from fastradam.api import fused_step_layout
 from fastradam.backends import BACKENDS
 from fastradam.layout import FlatLayout
 from fastradam.scalars import pack_rows, scalar_rows
@@ -133,8 +133,11 @@ class FlatBucket:
         self.backend = _backend(self.device)
         self.np_dtype = NUMPY_DTYPES[self.dtype]
         flats = (self.param_flat, self.exp_avg_flat, self.exp_avg_sq_flat)
-        # the backend's arrays over the flat buffers, made once (a step converts nothing of its own)
-        self.arrays = self.backend.as_arrays([self._array(t) for t in flats])
+        # the backend's arrays over the flat buffers, made once (a step converts nothing of its own),
+        # on torch's stream: the steps run there, so no cross-stream ordering is needed or made
+        with _stream(self.device):
+            self.arrays = self.backend.as_arrays([self._array(t) for t in flats])
+            self.steps_array = self.backend.as_array(self.steps) if capturable else None
         self.grad_array: Any = None
         self.segment_arrays = [None if sharded and k == 0 else self.layout.unpack(a) for k, a in enumerate(self.arrays)]
         self.steps_host = None if capturable else self.steps.numpy()
@@ -198,11 +201,7 @@ class FlatBucket:
 
         With ``copy`` the gradient values carry over; without, the views are left to be zeroed.
         """
-        if self.grad_flat is None:
-            self.grad_flat = torch.zeros(self.layout.size, dtype=self.dtype, device=self.device)
-            self.grad_views = self.layout.unpack(self.grad_flat)
-            self.grad_ptrs = [v.data_ptr() for v in self.grad_views]
-            self.grad_array = self.backend.as_array(self._array(self.grad_flat))
+        self._allocate_grad_flat()
         for i, p in enumerate(self.params):
             grad = p.grad
             if grad is not None and not self._is_grad_view(i, grad):
@@ -210,8 +209,17 @@ class FlatBucket:
                     self.grad_views[i].copy_(grad)
                 p.grad = self.grad_views[i]
 
+    def _allocate_grad_flat(self) -> None:
+        """The flat gradient buffer, its per-parameter views and the backend's array of it (once)."""
+        if self.grad_flat is None:
+            self.grad_flat = torch.zeros(self.layout.size, dtype=self.dtype, device=self.device)
+            self.grad_views = self.layout.unpack(self.grad_flat)
+            self.grad_ptrs = [v.data_ptr() for v in self.grad_views]
+            with _stream(self.device):
+                self.grad_array = self.backend.as_array(self._array(self.grad_flat))
+
     def _array(self, tensor: torch.Tensor) -> Any:
-        """What the backends take: a zero-copy NumPy view on the CPU, the torch tensor (DLPack) on CUDA."""
+        """What the backends take: a zero-copy NumPy view on the CPU, the torch tensor itself on CUDA."""
         return tensor.numpy() if self.on_cpu else tensor
 
     def _foreign_view(self, grad: torch.Tensor | None) -> bool:
@@ -222,7 +230,7 @@ class FlatBucket:
 
     def _is_grad_view(self, i: int, grad: torch.Tensor) -> bool:
         return (self.grad_ptrs is not None and grad.layout is torch.strided and grad.data_ptr() == self.grad_ptrs[i]
-                and grad.is_contiguous())
+                and grad.dtype == self.dtype and grad.is_contiguous())
 
     def zero_grad(self, set_to_none: bool) -> None:
         """torch's ``zero_grad``: drop the gradients, or zero them as one memset of the flat buffer."""
@@ -304,7 +312,7 @@ class FlatBucket:
             return
         with _stream(self.device):
             if self.capturable:
-                self._step_on_device(active, grads, groups)
+                self._step_on_device(active, grads, groups, checked)
                 return
             steps = self.steps_host.astype(np.int64) + active
             if grads is None:
@@ -337,14 +345,23 @@ class FlatBucket:
         grads_a = self.backend.as_arrays([self._grad_tensor(grads[i]) for i in index])
         self.backend.radam_step_tensors(params, grads_a, exp_avg, exp_avg_sq, tensor_row, floats, ints)
 
-    def _step_on_device(self, active: np.ndarray, grads: list | None, groups: list[dict]) -> None:
-        """capturable: step counts advance on the device and each parameter's launch reads its own."""
-        index = np.flatnonzero(active)
-        torch._foreach_add_([self.steps[i] for i in index], 1.0)
-        group_of = self.layout.arrays.groups
-        for i in index:
-            grad = self.params[i].grad if grads is None else grads[i]
-            options = dict(groups[group_of[i]])
-            options.pop("schedule", None)
-            fused_step(self.param_views[i], grad.detach().contiguous(), self.exp_avg_views[i],
-                       self.exp_avg_sq_views[i], step=self.steps[i], **options)
+    def _step_on_device(self, active: np.ndarray, grads: list | None, groups: list[dict],
+                        checked: list[GroupHyperparameters]) -> None:
+        """capturable: the step counts advance on the device, then one launch over the flat buffers
+        reads them (and any tensor lr) there. Fresh gradients are first copied into the flat
+        gradient buffer (``p.grad`` is left as it is); gradient views are read in place."""
+        if grads is not None:
+            self._allocate_grad_flat()
+            pairs = [(self.grad_views[i], grads[i]) for i in np.flatnonzero(active)
+                     if not self._is_grad_view(i, grads[i])]
+            if pairs:
+                torch._foreach_copy_([view for view, _ in pairs], [grad for _, grad in pairs])
+        if active.all():
+            self.steps.add_(1.0)
+        else:
+            torch._foreach_add_([self.steps[i] for i in np.flatnonzero(active)], 1.0)
+        params, exp_avg, exp_avg_sq = self.arrays
+        self.backend.radam_step_segments_on_device(
+            params, self.grad_array, exp_avg, exp_avg_sq, self.layout.arrays,
+            np.where(active, self.layout.arrays.groups, -1), self.steps_array, checked,
+            [group["lr"] for group in groups])

@@ -19,7 +19,9 @@
 //   - radam_step_segments / radam_step_tensors: a tile table (start, stop, index) of ranges of a
 //     few thousand elements inside the segments of flat buffers, or inside separate tensors
 //     reached through a pointer table; each block takes tiles in turn (grid-stride over tiles),
-//     reads the tile's row of scalars once, and its threads stride over the tile.
+//     reads the tile's row of scalars once, and its threads stride over the tile;
+//   - radam_step_segments_capturable: the segments' tiles, each block folding its tile's
+//     scalars from the segment's step count and group row in device memory.
 // Skipping (found_inf, check_finite): every update kernel takes a flag (`skip`, a pointer to a
 // 0-d device value, with its type code; null: none) and returns before touching memory when it
 // is nonzero. check_finite is a read-only pre-pass (nonfinite_*) over the active gradient
@@ -355,6 +357,56 @@ __global__ void radam_step_capturable(P* __restrict__ p, const G* __restrict__ g
     s.inv_grad_scale = inv_grad_scale;
     radam_apply(Buffers<P, G, Mo, kMaster>{p, g, m, v, master}, n, cast_scalars<MathOf<P, G, Mo, kMaster>>(s),
                 grid_thread(), grid_threads());
+}
+
+//! Entry `index` of a device array of type `code` (as read_value reads a 0-d one), as a double.
+__host__ __device__ __forceinline__ double read_value_at(const void* values, int code, long long index) {
+    switch (code) {
+        case kInt8: return read_value(static_cast<const unsigned char*>(values) + index, code);
+        case kInt32: return read_value(static_cast<const int*>(values) + index, code);
+        case kInt64: return read_value(static_cast<const long long*>(values) + index, code);
+        case kFloat32: return read_value(static_cast<const float*>(values) + index, code);
+        case kFloat64: return read_value(static_cast<const double*>(values) + index, code);
+        default: return 0.0;
+    }
+}
+
+//! Capturable RAdam step over the segments of flat buffers, in one launch: segment `i` is in
+//! group segment_group[i] (< 0: skipped, neither read nor written) and its step count is
+//! steps[i] (type code step_code) in device memory. A group's row holds its hyperparameters,
+//! and its learning rate is read from lr_pointers[row] when the row's lr code is not kNoValue.
+//! Each block folds its tile's float64 scalars as radam_step_capturable does (operation for
+//! operation the host's), so a CUDA graph replay follows the step counts on the device.
+template <typename P, typename G, typename Mo, bool kMaster>
+__global__ void radam_step_segments_capturable(P* __restrict__ p, const G* __restrict__ g, Mo* __restrict__ m,
+                                               Mo* __restrict__ v, float* __restrict__ master,
+                                               const long long* __restrict__ tiles, long long n_tiles,
+                                               const int* __restrict__ segment_group, const void* steps,
+                                               int step_code, const double* __restrict__ group_floats,
+                                               const int* __restrict__ group_ints,
+                                               const unsigned long long* __restrict__ lr_pointers, const void* skip,
+                                               int skip_code) {
+    // Columns of a group row, as fastradam.backends.cuda.capturable_group_tables writes them:
+    // lr_value, beta1, beta2, eps, weight_decay, threshold, inv_grad_scale (float64) and
+    // decoupled, maximize, inclusive, hold_below, eps_on_v_hat, lr_code (int32).
+    constexpr int kGroupFloatFields = 7;
+    constexpr int kGroupIntFields = 6;
+    if (flag_set(skip, skip_code)) return;
+    const Buffers<P, G, Mo, kMaster> b{p, g, m, v, master};
+    for (long long tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+        const Tile t = load_tile(tiles, segment_group, tile);
+        if (t.row < 0) continue;
+        const double* f = group_floats + static_cast<long long>(t.row) * kGroupFloatFields;
+        const int* i = group_ints + static_cast<long long>(t.row) * kGroupIntFields;
+        const double lr =
+            i[5] == kNoValue ? f[0] : read_value(reinterpret_cast<const void*>(lr_pointers[t.row]), i[5]);
+        const FlavourRule flavour{f[5], i[2] != 0, i[3] != 0, i[4] != 0};
+        ElementScalars<double> s = radam_step_scalars(read_value_at(steps, step_code, t.index), lr, f[1], f[2], f[3],
+                                                      f[4], i[0] != 0, i[1] != 0, flavour);
+        s.inv_grad_scale = f[6];
+        radam_apply(b.at(t.start), t.stop - t.start, cast_scalars<MathOf<P, G, Mo, kMaster>>(s), threadIdx.x,
+                    blockDim.x);
+    }
 }
 
 // --- check_finite: read-only pre-pass over the active gradient elements ------------------------

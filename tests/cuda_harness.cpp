@@ -72,6 +72,15 @@ void float_to_float16(const float* in, unsigned short* out, long long n) {
         launch(grid, block, fastradam::radam_step_tensors<P, G, MO, MASTER>, pointers, tiles, n_tiles,        \
                tensor_row, static_cast<const M*>(floats), ints, skip, skip_code);                             \
     }                                                                                                          \
+    void radam_step_segments_capturable_##SUFFIX(                                                             \
+        unsigned grid, unsigned block, void* p, const void* g, void* m, void* v, float* master,                \
+        const long long* tiles, long long n_tiles, const int* segment_group, const void* steps, int step_code, \
+        const double* group_floats, const int* group_ints, const unsigned long long* lr_pointers,             \
+        const void* skip, int skip_code) {                                                                     \
+        launch(grid, block, fastradam::radam_step_segments_capturable<P, G, MO, MASTER>, static_cast<P*>(p),  \
+               static_cast<const G*>(g), static_cast<MO*>(m), static_cast<MO*>(v), master, tiles, n_tiles,    \
+               segment_group, steps, step_code, group_floats, group_ints, lr_pointers, skip, skip_code);      \
+    }                                                                                                          \
     void radam_step_capturable_##SUFFIX(                                                                      \
         unsigned grid, unsigned block, void* p, const void* g, void* m, void* v, float* master, long long n,   \
         const void* step, int step_code, const void* lr, int lr_code, double lr_value, double beta1,           \

@@ -185,6 +185,28 @@ class Harness:
             ctypes.c_uint(grid), ctypes.c_uint(block), pointers_at, tiles_at, n_tiles, rows_at, floats_at,
             ints_at, *skip)
 
+    def step_segments_capturable(self, buffers: tuple[np.ndarray, ...], segments, segment_group: np.ndarray,
+                                 steps: np.ndarray, groups: list, lrs: list, grid: int, block: int, *,
+                                 master: np.ndarray | None = None, grad_scale: float = 1.0,
+                                 found_inf: np.ndarray | None = None) -> None:
+        """Run ``radam_step_segments_capturable``: each segment's step count (``steps``) and group row
+        read by the kernel; ``lrs[k]`` a float or a 0-d array read through its address."""
+        from fastradam.backends.cuda import TILE, capturable_group_tables, pack_tables
+        from fastradam.layout import tiles
+
+        p, g, m, v = buffers
+        refs = [(lr.ctypes.data, VALUE_CODES[lr.dtype]) if isinstance(lr, np.ndarray) else lr for lr in lrs]
+        floats, ints, pointers = capturable_group_tables(groups, refs, grad_scale)
+        table = tiles(segments.offsets, segments.sizes, TILE)
+        packed, offsets = pack_tables(table, np.asarray(segment_group, np.int32), floats, ints, pointers)
+        tiles_at, rows_at, floats_at, ints_at, pointers_at = (
+            ctypes.c_void_p(packed.ctypes.data + o) for o in offsets)
+        self.lib.reset_counts()
+        getattr(self.lib, f"radam_step_segments_capturable_{suffix(p, g, m, master)}")(
+            ctypes.c_uint(grid), ctypes.c_uint(block), *map(_pointer, buffers), _pointer(master), tiles_at,
+            ctypes.c_longlong(table.shape[0]), rows_at, _pointer(steps), ctypes.c_int(VALUE_CODES[steps.dtype]),
+            floats_at, ints_at, pointers_at, *_flag(found_inf))
+
     def step_capturable(self, buffers: tuple[np.ndarray, ...], step: np.ndarray, lr: float | np.ndarray, *,
                         beta1: float, beta2: float, eps: float, weight_decay: float,
                         decoupled_weight_decay: bool, maximize: bool, grid: int, block: int,

@@ -59,10 +59,10 @@ def test_source_compiles_every_instantiation_without_warnings(source_name, arch)
 
 
 def test_backend_instantiates_every_storage_combination():
-    # flat, segments, tensors and capturable kernels per storage combination, plus the three
+    # flat, segments, tensors, capturable and capturable-segments kernels per storage combination, plus the three
     # check_finite pre-passes per gradient storage
     assert len(cuda.STORAGE_COMBINATIONS) == 31
-    expected = 4 * len(cuda.STORAGE_COMBINATIONS) + 3 * len(cuda.STORAGE_TYPES)
+    expected = 5 * len(cuda.STORAGE_COMBINATIONS) + 3 * len(cuda.STORAGE_TYPES)
     assert len(set(cuda.NAME_EXPRESSIONS)) == len(cuda.NAME_EXPRESSIONS) == expected
 
 

@@ -17,7 +17,8 @@ import cuda_harness
 from cuda_harness import HARNESS_COMBINATIONS, MultiCase, bits, scalars_for
 from fastradam.flavours import PRESETS
 from fastradam.layout import FlatLayout
-from fastradam.scalars import pack_rows
+from fastradam.scalars import pack_rows, scalar_rows
+from fastradam.validation import check_group
 from oracle_check import assert_matches_oracle
 from test_cuda_host import backend, harness, numba_backend  # noqa: F401  (shared fixtures)
 
@@ -392,6 +393,43 @@ def test_capturable_kernel_equals_the_flat_kernel_for_every_storage(harness, com
     harness.step(twin, *pack_rows([scalars_for(h)], cuda_harness.math_dtype(twin[0]), 8.0), grid=3, block=64,
                  master=twin_master)
     assert snapshot(*buffers, master) == snapshot(*twin, twin_master)
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=IDS)
+@pytest.mark.parametrize("steps_dtype", (np.float32, np.int64), ids=("float32-steps", "int64-steps"))
+@pytest.mark.parametrize("lr_kind", ("float", "array"))
+def test_capturable_segments_kernel_equals_the_segments_kernel(harness, combo, steps_dtype, lr_kind):
+    check_capturable_segments(harness, combo, PRESETS["torch"], steps_dtype, lr_kind)
+
+
+@pytest.mark.parametrize("flavour", tuple(PRESETS.values()), ids=lambda f: f.name)
+def test_capturable_segments_kernel_follows_every_flavour(harness, flavour):
+    check_capturable_segments(harness, COMBOS[0], flavour, np.float32, "array")
+
+
+def check_capturable_segments(harness, combo, flavour, steps_dtype, lr_kind) -> None:
+    """One capturable launch (step counts per segment and group rows read by the kernel) writes
+    exactly the bits of the host-scalar segments launch; skipped segments and padding untouched."""
+    case = MultiCase(flavour)
+    layout = case.layout()
+    params, grads, moments, want_master = combo
+    flats = tuple(aligned(np.nan_to_num(x, nan=0.25), d, 1)
+                  for x, d in zip(case.flat_values(layout), (params, grads, moments, moments)))
+    master = aligned(flats[0].astype(np.float64), np.dtype(np.float32), 1) if want_master else None
+    twin, twin_master = tuple(f.copy() for f in flats), None if master is None else master.copy()
+    before = snapshot(flats[0])
+    groups = [check_group({k: v for k, v in h.items() if k != "step"}) for h in case.hypers]
+    # per-segment counts that differ inside a group (group 0 crosses the threshold at 5 or 6)
+    steps = np.array([case.hypers[g]["step"] + i % 3 for i, g in enumerate(case.groups)], dtype=steps_dtype)
+    active = ~case.skipped
+    rows, segment_row = scalar_rows(groups, case.groups, steps.astype(np.int64), active)
+    harness.step_segments(twin, layout.arrays, segment_row,
+                          *pack_rows(rows, cuda_harness.math_dtype(twin[0]), 4.0), 1056, 256, master=twin_master)
+    lrs = [h["lr"] if lr_kind == "float" else np.array(h["lr"], np.float64) for h in case.hypers]
+    harness.step_segments_capturable(flats, layout.arrays, np.where(active, case.groups, -1), steps, groups, lrs,
+                                     1056, 256, master=master, grad_scale=4.0)
+    assert snapshot(*flats, master) == snapshot(*twin, twin_master)
+    assert snapshot(flats[0]) != before  # both stepped: the equality above is not of two untouched copies
 
 
 def test_backend_lanes_and_math_dtype_follow_the_storage(backend):

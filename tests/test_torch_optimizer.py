@@ -437,9 +437,10 @@ def test_foreach_is_accepted_and_kept_for_the_state_dict():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("set_to_none", [False, True], ids=["grad-views", "fresh-grads"])
 @pytest.mark.parametrize("capturable", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_trajectory_matches_torch(dtype, capturable):
+def test_cuda_trajectory_matches_torch(dtype, capturable, set_to_none):
     # The reference is torch's host-scalar path even for capturable=True: torch's capturable path
     # folds bias corrections and rho_t from a float32 step tensor in float32 on the device, and
     # drifts from its own host path (1.3e-3 relative after 250 steps, float64 models too);
@@ -449,7 +450,7 @@ def test_cuda_trajectory_matches_torch(dtype, capturable):
     torch_opt = torch.optim.RAdam(param_groups(reference), lr=1e-2, foreach=False)
     fused_opt = ft.RAdam(param_groups(fused), lr=1e-2, capturable=capturable)
     train(reference, torch_opt, STEPS, data)
-    train(fused, fused_opt, STEPS, data, set_to_none=False)
+    train(fused, fused_opt, STEPS, data, set_to_none=set_to_none)
     assert_close(reference, fused, TOLERANCE[dtype])
     step = fused_opt.state[fused[0].weight]["step"]
     assert step.device.type == ("cuda" if capturable else "cpu") and step.item() == STEPS
@@ -468,6 +469,24 @@ def test_cuda_runs_on_torchs_current_stream():
     torch.cuda.synchronize()
     assert torch.equal(after, model[0].weight)
     assert not torch.equal(after, make_model(torch.float32)[0].weight.cuda())
+
+
+@pytest.mark.gpu
+def test_cuda_capturable_tensor_lr_is_read_on_the_device():
+    """A capturable group's 0-d CUDA lr is read by the kernel at each step: changing it in place
+    (as an lr schedule inside a CUDA graph would) changes the update, with no host round trip."""
+    data = tuple(t.cuda() for t in make_data(torch.float32))
+    reference, fused = make_model(torch.float32).cuda(), make_model(torch.float32).cuda()
+    torch_opt = torch.optim.RAdam(reference.parameters(), lr=2**-7, foreach=False)
+    lr = torch.tensor(2**-7, device="cuda")  # float32-exact values: both optimizers see the same lr
+    fused_opt = ft.RAdam(fused.parameters(), lr=lr, capturable=True)
+    for steps, value in ((20, 2**-7), (20, 2**-9)):
+        lr.fill_(value)
+        for group in torch_opt.param_groups:
+            group["lr"] = value
+        train(reference, torch_opt, steps, data)
+        train(fused, fused_opt, steps, data, set_to_none=False)
+    assert_close(reference, fused, TOLERANCE[torch.float32])
 
 
 @pytest.mark.gpu

@@ -45,8 +45,8 @@ def _is_cuda(obj: Any) -> bool:
     module = type(obj).__module__
     if module.startswith("cupy"):
         return True
-    if module.startswith("torch"):  # a tensor or Parameter: its flag is cheaper than a DLPack query
-        return getattr(obj, "is_cuda", False) is True
+    if (module == "torch" or module.startswith("torch.")) and getattr(obj, "is_cuda", False) is True:
+        return True  # a torch CUDA tensor or Parameter: its flag is cheaper than a DLPack query
     if hasattr(type(obj), "__cuda_array_interface__") and not hasattr(obj, "__dlpack_device__"):
         return True  # e.g. numba device arrays
     dlpack_device = getattr(obj, "__dlpack_device__", None)

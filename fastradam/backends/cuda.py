@@ -3,7 +3,7 @@
 The source is compiled lazily on first use with NVRTC for the current device's architecture
 and cached by CuPy (``~/.cupy/kernel_cache``): one ``RawModule`` per storage combination
 (:class:`Storage`: params, grads, moments, master) holds its seven kernels, instantiated from
-the templates with ``name_expressions`` (31 combinations, 124 update kernels and 12
+the templates with ``name_expressions`` (31 combinations, 155 update kernels and 12
 check_finite pre-passes in all; see :data:`NAME_EXPRESSIONS`).
 
 Storage: float32/float64 arrays are used as they are; bfloat16 and float16 reach the kernels as
@@ -12,13 +12,15 @@ the kernels, templated on each role's storage, widen them to float32 with the CU
 of ``cuda_bf16.h`` / ``cuda_fp16.h`` and round back to nearest even. Those headers come from
 the pip ``nvidia-cuda-runtime`` wheel (``nvidia/cu13/include``) or a CUDA toolkit, found by
 ``cuda-pathfinder`` (:func:`cuda_include_dir`). CuPy has no bfloat16 dtype, so bfloat16 buffers
-are torch CUDA tensors, taken zero-copy as ``tensor.view(torch.int16)`` through DLPack.
+are torch CUDA tensors, viewed zero-copy from their addresses as bits (:func:`as_arrays`).
 
 Notes
 -----
 - Launches are asynchronous on CuPy's current stream of the buffers' device
-  (``cupy.cuda.get_current_stream()``); nothing synchronises the host. Torch callers who want
-  torch's stream wrap the call in ``cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)``.
+  (``cupy.cuda.get_current_stream()``); nothing synchronises the host. With torch tensors, that
+  stream is first ordered after torch's current stream on their device (an event, only when
+  the two differ), as a DLPack export would; torch callers who want the step on torch's stream
+  itself wrap the call in ``cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)``.
 - Compiled with ``--fmad=false``: no multiply-add contraction, so the GPU rounds like the oracle,
   the Numba backend and the CPU harness of the same source; the step is memory-bound, so
   contraction would buy no speed. CuPy itself appends ``-ftz=true``: float32 subnormals flush
@@ -48,7 +50,7 @@ import numbers
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cupy
 import numpy as np
@@ -171,6 +173,12 @@ def tensors_kernel_name(storage: Storage) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def segments_capturable_kernel_name(storage: Storage) -> str:
+    """Name expression of the capturable kernel over segments (step counts and lrs read on the device)."""
+    return f"fastradam::radam_step_segments_capturable<{storage.template_arguments()}>"
+
+
+@functools.lru_cache(maxsize=None)
 def capturable_kernel_name(storage: Storage) -> str:
     """Name expression of the capturable kernel (step and lr read through type codes)."""
     return f"fastradam::radam_step_capturable<{storage.template_arguments()}>"
@@ -188,7 +196,8 @@ FINITE_KINDS = ("flat", "segments", "tensors")
 def name_expressions(storage: Storage) -> tuple[str, ...]:
     """The instantiations one storage combination launches (compiled together, on first use)."""
     return (step_kernel_name(storage), segments_kernel_name(storage), tensors_kernel_name(storage),
-            capturable_kernel_name(storage), *(finite_kernel_name(k, storage.grads) for k in FINITE_KINDS))
+            capturable_kernel_name(storage), segments_capturable_kernel_name(storage),
+            *(finite_kernel_name(k, storage.grads) for k in FINITE_KINDS))
 
 
 #: Every template instantiation the backend can launch.
@@ -332,7 +341,7 @@ def _torch_view(tensor: Any, storage: str) -> cupy.ndarray | None:
     """
     dtype = _view_dtype(storage)
     if (dtype is None or not tensor.is_cuda or tensor.layout is not sys.modules["torch"].strided or tensor.is_neg()
-            or not tensor.is_contiguous() or tensor.numel() == 0):
+            or not tensor.is_contiguous() or tensor.numel() == 0 or tensor.data_ptr() == 0):
         return None
     memory = cupy.cuda.UnownedMemory(tensor.data_ptr(), tensor.numel() * tensor.element_size(), tensor,
                                      tensor.get_device())
@@ -350,9 +359,10 @@ def _follow_torch_stream(device_id: int) -> None:
     producer = raw(device_id) if raw is not None else torch.cuda.current_stream(device_id).cuda_stream
     consumer = cupy.cuda.get_current_stream(device_id)
     if producer != consumer.ptr:
-        event = cupy.cuda.Event(block=False, disable_timing=True)
-        event.record(cupy.cuda.ExternalStream(producer, device_id))
-        consumer.wait_event(event)
+        with cupy.cuda.Device(device_id):  # an event belongs to the device it is created on
+            event = cupy.cuda.Event(block=False, disable_timing=True)
+            cupy.cuda.runtime.eventRecord(event.ptr, producer)
+            consumer.wait_event(event)
 
 
 def as_arrays(objects: Sequence[Any]) -> list[cupy.ndarray]:
@@ -496,6 +506,23 @@ def _layout_tiles(segments: SegmentArrays, device_id: int) -> cupy.ndarray:
     return cached[device_id]
 
 
+def _segments_prologue(storage: Storage, device_id: int, segments: SegmentArrays, segment_rows: np.ndarray,
+                       upload: Callable[..., list[cupy.ndarray]], grads: cupy.ndarray, skip: tuple,
+                       check_finite: bool, *tables: np.ndarray) -> tuple | None:
+    """What a launch over segments needs, inside its device's context: the device tile table, its
+    length, the grid, the device copies of ``segment_rows`` and ``tables`` (by ``upload``) and
+    the skip flag (the check_finite pre-pass's, if asked); None when no segment is active."""
+    tile_rows = _layout_tiles(segments, device_id)
+    if tile_rows.shape[0] == 0 or not np.any(segment_rows >= 0):
+        return None
+    device_tables = upload(segment_rows, *tables)
+    n_tiles = np.int64(tile_rows.shape[0])
+    grid = _tile_grid(tile_rows.shape[0], device_id)
+    if check_finite:
+        skip = _checked_skip(storage, device_id, skip, "segments", grid, (grads, tile_rows, n_tiles, device_tables[0]))
+    return tile_rows, n_tiles, grid, device_tables, skip
+
+
 def radam_step_segments(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray,
                         exp_avg_sq: cupy.ndarray, segments: SegmentArrays, segment_row: np.ndarray,
                         floats: np.ndarray, ints: np.ndarray, *, master: cupy.ndarray | None = None,
@@ -515,15 +542,11 @@ def radam_step_segments(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy
         return
     storage = storage_of_arrays(params, grads, exp_avg, master)
     with cupy.cuda.Device(device_id):
-        tile_rows = _layout_tiles(segments, device_id)
-        if tile_rows.shape[0] == 0 or not np.any(segment_row >= 0):
+        prologue = _segments_prologue(storage, device_id, segments, segment_row, _upload, grads, skip, check_finite,
+                                      np.asarray(floats, dtype=storage.math_dtype), np.asarray(ints, dtype=np.int32))
+        if prologue is None:
             return
-        rows, floats_d, ints_d = _upload(segment_row, np.asarray(floats, dtype=storage.math_dtype),
-                                         np.asarray(ints, dtype=np.int32))
-        n_tiles = np.int64(tile_rows.shape[0])
-        grid = _tile_grid(tile_rows.shape[0], device_id)
-        if check_finite:
-            skip = _checked_skip(storage, device_id, skip, "segments", grid, (grads, tile_rows, n_tiles, rows))
+        tile_rows, n_tiles, grid, (rows, floats_d, ints_d), skip = prologue
         _kernel(device_id, storage, segments_kernel_name(storage))(
             (grid,), (BLOCK,),
             (params, grads, exp_avg, exp_avg_sq, _pointer(master), tile_rows, n_tiles, rows, floats_d, ints_d,
@@ -581,22 +604,28 @@ def flavour_arguments(flavour: Flavour) -> tuple[np.float64, np.int32, np.int32,
             np.int32(flavour.below_threshold == "none"), np.int32(flavour.eps_on_v_hat))
 
 
-def _device_scalar(name: str, value: Any, dtypes: Sequence[np.dtype], buffers: Sequence[cupy.ndarray]) -> cupy.ndarray:
+def _device_scalar(name: str, value: Any, dtypes: Sequence[np.dtype], buffers: Sequence[cupy.ndarray],
+                   shape: tuple[int, ...] = ()) -> cupy.ndarray:
+    """``value`` as a CuPy array of ``shape`` (default 0-d) and one of ``dtypes`` on the buffers'
+    device, sharing no memory with the written buffers (params, exp_avg, exp_avg_sq, master)."""
+    kind = "a 0-d CUDA array" if shape == () else f"a CUDA array of shape {shape}"
     if backend_for((name,), (value,)).name != "cuda":
-        raise TypeError(f"{name} must be a 0-d CUDA array, got a host {type(value).__name__}")
+        raise TypeError(f"{name} must be {kind}, got a host {type(value).__name__}")
     array = as_array(value)
     allowed = " or ".join(d.name for d in dtypes)
     if array.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype {allowed}, got {array.dtype}")
-    if array.ndim != 0:
-        raise ValueError(f"{name} must be a 0-d device array, got shape {array.shape}")
+    if array.shape != shape:
+        raise ValueError(f"{name} must be {kind}, got shape {array.shape}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
     if _device_id(array) != _device_id(buffers[0]):
         raise ValueError(f"{name} is on CUDA device {_device_id(array)} but params is on device "
                          f"{_device_id(buffers[0])}: all buffers must be on one device")
     start = array.data.ptr
     for buffer_name, buffer in zip(("params", "exp_avg", "exp_avg_sq", "master_params"),
                                    (buffers[0], buffers[2], buffers[3], *buffers[4:])):
-        if buffer.data.ptr < start + array.itemsize and start < buffer.data.ptr + buffer.nbytes:
+        if buffer.data.ptr < start + array.nbytes and start < buffer.data.ptr + buffer.nbytes:
             raise ValueError(f"{name} shares memory with {buffer_name}, which the step writes")
     return array
 
@@ -667,4 +696,103 @@ def radam_step_on_device(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cup
              np.float64(beta1), np.float64(beta2), np.float64(eps), np.float64(weight_decay),
              np.int32(decoupled_weight_decay), np.int32(maximize), *flavour_arguments(flavour),
              np.float64(1.0 / grad_scale), *skip),
+        )
+
+
+def capturable_group_tables(groups: Sequence[Any], lrs: Sequence[float | tuple[int, int]],
+                            grad_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The group tables of ``radam_step_segments_capturable``: one row per group.
+
+    ``groups`` are validated :class:`~fastradam.validation.GroupHyperparameters`; ``lrs[k]`` is
+    group ``k``'s learning rate, a real number or ``(address, type code)`` of a 0-d
+    float32/float64 value the kernel reads. Returns floats (R, 7) float64: lr, beta1, beta2, eps,
+    weight_decay, the flavour's threshold, 1/grad_scale; ints (R, 6) int32: decoupled,
+    maximize, inclusive, hold_below, eps_on_v_hat, the lr's type code (0: the float); and the
+    lr addresses (R,) uint64 (0 for a float).
+    """
+    floats = np.zeros((len(groups), 7), dtype=np.float64)
+    ints = np.zeros((len(groups), 6), dtype=np.int32)
+    pointers = np.zeros(len(groups), dtype=np.uint64)
+    for row, (group, lr) in enumerate(zip(groups, lrs)):
+        if isinstance(lr, tuple):
+            pointers[row], ints[row, 5] = lr
+            lr = 0.0
+        threshold, inclusive, hold_below, eps_on_v_hat = flavour_arguments(group.flavour)
+        floats[row] = (lr, group.beta1, group.beta2, group.eps, group.weight_decay, threshold, 1.0 / grad_scale)
+        ints[row, :5] = (group.decoupled_weight_decay, group.maximize, inclusive, hold_below, eps_on_v_hat)
+    return floats, ints, pointers
+
+
+def _resident(segments: SegmentArrays, device_id: int, *tables: np.ndarray) -> list[cupy.ndarray]:
+    """Device copies of small tables, kept per layout and device while their content is unchanged.
+
+    A call repeated with the same tables uploads nothing, so a step captured in a CUDA graph
+    after one call outside it (as torch asks of capturable optimizers) issues no host-to-device
+    copy inside the capture. The last few distinct contents are kept.
+    """
+    packed, offsets = pack_tables(*tables)
+    cache = segments.derived.setdefault("cuda", {}).setdefault(("resident", device_id), {})
+    key = packed.tobytes()
+    views = cache.pop(key, None)
+    if views is None:
+        device = cupy.empty(packed.size, dtype=np.uint8)
+        device.set(packed, stream=cupy.cuda.get_current_stream())
+        views = [device[start:start + table.nbytes].view(table.dtype) for table, start in zip(tables, offsets)]
+        while len(cache) >= _RESIDENT_TABLES:
+            cache.pop(next(iter(cache)))
+    cache[key] = views  # most recently used last
+    return views
+
+
+#: Distinct table contents :func:`_resident` keeps per layout and device.
+_RESIDENT_TABLES = 8
+
+
+def radam_step_segments_on_device(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray,
+                                  exp_avg_sq: cupy.ndarray, segments: SegmentArrays, segment_group: np.ndarray,
+                                  steps: Any, groups: Sequence[Any], lrs: Sequence[Any], *,
+                                  master: cupy.ndarray | None = None, grad_scale: float = 1.0,
+                                  found_inf: Any = False, check_finite: bool = False) -> None:
+    """One capturable launch over the segments of flat buffers, step counts read on the device.
+
+    Segment ``i`` is stepped with the hyperparameters of ``groups[segment_group[i]]`` (host
+    int32, < 0: skipped) and the step count ``steps[i]``, a 1-D int32/int64/float32/float64
+    device array of one entry per segment (torch's capturable ``state["step"]`` values after
+    their increment, e.g. a view of one flat tensor): the kernel folds the scalars itself, as
+    :func:`radam_step_on_device` does, so the launch can be captured in a CUDA graph and
+    replayed while the counts advance on the device. ``lrs[k]`` is group ``k``'s learning rate:
+    a real number or a 0-d device array read by the kernel (see :func:`capturable_group_tables`).
+    The small tables go to the device once and are reused while they are unchanged
+    (:func:`_resident`): make one call before capturing. ``master``, ``grad_scale``,
+    ``found_inf``, ``check_finite``: as in :func:`radam_step`. Nothing synchronises the host.
+    """
+    device_id = _device_id(params)
+    skip = _flag_arguments(found_inf, device_id)
+    if skip is None:
+        return
+    written = (params, grads, exp_avg, exp_avg_sq) + (() if master is None else (master,))
+    steps_array = _device_scalar("steps", steps, STEP_DTYPES, written, shape=(len(segments.sizes),))
+    lr_refs: list[float | tuple[int, int]] = []
+    for k, lr in enumerate(lrs):
+        if isinstance(lr, numbers.Real) and not isinstance(lr, (bool, np.bool_)):
+            lr_refs.append(float(lr))
+        elif isinstance(lr, (bool, np.bool_, numbers.Number)):
+            raise TypeError(f"lrs[{k}] must be a real number or a 0-d CUDA array, got {type(lr).__name__}")
+        else:
+            lr_array = _device_scalar(f"lrs[{k}]", lr, LR_DTYPES, written)
+            lr_refs.append((lr_array.data.ptr, VALUE_CODES[lr_array.dtype]))
+    floats, ints, pointers = capturable_group_tables(groups, lr_refs, grad_scale)
+    segment_group = np.asarray(segment_group, dtype=np.int32)
+    storage = storage_of_arrays(params, grads, exp_avg, master)
+    with cupy.cuda.Device(device_id):
+        prologue = _segments_prologue(storage, device_id, segments, segment_group,
+                                      functools.partial(_resident, segments, device_id), grads, skip, check_finite,
+                                      floats, ints, pointers)
+        if prologue is None:
+            return
+        tile_rows, n_tiles, grid, (rows, floats_d, ints_d, pointers_d), skip = prologue
+        _kernel(device_id, storage, segments_capturable_kernel_name(storage))(
+            (grid,), (BLOCK,),
+            (params, grads, exp_avg, exp_avg_sq, _pointer(master), tile_rows, n_tiles, rows, steps_array,
+             np.int32(VALUE_CODES[steps_array.dtype]), floats_d, ints_d, pointers_d, *skip),
         )
