@@ -4,9 +4,10 @@
 state past the RAdam threshold. ``fastradam_torch`` has its gradients as views of the flat
 gradient buffer (after ``zero_grad(set_to_none=False)``: one layout launch, no copy);
 ``fastradam_torch_fresh_grads`` has separate gradient tensors, as autograd leaves them after
-torch's default ``zero_grad()`` (the tensor-list launch); ``fastradam_torch_copy_grads`` copies
-such fresh gradients into the flat buffer first and then takes the layout launch (the design
-alternative, for the record). Peers: torch.optim.RAdam foreach and loop, torch.optim.Adam fused.
+torch's default ``zero_grad()`` (the tensor-list launch on the CPU; on CUDA the wrapper gathers
+them into the flat gradient buffer first); ``fastradam_torch_copy_grads`` copies such fresh
+gradients into the flat buffer by hand and then takes the layout launch (on the CPU, the
+design alternative, for the record). Peers: torch.optim.RAdam foreach and loop, torch.optim.Adam fused.
 The CUDA cases (marked ``gpu``, run by ``bench/gpu_check.sh``) synchronise after each step, so
 they include the host time; on CUDA, ``fastradam_torch_capturable`` is ``capturable=True`` (step
 counts on the device, one launch reading them there) with gradient views.

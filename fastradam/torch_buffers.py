@@ -315,6 +315,9 @@ class FlatBucket:
                 self._step_on_device(active, grads, groups, checked)
                 return
             steps = self.steps_host.astype(np.int64) + active
+            if grads is not None and not self.on_cpu and not self.sharded:
+                self._gather_grads(active, grads)  # on CUDA the copy is cheaper than a tensor list
+                grads = None
             if grads is None:
                 params, exp_avg, exp_avg_sq = self.arrays
                 fused_step_layout(self.layout, params, self.grad_array, exp_avg, exp_avg_sq, steps=steps,
@@ -345,17 +348,21 @@ class FlatBucket:
         grads_a = self.backend.as_arrays([self._grad_tensor(grads[i]) for i in index])
         self.backend.radam_step_tensors(params, grads_a, exp_avg, exp_avg_sq, tensor_row, floats, ints)
 
+    def _gather_grads(self, active: np.ndarray, grads: list) -> None:
+        """The active fresh gradients copied into the flat gradient buffer, in one ``_foreach_copy_``
+        (``p.grad`` is left as it is; gradients that already are its views are not copied)."""
+        self._allocate_grad_flat()
+        pairs = [(self.grad_views[i], grads[i]) for i in np.flatnonzero(active) if not self._is_grad_view(i, grads[i])]
+        if pairs:
+            torch._foreach_copy_([view for view, _ in pairs], [grad for _, grad in pairs])
+
     def _step_on_device(self, active: np.ndarray, grads: list | None, groups: list[dict],
                         checked: list[GroupHyperparameters]) -> None:
         """capturable: the step counts advance on the device, then one launch over the flat buffers
-        reads them (and any tensor lr) there. Fresh gradients are first copied into the flat
-        gradient buffer (``p.grad`` is left as it is); gradient views are read in place."""
+        reads them (and any tensor lr) there; fresh gradients are gathered into the flat gradient
+        buffer first, gradient views are read in place."""
         if grads is not None:
-            self._allocate_grad_flat()
-            pairs = [(self.grad_views[i], grads[i]) for i in np.flatnonzero(active)
-                     if not self._is_grad_view(i, grads[i])]
-            if pairs:
-                torch._foreach_copy_([view for view, _ in pairs], [grad for _, grad in pairs])
+            self._gather_grads(active, grads)
         if active.all():
             self.steps.add_(1.0)
         else:
