@@ -103,8 +103,8 @@ class RAdam(torch.optim.Optimizer):
           allocates new ones): on the CPU (and for FSDP2 shards) they take the tensor-list path,
           one launch through an address table over the parameter/moment views and the
           gradients as they are, no copy; on CUDA they are first gathered into the flat
-          gradient buffer by one ``_foreach_copy_`` (``p.grad`` left as it is), then the
-          layout launch runs.
+          gradient buffer by one ``_foreach_copy_`` (``p.grad`` left as it is; the buffer, one
+          more copy of the parameters' size, is kept), then the layout launch runs.
         * Why the two devices differ: on 200 tensors / 16M float32, ms per step. CPU (2-core
           EPYC dev machine, busy; medians of one quiet-ish run): gradient views 7.2, tensor
           list 8.6 (~5 us per tensor of address-table overhead), copy then layout step 10.8
@@ -212,7 +212,7 @@ class RAdam(torch.optim.Optimizer):
 
     def _rebuild(self) -> None:
         """(Re)pack every parameter into one bucket per (device, dtype), carrying values and state over."""
-        grad_views = any(bucket.grad_flat is not None for bucket in self._buckets)
+        grad_views = any(bucket.grads_adopted for bucket in self._buckets)
         members: dict[tuple, tuple[list, list]] = {}
         names = {}
         for g, group in enumerate(self.param_groups):
@@ -245,6 +245,8 @@ class RAdam(torch.optim.Optimizer):
         groups = [_options(group) for group in self.param_groups]
         checked = check_groups([_validatable(options) for options in groups])
         plans = [bucket.plan() for bucket in self._buckets]
+        for bucket, (active, _) in zip(self._buckets, plans):
+            bucket.check_lrs(active, groups)
         for bucket, (active, grads) in zip(self._buckets, plans):
             new = active & ~bucket.has_state
             for i in np.flatnonzero(new):

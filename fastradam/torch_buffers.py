@@ -127,6 +127,8 @@ class FlatBucket:
         self.exp_avg_views = self.layout.unpack(self.exp_avg_flat)
         self.exp_avg_sq_views = self.layout.unpack(self.exp_avg_sq_flat)
         self.grad_views: list[torch.Tensor] | None = None
+        #: Whether ``zero_grad(set_to_none=False)`` made the gradients views of ``grad_flat``.
+        self.grads_adopted = False
         self.param_ptrs = [v.data_ptr() for v in self.param_views]
         self.grad_ptrs: list[int] | None = None
         self.on_cpu = self.device.type == "cpu"
@@ -202,6 +204,7 @@ class FlatBucket:
         With ``copy`` the gradient values carry over; without, the views are left to be zeroed.
         """
         self._allocate_grad_flat()
+        self.grads_adopted = True
         for i, p in enumerate(self.params):
             grad = p.grad
             if grad is not None and not self._is_grad_view(i, grad):
@@ -369,6 +372,18 @@ class FlatBucket:
             torch._foreach_add_([self.steps[i] for i in np.flatnonzero(active)], 1.0)
         params, exp_avg, exp_avg_sq = self.arrays
         self.backend.radam_step_segments_on_device(
-            params, self.grad_array, exp_avg, exp_avg_sq, self.layout.arrays,
-            np.where(active, self.layout.arrays.groups, -1), self.steps_array, checked,
-            [group["lr"] for group in groups])
+            params, self.grad_array, exp_avg, exp_avg_sq, self.layout.arrays, self._segment_group(active),
+            self.steps_array, checked, [group["lr"] for group in groups])
+
+    def _segment_group(self, active: np.ndarray) -> np.ndarray:
+        return np.where(active, self.layout.arrays.groups, -1)
+
+    def check_lrs(self, active: np.ndarray, groups: list[dict]) -> None:
+        """capturable: check the learning rates the active parameters use (a tensor lr: 0-d float32
+        or float64 on this buffer's CUDA device) before anything is written."""
+        if not self.capturable or not active.any():
+            return
+        params, exp_avg, exp_avg_sq = self.arrays
+        with _stream(self.device):
+            self.backend.capturable_lrs([group["lr"] for group in groups], self._segment_group(active),
+                                        (params, params, exp_avg, exp_avg_sq))

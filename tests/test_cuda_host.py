@@ -195,6 +195,15 @@ def test_capturable_kernel_follows_every_flavour(harness, backend, dtype, flavou
     check_capturable(harness, dtype, np.array(step, dtype=np.int64), 2e-3, flavour)
 
 
+def test_capturable_lrs_checks_only_the_groups_in_use(backend):
+    # A group that no active segment uses gets 0.0 unchecked (its lr may live on another device);
+    # a used one must be a real number (or a 0-d device array, checked on a GPU).
+    refs = backend.capturable_lrs([2e-3, object(), 5e-4], np.array([0, -1, 2, 0], np.int32), ())
+    assert refs == [2e-3, 0.0, 5e-4]
+    with pytest.raises(TypeError, match=r"lrs\[0\] must be a real number or a 0-d CUDA array, got bool"):
+        backend.capturable_lrs([True], np.array([0], np.int32), ())
+
+
 def check_capturable(harness, dtype: np.dtype, step: np.ndarray, lr, flavour: Flavour) -> None:
     """The capturable kernel matches the oracle, and the host-scalar kernel bit for bit."""
     rng = np.random.default_rng([int(step), dtype.itemsize, len(flavour.name)])

@@ -2,7 +2,7 @@
 
 The source is compiled lazily on first use with NVRTC for the current device's architecture
 and cached by CuPy (``~/.cupy/kernel_cache``): one ``RawModule`` per storage combination
-(:class:`Storage`: params, grads, moments, master) holds its seven kernels, instantiated from
+(:class:`Storage`: params, grads, moments, master) holds its eight kernels, instantiated from
 the templates with ``name_expressions`` (31 combinations, 155 update kernels and 12
 check_finite pre-passes in all; see :data:`NAME_EXPRESSIONS`).
 
@@ -37,7 +37,8 @@ Notes
   per-call tables (rows, scalars, a tensor list's pointers and tiles) go in one asynchronous
   host-to-device copy on the current stream, into memory from CuPy's pool (which reuses a
   block only on the stream it was freed on, so a later call cannot overwrite a table that a
-  queued launch still reads).
+  queued launch still reads). The capturable segments launch keeps its tables resident
+  instead (:func:`_resident`), so a CUDA graph captured after a first call uploads nothing.
 """
 
 from __future__ import annotations
@@ -614,7 +615,7 @@ def _device_scalar(name: str, value: Any, dtypes: Sequence[np.dtype], buffers: S
     array = as_array(value)
     allowed = " or ".join(d.name for d in dtypes)
     if array.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype {allowed}, got {array.dtype}")
+        raise TypeError(f"{name} must have dtype {allowed}, got {storage_of(value)}")
     if array.shape != shape:
         raise ValueError(f"{name} must be {kind}, got shape {array.shape}")
     if not array.flags.c_contiguous:
@@ -723,28 +724,61 @@ def capturable_group_tables(groups: Sequence[Any], lrs: Sequence[float | tuple[i
     return floats, ints, pointers
 
 
+def capturable_lrs(lrs: Sequence[Any], segment_group: np.ndarray,
+                   written: Sequence[cupy.ndarray]) -> list[float | tuple[int, int]]:
+    """Each group's learning rate as :func:`capturable_group_tables` takes it: a real number as a
+    float, a 0-d float32/float64 array on the buffers' device (validated against the ``written``
+    buffers) as ``(address, type code)``. Groups that no active segment of ``segment_group``
+    uses get 0.0 and are not checked (their lr may live on another device)."""
+    used = set(np.unique(segment_group[segment_group >= 0]).tolist())
+    refs: list[float | tuple[int, int]] = []
+    for k, lr in enumerate(lrs):
+        if k not in used:
+            refs.append(0.0)
+        elif isinstance(lr, numbers.Real) and not isinstance(lr, (bool, np.bool_)):
+            refs.append(float(lr))
+        elif isinstance(lr, (bool, np.bool_, numbers.Number)):
+            raise TypeError(f"lrs[{k}] must be a real number or a 0-d CUDA array, got {type(lr).__name__}")
+        else:
+            lr_array = _device_scalar(f"lrs[{k}]", lr, LR_DTYPES, written)
+            refs.append((lr_array.data.ptr, VALUE_CODES[lr_array.dtype]))
+    return refs
+
+
 def _resident(segments: SegmentArrays, device_id: int, *tables: np.ndarray) -> list[cupy.ndarray]:
     """Device copies of small tables, kept per layout and device while their content is unchanged.
 
     A call repeated with the same tables uploads nothing, so a step captured in a CUDA graph
     after one call outside it (as torch asks of capturable optimizers) issues no host-to-device
-    copy inside the capture. The last few distinct contents are kept.
+    copy inside the capture. The last few distinct contents are kept, and those used during a
+    capture for good: a graph keeps reading their addresses at every replay.
     """
     packed, offsets = pack_tables(*tables)
     cache = segments.derived.setdefault("cuda", {}).setdefault(("resident", device_id), {})
     key = packed.tobytes()
-    views = cache.pop(key, None)
-    if views is None:
+    stream = cupy.cuda.get_current_stream()
+    entry = cache.pop(key, None)
+    if entry is None:
         device = cupy.empty(packed.size, dtype=np.uint8)
-        device.set(packed, stream=cupy.cuda.get_current_stream())
-        views = [device[start:start + table.nbytes].view(table.dtype) for table, start in zip(tables, offsets)]
-        while len(cache) >= _RESIDENT_TABLES:
-            cache.pop(next(iter(cache)))
-    cache[key] = views  # most recently used last
+        device.set(packed, stream=stream)
+        entry = ([device[start:start + table.nbytes].view(table.dtype) for table, start in zip(tables, offsets)],
+                 False)
+        evictable = [k for k, (_, pinned) in cache.items() if not pinned]
+        for old in evictable[:max(0, len(evictable) + 1 - _RESIDENT_TABLES)]:
+            del cache[old]
+    views, pinned = entry
+    cache[key] = (views, pinned or _capturing(stream))  # most recently used last
     return views
 
 
-#: Distinct table contents :func:`_resident` keeps per layout and device.
+def _capturing(stream: cupy.cuda.Stream) -> bool:
+    try:
+        return stream.is_capturing()
+    except cupy.cuda.runtime.CUDARuntimeError:  # the query itself is refused during some captures
+        return True
+
+
+#: Distinct table contents :func:`_resident` keeps per layout and device (besides the pinned ones).
 _RESIDENT_TABLES = 8
 
 
@@ -772,17 +806,13 @@ def radam_step_segments_on_device(params: cupy.ndarray, grads: cupy.ndarray, exp
         return
     written = (params, grads, exp_avg, exp_avg_sq) + (() if master is None else (master,))
     steps_array = _device_scalar("steps", steps, STEP_DTYPES, written, shape=(len(segments.sizes),))
-    lr_refs: list[float | tuple[int, int]] = []
-    for k, lr in enumerate(lrs):
-        if isinstance(lr, numbers.Real) and not isinstance(lr, (bool, np.bool_)):
-            lr_refs.append(float(lr))
-        elif isinstance(lr, (bool, np.bool_, numbers.Number)):
-            raise TypeError(f"lrs[{k}] must be a real number or a 0-d CUDA array, got {type(lr).__name__}")
-        else:
-            lr_array = _device_scalar(f"lrs[{k}]", lr, LR_DTYPES, written)
-            lr_refs.append((lr_array.data.ptr, VALUE_CODES[lr_array.dtype]))
-    floats, ints, pointers = capturable_group_tables(groups, lr_refs, grad_scale)
+    if len(lrs) != len(groups):
+        raise ValueError(f"lrs has {len(lrs)} entries but there are {len(groups)} groups")
     segment_group = np.asarray(segment_group, dtype=np.int32)
+    if segment_group.shape != (len(segments.sizes),) or segment_group.max(initial=-1) >= len(groups):
+        raise ValueError(f"segment_group must hold one group index (or -1) per segment ({len(segments.sizes)}), "
+                         f"each < {len(groups)}")
+    floats, ints, pointers = capturable_group_tables(groups, capturable_lrs(lrs, segment_group, written), grad_scale)
     storage = storage_of_arrays(params, grads, exp_avg, master)
     with cupy.cuda.Device(device_id):
         prologue = _segments_prologue(storage, device_id, segments, segment_group,
