@@ -673,13 +673,11 @@ def radam_step_on_device(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cup
     flavour = resolve_flavour(flavour)
     written = (params, grads, exp_avg, exp_avg_sq) + (() if master is None else (master,))
     step_array = _device_scalar("step", step, STEP_DTYPES, written)
-    if isinstance(lr, numbers.Real) and not isinstance(lr, (bool, np.bool_)):
-        lr_arguments = (np.uint64(0), np.int32(0), np.float64(lr))
-    elif isinstance(lr, (bool, np.bool_, numbers.Number)):
-        raise TypeError(f"lr must be a real number or a 0-d CUDA array, got {type(lr).__name__}")
+    lr_ref = _lr_reference("lr", lr, written)
+    if isinstance(lr_ref, tuple):
+        lr_arguments = (np.uint64(lr_ref[0]), np.int32(lr_ref[1]), np.float64(0.0))
     else:
-        lr_array = _device_scalar("lr", lr, LR_DTYPES, written)
-        lr_arguments = (np.uint64(lr_array.data.ptr), np.int32(VALUE_CODES[lr_array.dtype]), np.float64(0.0))
+        lr_arguments = (np.uint64(0), np.int32(0), np.float64(lr_ref))
     n = params.size
     device_id = _device_id(params)
     skip = _flag_arguments(found_inf, device_id)
@@ -731,18 +729,18 @@ def capturable_lrs(lrs: Sequence[Any], segment_group: np.ndarray,
     buffers) as ``(address, type code)``. Groups that no active segment of ``segment_group``
     uses get 0.0 and are not checked (their lr may live on another device)."""
     used = set(np.unique(segment_group[segment_group >= 0]).tolist())
-    refs: list[float | tuple[int, int]] = []
-    for k, lr in enumerate(lrs):
-        if k not in used:
-            refs.append(0.0)
-        elif isinstance(lr, numbers.Real) and not isinstance(lr, (bool, np.bool_)):
-            refs.append(float(lr))
-        elif isinstance(lr, (bool, np.bool_, numbers.Number)):
-            raise TypeError(f"lrs[{k}] must be a real number or a 0-d CUDA array, got {type(lr).__name__}")
-        else:
-            lr_array = _device_scalar(f"lrs[{k}]", lr, LR_DTYPES, written)
-            refs.append((lr_array.data.ptr, VALUE_CODES[lr_array.dtype]))
-    return refs
+    return [_lr_reference(f"lrs[{k}]", lr, written) if k in used else 0.0 for k, lr in enumerate(lrs)]
+
+
+def _lr_reference(name: str, lr: Any, written: Sequence[cupy.ndarray]) -> float | tuple[int, int]:
+    """A learning rate for a capturable kernel: a real number as a float, a 0-d float32/float64
+    device array (validated against the ``written`` buffers) as ``(address, type code)``."""
+    if isinstance(lr, numbers.Real) and not isinstance(lr, (bool, np.bool_)):
+        return float(lr)
+    if isinstance(lr, (bool, np.bool_, numbers.Number)):
+        raise TypeError(f"{name} must be a real number or a 0-d CUDA array, got {type(lr).__name__}")
+    lr_array = _device_scalar(name, lr, LR_DTYPES, written)
+    return lr_array.data.ptr, VALUE_CODES[lr_array.dtype]
 
 
 def _resident(segments: SegmentArrays, device_id: int, *tables: np.ndarray) -> list[cupy.ndarray]:
