@@ -9,7 +9,8 @@ Each round also times the step on cache-resident buffers (2**19 elements, all th
 VM's compute capacity moves too (its two vCPUs are sometimes worth one core, for seconds at a
 time), which only matters where the arithmetic, not the memory, can set the pace. The output
 gives the share over all rounds and over the rounds whose in-cache step ran within 25 % of the
-fastest (the machine at full compute), and the **compute ceiling**: the fastest in-cache element
+fastest (the machine at full compute), its 10th percentile and how many rounds reach 0.9 (the
+mixed-precision target), and the **compute ceiling**: the fastest in-cache element
 rate (a 1-element step's host time taken off) as the bandwidth it would consume. Where the
 ceiling sits near or below the memory bandwidth, that storage is compute-bound here.
 
@@ -82,7 +83,8 @@ def measure(n: int, rounds: int) -> None:
         line = [f"{label:15s} N={n:,}: fastradam {np.median(ours) * 1e3:.2f} ms "
                 f"({bytes_per_element(*buffers) * n / np.median(ours) / 1e9:.1f} GB/s), "
                 f"share of same-traffic {np.median(share):.2f} "
-                f"({np.median(share[full]):.2f} in the {full.sum()} of {rounds} rounds at full compute)"]
+                f"({np.median(share[full]):.2f} in the {full.sum()} of {rounds} rounds at full compute; "
+                f"10th percentile {np.percentile(share, 10):.2f}, >= 0.9 in {np.mean(share >= 0.9):.0%} of rounds)"]
         line += [f"{name} {np.median(t[name] / ours):.2f}x" for name in steps if name.startswith("torch")]
         if "fastradam_fp32" in t:
             line.append(f"{np.median(t['fastradam_fp32'] / ours):.2f}x faster than fp32 storage "

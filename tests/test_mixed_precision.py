@@ -238,3 +238,33 @@ def test_layout_with_bf16_storage_and_master_matches_the_oracle():
         assert_matches_oracle(tuple(b[part] for b in before), (master[part], flats[2][part], flats[3][part]),
                               {"step": 8, **groups[segment.group]})
     assert flats[0].tobytes() == master.astype(BF16).tobytes()
+
+
+#: One hyperparameter set per loop variant of the explicit bfloat16 vector code (numba_lanes):
+#: negated gradient (maximize) x coupled weight decay x update mode (rectified, momentum, hold).
+VARIANTS = [{"maximize": maximize, "weight_decay": 0.1, "decoupled_weight_decay": not coupled, **mode}
+            for maximize in (False, True) for coupled in (False, True)
+            for mode in ({"step": 10}, {"step": 2}, {"step": 2, "flavour": "authors"})]
+
+
+@pytest.mark.parametrize("hyper", VARIANTS, ids=str)
+@pytest.mark.parametrize("size", [31, 32, 33, 63, 64, 65, 130, 2**16 + 3])
+def test_bfloat16_vector_code_equals_the_float32_step_rounded_in_every_variant(hyper, size):
+    """All-bfloat16 buffers, 32 elements per vector: vectors whose results hold a NaN or a
+    subnormal must take the exact rounding (the hardware one flushes subnormals and keeps NaN
+    payloads, so a payload NaN is planted), the rest the hardware rounding; every result must equal the float32 step rounded,
+    bit for bit, in each of the 12 loop variants, with the leftover elements in the scalar loop."""
+    stored, _ = _stored(size, (BF16, BF16, BF16, None), seed=size)
+    if size > 40:
+        for buffer, value in zip(stored, (0.0, 0.0, 1e-39, 1e-39)):  # zero p and g: the moments decay to subnormals
+            buffer[40] = value
+        stored[0].view(np.uint16)[size - 40] = 0xFFA1  # a NaN with a payload: the hardware would keep it
+        stored[1][size - 1] = -np.inf  # in the scalar tail
+    wide = [b.astype(F32) for b in stored]
+    fused_step(*wide, lr=1e-2, **hyper)
+    fused_step(*stored, lr=1e-2, **hyper)
+    for narrow, full in ((stored[0], wide[0]), (stored[2], wide[2]), (stored[3], wide[3])):
+        with np.errstate(invalid="ignore"):  # the NaN's cast
+            assert narrow.tobytes() == full.astype(BF16).tobytes()
+    if size > 40:  # the special values really were produced, so both roundings ran
+        assert 0 < abs(float(stored[2][40])) < ml_dtypes.finfo(BF16).tiny and np.isnan(float(stored[0][size - 40]))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
+import llvmlite.binding
 import numba
 import numpy as np
 import pytest
 
 from fastradam import fused_step
+from fastradam.backends import numba_lanes
 from fastradam.scalars import pack_rows, step_scalars
 from tests.cases import DTYPES, OPTION_SETS, SIZES, STEPS, random_buffers
 from tests.oracle_check import assert_matches_oracle
@@ -141,3 +146,41 @@ def test_all_bfloat16_buffers_get_the_vectorised_word_loop():
     kernel, signature = _compiled_afresh((np.uint16, np.uint16, np.uint16, None))
     ir = kernel.inspect_llvm(signature)
     assert re.search(r"load <(8|16|32|64) x i32>", ir), "no vectorised 32-bit word loop for bfloat16 buffers"
+
+
+@pytest.mark.skipif(not numba_lanes.available(), reason="no AVX512-F/BW/DQ/BF16 on this CPU: all words take the scalar loop")
+def test_all_bfloat16_buffers_get_the_explicit_avx512_loop():
+    """Where the CPU has AVX512-BF16, the word loop's leading words take the explicit vector code:
+    the hardware conversion, guarded by the NaN/subnormal class test, in each of the 12 variants."""
+    kernel, signature = _compiled_afresh((np.uint16, np.uint16, np.uint16, None))
+    asm = kernel.inspect_asm(signature)
+    conversions = len(re.findall(r"vcvtne2ps2bf16", asm))
+    assert conversions >= 12, "expected the hardware conversion in each of 12 loop variants"
+    assert len(re.findall(r"vfpclassps", asm)) == 2 * conversions, "every converted vector must be class-tested"
+
+
+_WITHOUT_LANES = """
+import ml_dtypes, numpy as np
+from fastradam import fused_step
+from fastradam.backends import numba_lanes
+assert not numba_lanes.available()
+for size in (33, 1023, 2**16 + 3):
+    rng = np.random.default_rng(size)
+    stored = [rng.standard_normal(size).astype(ml_dtypes.bfloat16) for _ in range(4)]
+    stored[3] = abs(stored[3])
+    stored[0][7] = np.nan
+    wide = [b.astype(np.float32) for b in stored]
+    fused_step(*wide, step=10, lr=1e-2, weight_decay=0.1)
+    fused_step(*stored, step=10, lr=1e-2, weight_decay=0.1)
+    for k in (0, 2, 3):
+        assert stored[k].tobytes() == wide[k].astype(ml_dtypes.bfloat16).tobytes(), (size, k)
+"""
+
+
+def test_cpus_without_avx512_bf16_step_every_bfloat16_word_in_the_scalar_loop(tmp_path):
+    """Compiled for this CPU minus AVX512-BF16 (a fresh process, Numba told so), the explicit
+    vector code is left out and every word takes the scalar loop, with the same results."""
+    features = llvmlite.binding.get_host_cpu_features()
+    features["avx512bf16"] = False
+    env = {**os.environ, "NUMBA_CPU_FEATURES": features.flatten(), "NUMBA_CACHE_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", _WITHOUT_LANES], env=env, check=True, timeout=600)

@@ -56,25 +56,50 @@ def _bfloat16_to_float32(typingctx, bits):
     return types.float32(types.uint16), codegen
 
 
-def _round_to_bfloat16(builder, value):
-    """LLVM IR: float32 ``value`` rounded to bfloat16, as an i32 whose top half holds the result
-    (the low half is garbage): nearest-even on the top 16 bits; a NaN becomes the canonical quiet
-    NaN with its sign (``sign | 0x7FC0``, as ml_dtypes). Kept in 32-bit integer arithmetic (Numba
-    would widen it to 64-bit lanes) so it vectorises 16 to a 512-bit register."""
+def words_like(value, constant: int):
+    """LLVM IR: a 32-bit integer constant shaped like ``value`` (a scalar, or a vector of as many lanes)."""
     i32 = ir.IntType(32)
-    bits = builder.bitcast(value, i32)
-    lowest_kept = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
-    rounded = builder.add(builder.add(bits, ir.Constant(i32, 0x7FFF)), lowest_kept)
-    quiet_nan = builder.or_(builder.and_(bits, ir.Constant(i32, 0x80000000)), ir.Constant(i32, 0x7FC00000))
+    if isinstance(value.type, ir.VectorType):
+        return ir.Constant(ir.VectorType(i32, value.type.count), [constant] * value.type.count)
+    return ir.Constant(i32, constant)
+
+
+def _round_to_bfloat16(builder, value):
+    """LLVM IR: float32 ``value`` (or a vector of them) rounded to bfloat16, as i32 whose top half
+    holds the result (the low half is garbage): nearest-even on the top 16 bits; a NaN becomes the
+    canonical quiet NaN with its sign (``sign | 0x7FC0``, as ml_dtypes). Kept in 32-bit integer
+    arithmetic (Numba would widen it to 64-bit lanes) so it vectorises 16 to a 512-bit register."""
+    bits = builder.bitcast(value, words_like(value, 0).type)
+    lowest_kept = builder.and_(builder.lshr(bits, words_like(value, 16)), words_like(value, 1))
+    rounded = builder.add(builder.add(bits, words_like(value, 0x7FFF)), lowest_kept)
+    quiet_nan = builder.or_(builder.and_(bits, words_like(value, 0x80000000)), words_like(value, 0x7FC00000))
     return builder.select(builder.fcmp_unordered("uno", value, value), quiet_nan, rounded)
+
+
+def unpack_bfloat16_words(builder, words):
+    """LLVM IR: the two bfloat16 values of 32-bit ``words`` (or a vector of them) widened exactly
+    to float32, ``(low half, high half)``: the bits become the top half of a float32."""
+    floats = ir.FloatType()
+    if isinstance(words.type, ir.VectorType):
+        floats = ir.VectorType(floats, words.type.count)
+    low = builder.bitcast(builder.shl(words, words_like(words, 16)), floats)
+    high = builder.bitcast(builder.and_(words, words_like(words, 0xFFFF0000)), floats)
+    return low, high
+
+
+def pack_bfloat16_words(builder, low, high):
+    """LLVM IR: float32 ``low`` and ``high`` (or vectors of them) rounded to bfloat16 as
+    :func:`_round_to_bfloat16` does and packed into 32-bit words, ``low`` in the low half."""
+    low_bits = builder.lshr(_round_to_bfloat16(builder, low), words_like(low, 16))
+    high_bits = builder.and_(_round_to_bfloat16(builder, high), words_like(high, 0xFFFF0000))
+    return builder.or_(high_bits, low_bits)
 
 
 @intrinsic
 def _float32_to_bfloat16(typingctx, value):
     """float32 rounded to bfloat16 bits (uint16), as :func:`_round_to_bfloat16`."""
     def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        return builder.trunc(builder.lshr(_round_to_bfloat16(builder, args[0]), ir.Constant(i32, 16)),
+        return builder.trunc(builder.lshr(_round_to_bfloat16(builder, args[0]), words_like(args[0], 16)),
                              ir.IntType(16))
 
     return types.uint16(types.float32), codegen
@@ -85,10 +110,7 @@ def bfloat16_pair(typingctx, word):
     """The two bfloat16 values of a 32-bit word (little endian: element ``2k`` in the low half,
     ``2k+1`` in the high half), widened exactly to float32: ``(low, high)``."""
     def codegen(context, builder, signature, args):
-        i32, f32 = ir.IntType(32), ir.FloatType()
-        low = builder.bitcast(builder.shl(args[0], ir.Constant(i32, 16)), f32)
-        high = builder.bitcast(builder.and_(args[0], ir.Constant(i32, 0xFFFF0000)), f32)
-        return context.make_tuple(builder, signature.return_type, (low, high))
+        return context.make_tuple(builder, signature.return_type, unpack_bfloat16_words(builder, args[0]))
 
     return types.UniTuple(types.float32, 2)(types.uint32), codegen
 
@@ -98,10 +120,7 @@ def bfloat16_word(typingctx, low, high):
     """Two float32 values rounded to bfloat16 (as :func:`_float32_to_bfloat16`) and packed into
     one 32-bit word, the inverse of :func:`bfloat16_pair`: no 16-bit lanes, so no narrowing."""
     def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        low_bits = builder.lshr(_round_to_bfloat16(builder, args[0]), ir.Constant(i32, 16))
-        high_bits = builder.and_(_round_to_bfloat16(builder, args[1]), ir.Constant(i32, 0xFFFF0000))
-        return builder.or_(high_bits, low_bits)
+        return pack_bfloat16_words(builder, args[0], args[1])
 
     return types.uint32(types.float32, types.float32), codegen
 
