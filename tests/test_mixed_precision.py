@@ -252,8 +252,9 @@ VARIANTS = [{"maximize": maximize, "weight_decay": 0.1, "decoupled_weight_decay"
 def test_bfloat16_vector_code_equals_the_float32_step_rounded_in_every_variant(hyper, size):
     """All-bfloat16 buffers, 32 elements per vector: vectors whose results hold a NaN or a
     subnormal must take the exact rounding (the hardware one flushes subnormals and keeps NaN
-    payloads, so a payload NaN is planted), the rest the hardware rounding; every result must equal the float32 step rounded,
-    bit for bit, in each of the 12 loop variants, with the leftover elements in the scalar loop."""
+    payloads, so a payload NaN is planted), the rest the hardware rounding; every result must
+    equal the float32 step rounded, bit for bit, in each of the 12 loop variants, with the
+    leftover elements in the scalar loop."""
     stored, _ = _stored(size, (BF16, BF16, BF16, None), seed=size)
     if size > 40:
         for buffer, value in zip(stored, (0.0, 0.0, 1e-39, 1e-39)):  # zero p and g: the moments decay to subnormals

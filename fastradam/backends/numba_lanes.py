@@ -6,8 +6,8 @@ the one whose arithmetic can fall behind the memory. CPUs with AVX512-BF16 round
 one instruction (``vcvtne2ps2bf16``), bit-exact for every value except two kinds: float32
 subnormals (flushed to zero) and NaNs (payload kept, not the canonical quiet NaN). LLVM's loop
 vectoriser makes poor use of it (8 lanes wide: a standalone loop ran 2.3x slower than with the
-integer rounding), so this module
-writes the loop over 16 words (32 elements) at a time itself, as LLVM IR:
+integer rounding), so this module writes the loop over 16 words (32 elements) at a time itself,
+as LLVM IR:
 
 1. widen the four 16-word vectors to float32 (low and high halves, as :func:`bfloat16_pair`);
 2. the element update, *traced* from the same Python function the scalar loop compiles:
