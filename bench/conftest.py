@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 
+import llvmlite.binding
 import pytest
 
 import report
+from fastradam.backends import numba_target
 
 
 def pytest_addoption(parser):
@@ -25,16 +28,20 @@ def pytest_collection_modifyitems(config, items):
         items[:] = kept
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_model() -> str:
-    """The CPU's model name, as the kernel reports it."""
+    """The CPU's model name as the kernel reports it, with LLVM's name for its core and its widest
+    vectors, e.g. ``AMD EPYC (znver3, AVX2)``: a VM often reports the family name only, the same
+    for CPUs years apart."""
+    name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    bits = numba_target.widest_vector_bits()
+    vectors = {512: "AVX-512", 256: "AVX2" if "avx2" in numba_target.compiled_features() else "AVX"}
+    return f"{name} ({llvmlite.binding.get_host_cpu_name()}, {vectors.get(bits, f'{bits}-bit vectors')})"
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

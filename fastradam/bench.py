@@ -2,9 +2,10 @@
 
 It runs the pytest-benchmark suite in the source tree's ``bench/`` folder (CPU by default;
 GPU cases run too where a CUDA device is present), with pytest's progress visible, then
-prints the table of ``bench/report.py`` and writes it as Markdown, with the PNG plots of
-``bench/plots.py``, beside the JSON. GPU results committed under ``bench/results/*.json``
-join the report unless ``--no-gpu-results`` (or this run measured the same device).
+prints the report of ``bench/report.py`` (this machine first) and writes it as Markdown, with
+the figures of ``bench/plots.py``, beside the JSON. The other machines' results committed under
+``bench/results/*.json`` follow in their own section unless ``--no-committed-results`` (a
+committed device this run measured itself is left out).
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
                         help="folder for results.json, report.md and the plots (default: ./bench-results)")
     parser.add_argument("-k", dest="keyword", help="only benchmarks matching this pytest -k expression")
-    parser.add_argument("--no-gpu-results", action="store_true",
-                        help="leave the GPU results committed under bench/results/ out of the report")
-    parser.add_argument("--no-plots", action="store_true", help="write no PNG plots (no matplotlib needed)")
+    parser.add_argument("--no-committed-results", "--no-gpu-results", dest="no_committed_results",
+                        action="store_true",
+                        help="leave the other machines' results committed under bench/results/ out of the report")
+    parser.add_argument("--no-plots", action="store_true", help="write no PNG figures (no matplotlib needed)")
     args = parser.parse_args(argv)
 
     bench = suite_dir()
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if status != 0:
         return status
     print(f"benchmarks done in {time.perf_counter() - start:.0f} s; building the report", flush=True)
-    sources = [json_path] + ([] if args.no_gpu_results else committed_results(bench, json_path))
+    sources = [json_path] + ([] if args.no_committed_results else committed_results(bench, json_path))
     sys.path.insert(0, str(bench))
     import report
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 
 from fastradam import fused_step
-from fastradam.backends import numba_lanes
-from fastradam.scalars import pack_rows, step_scalars
+from fastradam.backends import numba_cpu, numba_lanes, numba_target
+from tests import cpu_targets, kernel_code
 from tests.cases import DTYPES, OPTION_SETS, SIZES, STEPS, random_buffers
 from tests.oracle_check import assert_matches_oracle
 
@@ -110,56 +111,81 @@ def test_bit_identical_reruns_and_thread_counts(dtype):
         assert a.tobytes() == b.tobytes() == c.tobytes()
 
 
-def _compiled_afresh(storage):
-    """The kernel's own source compiled afresh (cached code cannot be inspected) and run once on
-    8-element buffers of ``storage`` (params, grads, moments, master bit-view dtypes)."""
-    from fastradam.backends import numba_cpu
-
-    kernel = numba.njit(parallel=True)(numba_cpu._radam_blocks.py_func)
-    scalars = step_scalars(step=6, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                           decoupled_weight_decay=False, maximize=False)
-    floats, ints = pack_rows([scalars], np.dtype(np.float32))
-    p, g, m = (np.ones(8, dtype=d) for d in storage[:3])
-    master = None if storage[3] is None else np.ones(8, dtype=storage[3])
-    kernel(p, g, m, m.copy(), master, np.array([0]), np.array([8]), np.array([0], np.int32), floats, ints)
-    return kernel, kernel.signatures[0]
+def _widest_register(registers: list[str]) -> str | None:
+    return max(registers, key="xyz".index) if registers else None
 
 
-@pytest.mark.parametrize("storage", [
-    (np.float32, np.float32, np.float32, None),
-    (np.uint16, np.uint16, np.float32, None),  # bfloat16 params and grads, float32 moments
-    (np.int16, np.int16, np.uint16, np.float32),  # float16 params + master, bfloat16 moments
-], ids=["float32", "bf16-params-grads", "fp16-master-bf16-moments"])
+@pytest.mark.parametrize("storage", ["float32", "bf16-params-grads", "fp16-master-bf16-moments"])
 def test_float32_math_is_vectorised_and_stays_float32(storage):
-    kernel, signature = _compiled_afresh(storage)
-    asm = kernel.inspect_asm(signature)
-    packed_sqrt = re.findall(r"vsqrtps\s+%([xyz])mm", asm)
-    assert packed_sqrt, "no packed single-precision sqrt: the loop did not vectorise"
-    assert not re.search(r"vsqrtpd|vcvtps2pd", asm), "float32 math promoted to float64"
-    with open("/proc/cpuinfo") as cpuinfo:
-        if "avx512f" in cpuinfo.read():
-            assert "z" in packed_sqrt, "AVX-512 CPU but no 512-bit (zmm) sqrt"
+    """On any CPU: the element loop becomes float32 vector square roots, nothing is computed in
+    float64, and on x86 the widest packed square root uses the width the kernel asks for
+    (``VECTOR_BITS``) where the CPU has it, else the CPU's widest."""
+    ir, asm = kernel_code.compiled(storage)
+    lanes, registers = kernel_code.packed_sqrt_widths(ir, asm)
+    assert lanes, "no float32 vector sqrt: the loop did not vectorise"
+    assert not kernel_code.promoted_to_float64(ir), "float32 math promoted to float64"
+    if numba_target.is_x86():
+        chosen = min(numba_cpu.VECTOR_BITS, numba_target.widest_vector_bits())
+        assert _widest_register(registers) == kernel_code.REGISTER[chosen], (registers, chosen)
 
 
 def test_all_bfloat16_buffers_get_the_vectorised_word_loop():
     """With every buffer bfloat16 the kernel holds a loop over 32-bit words (two elements each),
     vectorised: wide i32 loads that the 16-bit element loop does not have."""
-    kernel, signature = _compiled_afresh((np.uint16, np.uint16, np.uint16, None))
-    ir = kernel.inspect_llvm(signature)
-    assert re.search(r"load <(8|16|32|64) x i32>", ir), "no vectorised 32-bit word loop for bfloat16 buffers"
+    ir, _ = kernel_code.compiled("all-bfloat16")
+    assert re.search(r"load <(4|8|16|32|64) x i32>", ir), "no vectorised 32-bit word loop for bfloat16 buffers"
+
+
+def _assert_explicit_avx512_loop(code: dict) -> None:
+    """The hardware conversion in each of the 12 loop variants, every converted vector class-tested."""
+    assert code["bf16_conversions"] >= 12, "expected the hardware conversion in each of 12 loop variants"
+    assert code["class_tests"] == 2 * code["bf16_conversions"], "every converted vector must be class-tested"
 
 
 @pytest.mark.skipif(not numba_lanes.available(), reason="no AVX512-F/BW/DQ/BF16 on this CPU: all words take the scalar loop")
 def test_all_bfloat16_buffers_get_the_explicit_avx512_loop():
     """Where the CPU has AVX512-BF16, the word loop's leading words take the explicit vector code:
     the hardware conversion, guarded by the NaN/subnormal class test, in each of the 12 variants."""
-    kernel, signature = _compiled_afresh((np.uint16, np.uint16, np.uint16, None))
-    asm = kernel.inspect_asm(signature)
-    conversions = len(re.findall(r"vcvtne2ps2bf16", asm))
-    assert conversions >= 12, "expected the hardware conversion in each of 12 loop variants"
-    assert len(re.findall(r"vfpclassps", asm)) == 2 * conversions, "every converted vector must be class-tested"
+    _assert_explicit_avx512_loop(kernel_code.summary(["all-bfloat16"])["all-bfloat16"])
 
 
+@pytest.fixture(scope="module")
+def other_cpus_code(tmp_path_factory):
+    """:func:`kernel_code.summary` compiled (not run) for each of :data:`cpu_targets.TARGETS`, in
+    fresh processes, two at a time."""
+    root = Path(__file__).resolve().parents[1]
+    runs = {name: subprocess.Popen([sys.executable, "-m", "tests.kernel_code"], cwd=root, stdout=subprocess.PIPE,
+                                   env=cpu_targets.environment(name, str(tmp_path_factory.mktemp("cache"))))
+            for name in cpu_targets.TARGETS}
+    out = {}
+    for name, run in runs.items():
+        stdout, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, f"compiling for {name} failed"
+        out[name] = json.loads(stdout)
+    return out
+
+
+@pytest.mark.skipif(not numba_target.is_x86(), reason="the x86 targets are compiled for on an x86 machine")
+@pytest.mark.parametrize("target", cpu_targets.TARGETS)
+def test_every_x86_target_gets_its_widest_float32_vectors(target, other_cpus_code):
+    """Compiled for each x86 CPU the users run: every storage vectorised at the CPU's widest (512
+    bits on Intel too, whose tuning alone would take 256), nothing in float64, float16 storage
+    compiled where the CPU has no half conversions, the explicit AVX-512 bfloat16 loop exactly
+    where AVX512-BF16 is."""
+    code = other_cpus_code[target]
+    _, _, bits = cpu_targets.TARGETS[target]
+    assert code["widest_vector_bits"] == bits
+    for storage in kernel_code.STORAGES:
+        assert code[storage]["sqrt_lanes"] and not code[storage]["float64"], storage
+        assert _widest_register(code[storage]["sqrt_registers"]) == kernel_code.REGISTER[bits], storage
+    assert code["lanes_available"] == (bits == 512)
+    if code["lanes_available"]:
+        _assert_explicit_avx512_loop(code["all-bfloat16"])
+    else:
+        assert code["all-bfloat16"]["bf16_conversions"] == 0
+
+
+@pytest.mark.skipif(not numba_lanes.available(), reason="no AVX512-BF16 here: this run already takes the scalar loop")
 def test_cpus_without_avx512_bf16_step_every_bfloat16_word_in_the_scalar_loop(tmp_path):
     """Compiled for this CPU minus AVX512-BF16 (fresh processes, Numba told so), the explicit
     vector code is left out, and the all-bfloat16 bit-for-bit tests pass with every word in the

@@ -5,8 +5,11 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
+from fastradam.backends import numba_storage, numba_target
 from fastradam.backends.numba_storage import (
     BFLOAT16_BITS,
     FLOAT16_BITS,
@@ -113,3 +116,51 @@ def test_bfloat16_words_round_like_astype_and_the_one_at_a_time_store():
     assert words.view(np.uint16).tobytes() == one_at_a_time[:2 * words.size].tobytes()
     with np.errstate(all="ignore"):
         assert words.view(np.uint16).tobytes() == values[:2 * words.size].astype(ml_dtypes.bfloat16).tobytes()
+
+
+@intrinsic
+def _both_half_widenings(typingctx, bits):
+    """(LLVM's fpext half, the integer widening) of one int16 half, as uint32 float bits."""
+    def codegen(context, builder, signature, args):
+        native = builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        integer = numba_storage._half_bits_to_float32(builder, args[0])
+        return context.make_tuple(builder, signature.return_type,
+                                  [builder.bitcast(v, ir.IntType(32)) for v in (native, integer)])
+
+    return types.UniTuple(types.uint32, 2)(types.int16), codegen
+
+
+@intrinsic
+def _both_half_roundings(typingctx, value):
+    """(LLVM's fptrunc to half, the integer rounding) of one float32, as int16 bits."""
+    def codegen(context, builder, signature, args):
+        native = builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+        return context.make_tuple(builder, signature.return_type,
+                                  [native, numba_storage._float32_to_half_bits(builder, args[0])])
+
+    return types.UniTuple(types.int16, 2)(types.float32), codegen
+
+
+@njit(parallel=True)
+def _half_conversions_both_ways(halves, floats, widened, rounded):
+    for i in prange(halves.size):
+        widened[0, i], widened[1, i] = _both_half_widenings(halves[i])
+    for i in prange(floats.size):
+        rounded[0, i], rounded[1, i] = _both_half_roundings(floats[i])
+
+
+@pytest.mark.skipif(not numba_target.native_half_conversions(),
+                    reason="this CPU has no half conversions of its own to compare with")
+def test_integer_half_conversions_equal_the_cpus_own_bit_for_bit():
+    """CPUs without F16C (the x86-64 baseline, ``NUMBA_CPU_NAME=generic``) convert halves in
+    integer arithmetic: it must give the hardware's bits, NaN payloads and quieting included, for
+    every half and for float32 patterns of every class around each rounding boundary."""
+    halves = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.int16)
+    boundaries = [np.arange(start - 4096, start + 4096, dtype=np.uint32)
+                  for start in (0x33000000, 0x387FC000, 0x38800000, 0x477FE000, 0x477FF000, 0x47800000, 0x7F800000)]
+    floats = np.concatenate([_random_floats_and_specials(2**21).view(np.uint32), *boundaries])
+    floats = np.concatenate([floats, floats ^ np.uint32(0x80000000)]).view(np.float32)
+    widened, rounded = np.empty((2, halves.size), np.uint32), np.empty((2, floats.size), np.int16)
+    _half_conversions_both_ways(halves, floats, widened, rounded)
+    assert np.array_equal(widened[0], widened[1]), np.flatnonzero(widened[0] != widened[1])[:8]
+    assert np.array_equal(rounded[0], rounded[1]), floats[rounded[0] != rounded[1]][:8]

@@ -29,13 +29,12 @@ from __future__ import annotations
 import itertools
 
 import llvmlite.binding as llvm_binding
-import numba
 import numpy as np
 from llvmlite import ir
 from numba.core import cgutils
-from numba.core.codegen import get_host_cpu_features as host_cpu_features
 
 from fastradam.backends.numba_storage import pack_bfloat16_words, unpack_bfloat16_words
+from fastradam.backends.numba_target import compiled_features
 from fastradam.scalars import HOLD, MOMENTUM, RECTIFIED
 
 LANES = 16  #: 32-bit words per vector: 32 bfloat16 elements, 16 float32 lanes per half
@@ -48,11 +47,7 @@ def available() -> bool:
     native assembly parser is initialised too (Numba initialises the target and the printer
     only), since the conversion is written as inline assembly: that pins the instruction and
     its operand order regardless of how a given LLVM names or lowers bfloat16."""
-    features = numba.config.CPU_FEATURES
-    if features is None:
-        features = host_cpu_features()  # Numba's: honours NUMBA_ENABLE_AVX, '' where undetectable
-    present = set(features.split(","))
-    if not all(f"+{name}" in present for name in _REQUIRED_FEATURES):
+    if not compiled_features().issuperset(_REQUIRED_FEATURES):
         return False
     llvm_binding.initialize_native_asmparser()
     return True

@@ -24,24 +24,81 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+from fastradam.backends.numba_target import native_half_conversions
+
 BFLOAT16_BITS = np.uint16  #: the view dtype bfloat16 buffers travel as
 FLOAT16_BITS = np.int16  #: the view dtype float16 buffers travel as
 
 
+def _half_bits_to_float32(builder, bits):
+    """LLVM IR: IEEE binary16 ``bits`` (i16) widened exactly to float32 in integer arithmetic, as
+    F16C's ``vcvtph2ps`` and AArch64's ``fcvt`` do it (a signalling NaN comes back quiet, its payload kept)."""
+    i32 = ir.IntType(32)
+    word = builder.zext(bits, i32)
+    sign = builder.shl(builder.and_(word, ir.Constant(i32, 0x8000)), ir.Constant(i32, 16))
+    exponent = builder.and_(builder.lshr(word, ir.Constant(i32, 10)), ir.Constant(i32, 0x1F))
+    mantissa = builder.and_(word, ir.Constant(i32, 0x3FF))
+    normal = builder.or_(builder.shl(builder.add(exponent, ir.Constant(i32, 127 - 15)), ir.Constant(i32, 23)),
+                         builder.shl(mantissa, ir.Constant(i32, 13)))
+    quiet = builder.select(builder.icmp_unsigned("!=", mantissa, ir.Constant(i32, 0)),
+                           ir.Constant(i32, 0x400000), ir.Constant(i32, 0))
+    special = builder.or_(builder.or_(ir.Constant(i32, 0x7F800000), builder.shl(mantissa, ir.Constant(i32, 13))), quiet)
+    # zero and subnormals: mantissa * 2**-24, exact in float32
+    tiny = builder.bitcast(builder.fmul(builder.uitofp(mantissa, ir.FloatType()), ir.Constant(ir.FloatType(), 2.0 ** -24)),
+                           i32)
+    magnitude = builder.select(builder.icmp_unsigned("==", exponent, ir.Constant(i32, 0)), tiny,
+                               builder.select(builder.icmp_unsigned("==", exponent, ir.Constant(i32, 0x1F)), special,
+                                              normal))
+    return builder.bitcast(builder.or_(sign, magnitude), ir.FloatType())
+
+
+def _float32_to_half_bits(builder, value):
+    """LLVM IR: float32 ``value`` rounded to IEEE binary16 bits (i16) in integer arithmetic:
+    nearest-even, overflow to infinity, subnormals where due, and a NaN quiet with the top of
+    its payload, as F16C's ``vcvtps2ph`` and AArch64's ``fcvt`` do it. Subnormal results are
+    rounded by one float32 addition (of 0.5, which lines the half's last mantissa bit up with
+    float32's); normal ones by adding ``0xFFF`` plus the kept mantissa's lowest bit."""
+    i32 = ir.IntType(32)
+    word = builder.bitcast(value, i32)
+    sign = builder.and_(builder.lshr(word, ir.Constant(i32, 16)), ir.Constant(i32, 0x8000))
+    magnitude = builder.and_(word, ir.Constant(i32, 0x7FFFFFFF))
+    nan = builder.or_(ir.Constant(i32, 0x7E00), builder.and_(builder.lshr(magnitude, ir.Constant(i32, 13)),
+                                                             ir.Constant(i32, 0x3FF)))
+    special = builder.select(builder.icmp_unsigned(">", magnitude, ir.Constant(i32, 0x7F800000)), nan,
+                             ir.Constant(i32, 0x7C00))
+    magic = 0x3F000000  # 0.5: 2**-14 subnormal steps of 2**-24 land on float32's last mantissa bit
+    shifted = builder.fadd(builder.bitcast(magnitude, ir.FloatType()), ir.Constant(ir.FloatType(), 0.5))
+    tiny = builder.sub(builder.bitcast(shifted, i32), ir.Constant(i32, magic))
+    odd = builder.and_(builder.lshr(magnitude, ir.Constant(i32, 13)), ir.Constant(i32, 1))
+    rounded = builder.add(builder.add(magnitude, ir.Constant(i32, ((15 - 127) << 23) + 0xFFF)), odd)
+    normal = builder.lshr(rounded, ir.Constant(i32, 13))
+    result = builder.select(builder.icmp_unsigned(">=", magnitude, ir.Constant(i32, (127 + 16) << 23)), special,
+                            builder.select(builder.icmp_unsigned("<", magnitude, ir.Constant(i32, 113 << 23)), tiny,
+                                           normal))
+    return builder.trunc(builder.or_(result, sign), ir.IntType(16))
+
+
 @intrinsic
 def _half_to_float32(typingctx, bits):
-    """IEEE binary16 bits (int16) widened exactly to float32 (LLVM ``fpext half``)."""
+    """IEEE binary16 bits (int16) widened exactly to float32: LLVM's ``fpext half`` where the CPU
+    converts halves itself, integer arithmetic elsewhere (LLVM would call a runtime function
+    that Numba does not link)."""
     def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        if native_half_conversions():
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return _half_bits_to_float32(builder, args[0])
 
     return types.float32(types.int16), codegen
 
 
 @intrinsic
 def _float32_to_half(typingctx, value):
-    """float32 rounded to IEEE binary16 (LLVM ``fptrunc``: nearest-even), as int16 bits."""
+    """float32 rounded to IEEE binary16 (nearest-even), as int16 bits: LLVM's ``fptrunc`` where
+    the CPU converts halves itself, integer arithmetic elsewhere (the same bits)."""
     def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+        if native_half_conversions():
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+        return _float32_to_half_bits(builder, args[0])
 
     return types.int16(types.float32), codegen
 
