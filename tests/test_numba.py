@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 
 import llvmlite.binding
+import ml_dtypes
 import numba
 import numpy as np
 import pytest
 
 from fastradam import fused_step
 from fastradam.backends import numba_cpu, numba_lanes, numba_target
+from fastradam.scalars import pack_rows, step_scalars
 from tests import cpu_targets, kernel_code
 from tests.cases import DTYPES, OPTION_SETS, SIZES, STEPS, random_buffers
 from tests.oracle_check import assert_matches_oracle
@@ -109,6 +111,65 @@ def test_bit_identical_reruns_and_thread_counts(dtype):
     first, again, one_thread = _run(dtype), _run(dtype), _run(dtype, threads=1)
     for a, b, c in zip(first, again, one_thread):
         assert a.tobytes() == b.tobytes() == c.tobytes()
+
+
+def _storage_buffers(storage, size, seed):
+    """(params, grads, exp_avg, exp_avg_sq, master) bit views of ``storage`` (numpy dtypes; master
+    None or float32), random, with zeros, signed zeros, infinities, NaNs and subnormals planted."""
+    buffers = list(random_buffers(size, np.float32, seed))
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -1e-39, 3e38], np.float32)
+    for k, buffer in enumerate(buffers):
+        buffer[k::37][:specials.size] = np.roll(specials, k)
+    buffers[3] = np.abs(buffers[3])
+    master = None if storage[3] is None else buffers[0].astype(storage[3])
+    with np.errstate(over="ignore"):  # 3e38 in float16
+        out = [b.astype(d) for b, d in zip(buffers, storage[:3] + storage[2:3])] + [master]
+    return [numba_cpu.as_array(b) if b is not None else None for b in out]
+
+
+@numba.njit
+def _element_loops(p, g, m, v, master, scalars, plain):
+    if plain:
+        numba_cpu._radam_element_loop(p, g, m, v, master, numba_cpu._plain(scalars))
+    else:
+        numba_cpu._radam_element_loop(p, g, m, v, master, scalars)
+
+
+@numba.njit
+def _word_pair_loops(p, g, m, v, scalars, plain):
+    if plain:
+        numba_cpu._radam_word_pair_loop(p, g, m, v, numba_cpu._plain(scalars))
+    else:
+        numba_cpu._radam_word_pair_loop(p, g, m, v, scalars)
+
+
+@pytest.mark.parametrize("storage", [(np.float32,) * 3 + (None,), (np.float64,) * 3 + (None,),
+                                     (ml_dtypes.bfloat16, ml_dtypes.bfloat16, np.float32, None),
+                                     (np.float16, np.float16, np.float32, np.float32),
+                                     (ml_dtypes.bfloat16,) * 3 + (None,)],
+                         ids=["float32", "float64", "bf16-params-grads", "fp16-master", "all-bfloat16-words"])
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_the_common_case_loop_equals_the_general_loop_bit_for_bit(storage, decoupled):
+    """A rectified, unscaled, unnegated step without L2 decay takes a loop of its own, its flags
+    constants (``numba_cpu._plain``); it must give the general loop's bits, specials included
+    (all-bfloat16: the word-pair loop). That the kernels take it only where it applies, the
+    oracle tests of every option show."""
+    math = np.float64 if storage[0] is np.float64 else np.float32
+    scalars = step_scalars(step=9, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1 * decoupled,
+                           decoupled_weight_decay=decoupled, maximize=False)
+    floats, ints = pack_rows([scalars], np.dtype(math))
+    row = (*floats[0], bool(ints[0, 0]), ints[0, 1])
+    plain = _storage_buffers(storage, 4099, seed=5)
+    general = [None if b is None else b.copy() for b in plain]
+    if storage[3] is None and all(d is ml_dtypes.bfloat16 for d in storage[:3]):
+        for buffers, flag in ((plain, True), (general, False)):
+            _word_pair_loops(*(b[:-1].view(np.uint32) for b in buffers[:4]), row, flag)
+    else:
+        _element_loops(*plain, row, True)
+        _element_loops(*general, row, False)
+    for got, want in zip(plain, general):
+        if got is not None:
+            assert got.tobytes() == want.tobytes()
 
 
 def _widest_register(registers: list[str]) -> str | None:

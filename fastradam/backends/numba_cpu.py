@@ -5,7 +5,10 @@ One kernel source serves every storage format and every entry point. Work is cut
 multi-tensor layout is its segment table cut the same way; a tensor list is a table of
 addresses. Each block reads its scalars from row ``row`` of small tables that the host filled
 in float64 and rounded to the math dtype (a float32 loop stays float32); ``row < 0`` skips
-the block. ``prange`` spreads blocks over ``numba.get_num_threads()`` threads. Each kernel
+the block. ``prange`` spreads blocks over ``numba.get_num_threads()`` threads. The common
+step (rectified, no gradient scale, no ``maximize``, no L2 decay) runs a loop of its own with
+those flags as constants: the same results with fewer instructions per element, which even a
+memory-bound step feels (0.88 -> 0.97 of the same-traffic kernel on a Zen 3 VM). Each kernel
 asks LLVM for :data:`VECTOR_BITS`-wide vectors (:mod:`fastradam.backends.numba_target`): the
 CPU's widest, also on Intel server cores whose tuning alone would take 256 bits.
 
@@ -134,9 +137,41 @@ def _radam_single(p_view, g_view, m_view, v_view, master_view, i, scalars):
     _radam_at(p_view, g_view, m_view, v_view, master_view, i, scalars)
 
 
+def _plain(scalars):
+    """``scalars`` with the defaults of a plain rectified step as constants, so LLVM folds them
+    away (``g * 1``, ``-g``, ``l2 * p``, the update-mode branches): the same results, fewer
+    instructions per element. Valid where :func:`_is_plain`."""
+
+
+@overload(_plain, inline="always")
+def _plain_impl(scalars):
+    real = scalars[0]
+
+    def plain(scalars):
+        (one_minus_beta1, beta2, one_minus_beta2, eps, _, param_decay, step_size, _, _, _) = scalars
+        return (one_minus_beta1, beta2, one_minus_beta2, eps, real(0.0), param_decay, step_size, real(1.0),
+                False, RECTIFIED)
+    return plain
+
+
+@njit(inline="always")
+def _is_plain(scalars):
+    """Whether the step is rectified, unscaled, not negated, without L2 decay (the common case)."""
+    return scalars[9] == RECTIFIED and not scalars[8] and scalars[4] == 0 and scalars[7] == 1
+
+
 @njit(inline="always")
 def _radam_elements(p_view, g_view, m_view, v_view, master_view, scalars):
-    """Every element of the views, one at a time (the loop LLVM vectorises)."""
+    """Every element of the views, one at a time (the loop LLVM vectorises): a loop of its own
+    for the common case (:func:`_plain`), a general one for the rest."""
+    if _is_plain(scalars):
+        _radam_element_loop(p_view, g_view, m_view, v_view, master_view, _plain(scalars))
+    else:
+        _radam_element_loop(p_view, g_view, m_view, v_view, master_view, scalars)
+
+
+@njit(inline="always")
+def _radam_element_loop(p_view, g_view, m_view, v_view, master_view, scalars):
     for i in range(p_view.size):
         _radam_at(p_view, g_view, m_view, v_view, master_view, i, scalars)
 
@@ -173,7 +208,16 @@ def _radam_bfloat16_words(p_words, g_words, m_words, v_words, scalars):
 
 @njit(inline="always")
 def _radam_word_pairs(p_words, g_words, m_words, v_words, scalars):
-    """The words one at a time, each as its two elements (the loop LLVM vectorises)."""
+    """The words one at a time, each as its two elements (the loop LLVM vectorises), the
+    common case (:func:`_plain`) in a loop of its own."""
+    if _is_plain(scalars):
+        _radam_word_pair_loop(p_words, g_words, m_words, v_words, _plain(scalars))
+    else:
+        _radam_word_pair_loop(p_words, g_words, m_words, v_words, scalars)
+
+
+@njit(inline="always")
+def _radam_word_pair_loop(p_words, g_words, m_words, v_words, scalars):
     for k in range(p_words.size):
         p0, p1 = bfloat16_pair(p_words[k])
         g0, g1 = bfloat16_pair(g_words[k])
