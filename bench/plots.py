@@ -64,8 +64,8 @@ def summary_plot(cases: Sequence[Any], title: str, path: Path) -> Path | None:
     ax.set_title(f"{title}\nshare of the roofline per case; beside fastradam's bar: its share and its speedup "
                  "over each peer", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08 * 12 / fig.get_figheight()), ncol=4,
-              frameon=False)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.55 / max(fig.get_figheight() - 1.4, 1.0)),
+              ncol=4, frameon=False)  # below the axis label, ~0.55 inch down whatever the height
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
