@@ -6,7 +6,6 @@ import functools
 import os
 import platform
 
-import llvmlite.binding
 import pytest
 
 import report
@@ -30,9 +29,9 @@ def pytest_collection_modifyitems(config, items):
 
 @functools.lru_cache(maxsize=1)
 def cpu_model() -> str:
-    """The CPU's model name as the kernel reports it, with LLVM's name for its core and its widest
-    vectors, e.g. ``AMD EPYC (znver3, AVX2)``: a VM often reports the family name only, the same
-    for CPUs years apart."""
+    """The CPU's model name as the kernel reports it, with LLVM's name for the core Numba compiles
+    for and its widest vectors, e.g. ``AMD EPYC (znver3, AVX2)``: a VM often reports the family
+    name only, the same for CPUs years apart."""
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -41,7 +40,7 @@ def cpu_model() -> str:
         pass
     bits = numba_target.widest_vector_bits()
     vectors = {512: "AVX-512", 256: "AVX2" if "avx2" in numba_target.compiled_features() else "AVX"}
-    return f"{name} ({llvmlite.binding.get_host_cpu_name()}, {vectors.get(bits, f'{bits}-bit vectors')})"
+    return f"{name} ({numba_target.compiled_cpu()}, {vectors.get(bits, f'{bits}-bit vectors')})"
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -117,7 +118,7 @@ def markdown_table(rows: list[Row]) -> str:
     """The full table of one device's rows, one line per benchmark, grouped by dtype and size."""
     lines = [
         "| dtype | N | tensors | implementation | median ms | throughput | share of same-traffic | "
-        "share of flat fastradam | vs torch RAdam foreach | vs torch Adam fused |",
+        "share of flat fastradam | vs torch Adam fused | vs torch RAdam foreach |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in sorted(rows, key=lambda r: (r.dtype, r.n, r.tensors, r.median_s)):
@@ -128,7 +129,7 @@ def markdown_table(rows: list[Row]) -> str:
             f"| {row.dtype} | {row.n:,} | {row.tensors} | {row.implementation} | "
             f"{row.median_s * 1e3:.3f} | {throughput(row)} | "
             f"{'' if share is None else f'{share:.2f}'} | {'' if flat is None else f'{flat:.2f}'} | "
-            f"{_ratio(d.get('speedup_vs_torch_radam_foreach'))} | {_ratio(d.get('speedup_vs_torch_adam_fused'))} |"
+            f"{_ratio(d.get('speedup_vs_torch_adam_fused'))} | {_ratio(d.get('speedup_vs_torch_radam_foreach'))} |"
         )
     return "\n".join(lines)
 
@@ -223,7 +224,7 @@ LEGEND = ("Medians of pytest-benchmark rounds. Share of same-traffic = the same-
 
 
 def _slug(device: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-").replace("--", "-")
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
 
 
 def _devices(rows: list[Row]) -> list[str]:
@@ -255,8 +256,11 @@ def render(paths: list[Path], plots: Path | None = None, relative_to: Path | Non
     """
     documents = [(Path(p), json.loads(Path(p).read_text())) for p in paths]
     lines = ["# fastradam benchmark report", "", LEGEND, ""]
+    figures: set[str] = set()
     for index, (path, doc) in enumerate(documents):
         rows = rows_from_json(doc)
+        if index == 0 and not rows:
+            lines += [f"## This machine: no fastradam benchmarks in {path.name}", ""]
         if index == 1:
             lines += ["## Other machines (committed results)", "",
                       "Recorded on other machines and committed under `bench/results/`; each is compared only with "
@@ -265,8 +269,11 @@ def render(paths: list[Path], plots: Path | None = None, relative_to: Path | Non
             here = [r for r in rows if r.device == device]
             device_cases = cases(here)
             heading = "## This machine: " if index == 0 else "### "
-            figure = None if plots is None else plots / ("this-machine.png" if index == 0 and device == _devices(rows)[0]
-                                                         else f"{_slug(device)}.png")
+            name = "this-machine" if index == 0 and device == _devices(rows)[0] else _slug(device)
+            while name in figures:  # the same device in two documents: one figure each
+                name += "-2"
+            figures.add(name)
+            figure = None if plots is None else plots / f"{name}.png"
             lines += [f"{heading}{device}", "", *machine_lines(doc, path.name), "", summary_table(device_cases), "",
                       *_figure(device_cases, device, figure, relative_to)]
             if index == 0:

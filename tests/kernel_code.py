@@ -2,14 +2,16 @@
 
 The kernels' own sources are compiled afresh (cached code cannot be inspected) for explicit
 signatures, without running them, so a process may compile for another CPU than the one it
-runs on (``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``). ``python -m tests.kernel_code`` prints
-:func:`summary` as JSON, for the tests that compile for CPUs other than this one.
+runs on (``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``). ``python -m tests.kernel_code
+[STORAGE ...]`` prints :func:`summary` as JSON, for the tests that compile for CPUs other than
+this one.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 
 import numba
 import numpy as np
@@ -46,14 +48,15 @@ def compiled(storage: str) -> tuple[str, str]:
 def packed_sqrt_widths(ir: str, asm: str) -> tuple[list[int], list[str]]:
     """The lane counts of the float32 vector square roots in the IR, and the x86 register letters
     (``x``/``y``/``z``) of the packed single-precision square roots in the assembly."""
-    lanes = sorted({int(n) for n in re.findall(r"@llvm\.sqrt\.v(\d+)f32", ir)})
+    lanes = sorted({int(n) for n in re.findall(r"@llvm\.sqrt\.(?:nx)?v(\d+)f32", ir)})  # nxv: scalable (SVE)
     registers = sorted(set(re.findall(r"\bv?sqrtps\s+[^\n]*?%([xyz])mm", asm)))
     return lanes, registers
 
 
 def promoted_to_float64(ir: str) -> bool:
     """Whether the IR does any float64 arithmetic: an extension to double or a double square root."""
-    return bool(re.search(r"fpext (<\d+ x )?float|@llvm\.sqrt\.(v\d+)?f64|f(add|mul|sub|div) (<\d+ x )?double", ir))
+    vector = r"(<(vscale x )?\d+ x )?"
+    return bool(re.search(rf"fpext {vector}float|@llvm\.sqrt\.((nx)?v\d+)?f64|f(add|mul|sub|div) {vector}double", ir))
 
 
 def summary(storages: list[str] | None = None) -> dict:
@@ -71,4 +74,4 @@ def summary(storages: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(summary()))
+    print(json.dumps(summary(sys.argv[1:] or None)))

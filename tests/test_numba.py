@@ -17,6 +17,7 @@ import pytest
 
 from fastradam import fused_step
 from fastradam.backends import numba_cpu, numba_lanes, numba_target
+from fastradam.flavours import PRESETS
 from fastradam.scalars import pack_rows, step_scalars
 from tests import cpu_targets, kernel_code
 from tests.cases import DTYPES, OPTION_SETS, SIZES, STEPS, random_buffers
@@ -120,11 +121,41 @@ def _storage_buffers(storage, size, seed):
     specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -1e-39, 3e38], np.float32)
     for k, buffer in enumerate(buffers):
         buffer[k::37][:specials.size] = np.roll(specials, k)
+        buffer[k::41][:3].view(np.uint32)[:] = [0x7FC00001 + k, 0xFFA00000 + k, 0x7F800001 + k]  # own NaN payloads
     buffers[3] = np.abs(buffers[3])
     master = None if storage[3] is None else buffers[0].astype(storage[3])
-    with np.errstate(over="ignore"):  # 3e38 in float16
+    with np.errstate(over="ignore", invalid="ignore"):  # 3e38 in float16, NaN payloads
         out = [b.astype(d) for b, d in zip(buffers, storage[:3] + storage[2:3])] + [master]
     return [numba_cpu.as_array(b) if b is not None else None for b in out]
+
+
+@numba.njit
+def _takes_the_plain_loop(floats, ints):
+    row = (floats[0, 0], floats[0, 1], floats[0, 2], floats[0, 3], floats[0, 4], floats[0, 5], floats[0, 6],
+           floats[0, 7], ints[0, 0] != 0, ints[0, 1])
+    return numba_cpu._is_plain(row)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("hyper, plain", [
+    ({}, True), ({"weight_decay": 0.1, "decoupled_weight_decay": True}, True), ({"weight_decay": 0.1}, False),
+    ({"maximize": True}, False), ({"grad_scale": 2.0}, False), ({"grad_scale": 1.0 + 2**-30}, True),  # rounds to 1
+    ({"step": 2}, False), ({"step": 2, "flavour": "authors"}, False), ({"weight_decay": -0.0}, True),
+    ({"weight_decay": float("nan")}, False)], ids=str)
+def test_the_plain_loop_is_taken_exactly_where_its_constants_hold(dtype, hyper, plain):
+    """The common-case loop's constants (no L2 decay, ``1 / grad_scale == 1``, not negated,
+    rectified) must hold exactly where the kernel takes it, as the table rows say."""
+    options = {"step": 9, "grad_scale": 1.0, **hyper}
+    grad_scale, step = options.pop("grad_scale"), options.pop("step")
+    if "flavour" in options:
+        options["flavour"] = PRESETS[options["flavour"]]
+    scalars = step_scalars(step=step, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                           weight_decay=options.pop("weight_decay", 0.0),
+                           decoupled_weight_decay=options.pop("decoupled_weight_decay", False),
+                           maximize=options.pop("maximize", False), **options)
+    floats, ints = pack_rows([scalars], np.dtype(dtype), grad_scale=grad_scale)
+    expected = plain and not (dtype is np.float64 and grad_scale != 1.0)  # 1 + 2**-30 is not 1 in float64
+    assert _takes_the_plain_loop(floats, ints) == expected
 
 
 @numba.njit
@@ -186,7 +217,7 @@ def test_float32_math_is_vectorised_and_stays_float32(storage):
     assert lanes, "no float32 vector sqrt: the loop did not vectorise"
     assert not kernel_code.promoted_to_float64(ir), "float32 math promoted to float64"
     if numba_target.is_x86():
-        chosen = min(numba_cpu.VECTOR_BITS, numba_target.widest_vector_bits())
+        chosen = numba_target.chosen_vector_bits(numba_cpu.VECTOR_BITS)
         assert _widest_register(registers) == kernel_code.REGISTER[chosen], (registers, chosen)
 
 
@@ -194,7 +225,7 @@ def test_all_bfloat16_buffers_get_the_vectorised_word_loop():
     """With every buffer bfloat16 the kernel holds a loop over 32-bit words (two elements each),
     vectorised: wide i32 loads that the 16-bit element loop does not have."""
     ir, _ = kernel_code.compiled("all-bfloat16")
-    assert re.search(r"load <(4|8|16|32|64) x i32>", ir), "no vectorised 32-bit word loop for bfloat16 buffers"
+    assert re.search(r"load <(vscale x )?(4|8|16|32|64) x i32>", ir), "no vectorised 32-bit word loop for bfloat16 buffers"
 
 
 def _assert_explicit_avx512_loop(code: dict) -> None:
@@ -210,40 +241,58 @@ def test_all_bfloat16_buffers_get_the_explicit_avx512_loop():
     _assert_explicit_avx512_loop(kernel_code.summary(["all-bfloat16"])["all-bfloat16"])
 
 
+#: The storages compiled for each other target (each costs a fresh compile): float32 everywhere,
+#: and where the target has something of its own to show: float16 storage without F16C, 16-bit
+#: params at 256 bits, the explicit AVX-512 bfloat16 loop.
+PROBED = {"x86-64-v2 (SSE4.2, no F16C)": ["float32", "fp16-master-bf16-moments"],
+          "AVX2 (haswell)": ["float32", "bf16-params-grads"],
+          "Intel Sapphire/Emerald Rapids (AVX-512 + BF16)": ["float32", "all-bfloat16"],
+          "Intel Skylake-SP (AVX-512, downclocks under it)": ["float32"]}
+
+
 @pytest.fixture(scope="module")
 def other_cpus_code(tmp_path_factory):
-    """:func:`kernel_code.summary` compiled (not run) for each of :data:`cpu_targets.TARGETS`, in
-    fresh processes, two at a time."""
+    """:func:`kernel_code.summary` of the :data:`PROBED` storages compiled (not run) for each of
+    :data:`cpu_targets.TARGETS`, in fresh processes, all at once."""
     root = Path(__file__).resolve().parents[1]
-    runs = {name: subprocess.Popen([sys.executable, "-m", "tests.kernel_code"], cwd=root, stdout=subprocess.PIPE,
+    runs = {name: subprocess.Popen([sys.executable, "-m", "tests.kernel_code", *PROBED[name]], cwd=root,
+                                   stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True,
                                    env=cpu_targets.environment(name, str(tmp_path_factory.mktemp("cache"))))
             for name in cpu_targets.TARGETS}
     out = {}
-    for name, run in runs.items():
-        stdout, _ = run.communicate(timeout=600)
-        assert run.returncode == 0, f"compiling for {name} failed"
-        out[name] = json.loads(stdout)
+    try:
+        for name, run in runs.items():
+            stdout, stderr = run.communicate(timeout=600)
+            assert run.returncode == 0, f"compiling for {name} failed:\n{stderr[-4000:]}"
+            out[name] = json.loads(stdout)
+    finally:
+        for run in runs.values():
+            if run.poll() is None:
+                run.kill()
+                run.communicate()
     return out
 
 
 @pytest.mark.skipif(not numba_target.is_x86(), reason="the x86 targets are compiled for on an x86 machine")
 @pytest.mark.parametrize("target", cpu_targets.TARGETS)
-def test_every_x86_target_gets_its_widest_float32_vectors(target, other_cpus_code):
-    """Compiled for each x86 CPU the users run: every storage vectorised at the CPU's widest (512
-    bits on Intel too, whose tuning alone would take 256), nothing in float64, float16 storage
-    compiled where the CPU has no half conversions, the explicit AVX-512 bfloat16 loop exactly
-    where AVX512-BF16 is."""
+def test_every_x86_target_gets_the_vectors_the_kernels_choose(target, other_cpus_code):
+    """Compiled for each x86 CPU the users run: the storages probed vectorised at the width the kernels
+    choose there (512 bits on Sapphire/Emerald Rapids too, whose tuning alone takes 256, as it
+    still does on Skylake-SP: the control), nothing in float64, float16 storage compiled where
+    the CPU has no half conversions, the explicit AVX-512 bfloat16 loop exactly where
+    AVX512-BF16 is."""
     code = other_cpus_code[target]
-    _, _, bits = cpu_targets.TARGETS[target]
-    assert code["widest_vector_bits"] == bits
-    for storage in kernel_code.STORAGES:
+    _, features, widest, chosen = cpu_targets.TARGETS[target]
+    assert code["widest_vector_bits"] == widest
+    for storage in PROBED[target]:
         assert code[storage]["sqrt_lanes"] and not code[storage]["float64"], storage
-        assert _widest_register(code[storage]["sqrt_registers"]) == kernel_code.REGISTER[bits], storage
-    assert code["lanes_available"] == (bits == 512)
-    if code["lanes_available"]:
+        assert _widest_register(code[storage]["sqrt_registers"]) == kernel_code.REGISTER[chosen], storage
+        if storage != "all-bfloat16":
+            assert code[storage]["bf16_conversions"] == 0
+    assert code["lanes_available"] == ("avx512bf16" in features)
+    if "all-bfloat16" in code:
         _assert_explicit_avx512_loop(code["all-bfloat16"])
-    else:
-        assert code["all-bfloat16"]["bf16_conversions"] == 0
 
 
 @pytest.mark.skipif(not numba_lanes.available(), reason="no AVX512-BF16 here: this run already takes the scalar loop")

@@ -154,7 +154,8 @@ def _half_conversions_both_ways(halves, floats, widened, rounded):
 def test_integer_half_conversions_equal_the_cpus_own_bit_for_bit():
     """CPUs without F16C (the x86-64 baseline, ``NUMBA_CPU_NAME=generic``) convert halves in
     integer arithmetic: it must give the hardware's bits, NaN payloads and quieting included, for
-    every half and for float32 patterns of every class around each rounding boundary."""
+    every half, for float32 patterns of every class around each rounding boundary, and for every
+    positive float32 that rounds to a finite non-zero half."""
     halves = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.int16)
     boundaries = [np.arange(start - 4096, start + 4096, dtype=np.uint32)
                   for start in (0x33000000, 0x387FC000, 0x38800000, 0x477FE000, 0x477FF000, 0x47800000, 0x7F800000)]
@@ -164,3 +165,10 @@ def test_integer_half_conversions_equal_the_cpus_own_bit_for_bit():
     _half_conversions_both_ways(halves, floats, widened, rounded)
     assert np.array_equal(widened[0], widened[1]), np.flatnonzero(widened[0] != widened[1])[:8]
     assert np.array_equal(rounded[0], rounded[1]), floats[rounded[0] != rounded[1]][:8]
+    # every float32 whose half is neither zero nor infinity: [2**-25, 65520), each a tie or not
+    chunk = 1 << 24
+    rounded = np.empty((2, chunk), np.int16)
+    for start in range(0x33000000, 0x47800000, chunk):
+        floats = np.arange(start, min(start + chunk, 0x47800000), dtype=np.uint32).view(np.float32)
+        _half_conversions_both_ways(halves[:0], floats, widened[:, :0], rounded[:, :floats.size])
+        assert np.array_equal(rounded[0, :floats.size], rounded[1, :floats.size]), hex(start)

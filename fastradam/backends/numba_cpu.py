@@ -8,9 +8,10 @@ in float64 and rounded to the math dtype (a float32 loop stays float32); ``row <
 the block. ``prange`` spreads blocks over ``numba.get_num_threads()`` threads. The common
 step (rectified, no gradient scale, no ``maximize``, no L2 decay) runs a loop of its own with
 those flags as constants: the same results with fewer instructions per element, which even a
-memory-bound step feels (0.88 -> 0.97 of the same-traffic kernel on a Zen 3 VM). Each kernel
-asks LLVM for :data:`VECTOR_BITS`-wide vectors (:mod:`fastradam.backends.numba_target`): the
-CPU's widest, also on Intel server cores whose tuning alone would take 256 bits.
+memory-bound step feels (fp32 16M: 0.87 -> 0.96 of the same-traffic kernel on a Zen 3 VM,
+paired). Each kernel asks LLVM for :data:`VECTOR_BITS`-wide vectors
+(:mod:`fastradam.backends.numba_target`): the CPU's widest, also on Intel server cores whose
+tuning alone would take 256 bits.
 
 Storage: float32/float64 buffers are used as they are; bfloat16 and float16 buffers arrive as
 ``uint16``/``int16`` bit views (see :mod:`fastradam.backends.numba_storage`) and are widened
@@ -54,8 +55,9 @@ from fastradam.scalars import HOLD, RECTIFIED
 #: setup and small enough to balance two or more threads on a 1M-element buffer.
 BLOCK = 1 << 16
 #: The vector width the kernels ask LLVM for (:func:`prefer_vector_width`): 512 bits where the
-#: CPU has them, also where LLVM's tuning prefers 256 (Intel server cores; the in-cache float32
-#: step ran 1.2x faster with 512 on Emerald Rapids), the CPU's widest elsewhere.
+#: CPU has them, also where LLVM's tuning prefers 256 (Sapphire/Emerald Rapids; the in-cache
+#: float32 step ran 1.2x faster with 512 on Emerald Rapids), the CPU's widest elsewhere, and
+#: LLVM's 256 on the cores that downclock under 512-bit work (``numba_target.DOWNCLOCKING_CORES``).
 VECTOR_BITS = 512
 #: The bit-view dtype each 16-bit storage format travels as.
 BIT_VIEWS = {"bfloat16": BFLOAT16_BITS, "float16": FLOAT16_BITS}
@@ -247,8 +249,8 @@ def _radam_views_impl(p_view, g_view, m_view, v_view, master_view, scalars):
         # peel one element if that is 2, pair the rest, finish an odd one alone.
         offset = p_view.ctypes.data & 3
         if (offset & 1 or g_view.ctypes.data & 3 != offset or m_view.ctypes.data & 3 != offset
-                or v_view.ctypes.data & 3 != offset):
-            _radam_elements(p_view, g_view, m_view, v_view, master_view, scalars)
+                or v_view.ctypes.data & 3 != offset):  # rare: one loop for every case, to compile less
+            _radam_element_loop(p_view, g_view, m_view, v_view, master_view, scalars)
             return
         n = p_view.size
         head = min(offset >> 1, n)
