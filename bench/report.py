@@ -176,13 +176,13 @@ def cases(rows: list[Row]) -> list[Case]:
         if not row.implementation.startswith("fastradam"):
             continue
         d = derived(row, rows)
-        same = {r.implementation: r for r in rows if r.key == row.key}
-        peer_shares = {peer: derived(same[peer], rows)["share_of_same_traffic"] for peer in PEERS
-                       if peer in same and "share_of_same_traffic" in d}
+        share = d.get("share_of_same_traffic")
+        speedups = {peer: d[f"speedup_vs_{peer}"] for peer in PEERS if f"speedup_vs_{peer}" in d}
+        # a peer's share is roofline / peer time = (roofline / ours) / (peer / ours)
+        peer_shares = {} if share is None else {peer: share / speedup for peer, speedup in speedups.items()}
         parts = [row.dtype, _size(row.n)] + ([] if row.tensors == "flat" else [f"as {row.tensors}"])
         variant = VARIANTS.get(row.implementation, row.implementation.replace("_", " "))
-        out.append(Case(" ".join(parts) + (f", {variant}" if variant else ""), row, d.get("share_of_same_traffic"),
-                        peer_shares, {peer: d[f"speedup_vs_{peer}"] for peer in PEERS if f"speedup_vs_{peer}" in d}))
+        out.append(Case(" ".join(parts) + (f", {variant}" if variant else ""), row, share, peer_shares, speedups))
     return out
 
 
@@ -265,11 +265,11 @@ def render(paths: list[Path], plots: Path | None = None, relative_to: Path | Non
             lines += ["## Other machines (committed results)", "",
                       "Recorded on other machines and committed under `bench/results/`; each is compared only with "
                       "its own roofline and peers, measured in the same run.", ""]
-        for device in _devices(rows):
+        for position, device in enumerate(_devices(rows)):
             here = [r for r in rows if r.device == device]
             device_cases = cases(here)
             heading = "## This machine: " if index == 0 else "### "
-            name = "this-machine" if index == 0 and device == _devices(rows)[0] else _slug(device)
+            name = "this-machine" if index == position == 0 else _slug(device)
             while name in figures:  # the same device in two documents: one figure each
                 name += "-2"
             figures.add(name)

@@ -131,9 +131,7 @@ def _storage_buffers(storage, size, seed):
 
 @numba.njit
 def _takes_the_plain_loop(floats, ints):
-    row = (floats[0, 0], floats[0, 1], floats[0, 2], floats[0, 3], floats[0, 4], floats[0, 5], floats[0, 6],
-           floats[0, 7], ints[0, 0] != 0, ints[0, 1])
-    return numba_cpu._is_plain(row)
+    return numba_cpu._is_plain(numba_cpu._row_scalars(floats, ints, 0))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -159,7 +157,8 @@ def test_the_plain_loop_is_taken_exactly_where_its_constants_hold(dtype, hyper, 
 
 
 @numba.njit
-def _element_loops(p, g, m, v, master, scalars, plain):
+def _element_loops(p, g, m, v, master, floats, ints, plain):
+    scalars = numba_cpu._row_scalars(floats, ints, 0)
     if plain:
         numba_cpu._radam_element_loop(p, g, m, v, master, numba_cpu._plain(scalars))
     else:
@@ -167,7 +166,8 @@ def _element_loops(p, g, m, v, master, scalars, plain):
 
 
 @numba.njit
-def _word_pair_loops(p, g, m, v, scalars, plain):
+def _word_pair_loops(p, g, m, v, floats, ints, plain):
+    scalars = numba_cpu._row_scalars(floats, ints, 0)
     if plain:
         numba_cpu._radam_word_pair_loop(p, g, m, v, numba_cpu._plain(scalars))
     else:
@@ -188,16 +188,15 @@ def test_the_common_case_loop_equals_the_general_loop_bit_for_bit(storage, decou
     math = np.float64 if storage[0] is np.float64 else np.float32
     scalars = step_scalars(step=9, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1 * decoupled,
                            decoupled_weight_decay=decoupled, maximize=False)
-    floats, ints = pack_rows([scalars], np.dtype(math))
-    row = (*floats[0], bool(ints[0, 0]), ints[0, 1])
+    table = pack_rows([scalars], np.dtype(math))
     plain = _storage_buffers(storage, 4099, seed=5)
     general = [None if b is None else b.copy() for b in plain]
     if storage[3] is None and all(d is ml_dtypes.bfloat16 for d in storage[:3]):
         for buffers, flag in ((plain, True), (general, False)):
-            _word_pair_loops(*(b[:-1].view(np.uint32) for b in buffers[:4]), row, flag)
+            _word_pair_loops(*(b[:-1].view(np.uint32) for b in buffers[:4]), *table, flag)
     else:
-        _element_loops(*plain, row, True)
-        _element_loops(*general, row, False)
+        _element_loops(*plain, *table, True)
+        _element_loops(*general, *table, False)
     for got, want in zip(plain, general):
         if got is not None:
             assert got.tobytes() == want.tobytes()

@@ -265,14 +265,19 @@ def _radam_views_impl(p_view, g_view, m_view, v_view, master_view, scalars):
 
 
 @njit(inline="always")
+def _row_scalars(floats, ints, row):
+    """The element update's scalars tuple from table row ``row`` (the :data:`FLOAT_FIELDS` and
+    :data:`INT_FIELDS` of :mod:`fastradam.scalars`)."""
+    return (floats[row, 0], floats[row, 1], floats[row, 2], floats[row, 3], floats[row, 4],
+            floats[row, 5], floats[row, 6], floats[row, 7], ints[row, 0] != 0, ints[row, 1])
+
+
+@njit(inline="always")
 def _radam_range(params, grads, exp_avg, exp_avg_sq, master, start, stop, floats, ints, row):
-    """Elements ``start:stop`` with the scalars of table row ``row`` (the :data:`FLOAT_FIELDS` and
-    :data:`INT_FIELDS` of :mod:`fastradam.scalars`), on views, so the index loops start at 0 and
-    LLVM drops the negative-index checks that would block vectorisation."""
-    scalars = (floats[row, 0], floats[row, 1], floats[row, 2], floats[row, 3], floats[row, 4],
-               floats[row, 5], floats[row, 6], floats[row, 7], ints[row, 0] != 0, ints[row, 1])
+    """Elements ``start:stop`` with the scalars of table row ``row``, on views, so the index loops
+    start at 0 and LLVM drops the negative-index checks that would block vectorisation."""
     _radam_views(params[start:stop], grads[start:stop], exp_avg[start:stop], exp_avg_sq[start:stop],
-                 _window(master, start, stop), scalars)
+                 _window(master, start, stop), _row_scalars(floats, ints, row))
 
 
 @njit(parallel=True, cache=True, fastmath=False)
