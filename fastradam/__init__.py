@@ -4,6 +4,7 @@ from fastradam.api import fused_step, fused_step_layout, fused_step_multi
 from fastradam.backends import available_backends
 from fastradam.flavours import PRESETS, Flavour
 from fastradam.layout import FlatLayout
+from fastradam.plan import StepPlan
 from fastradam.schedules import KerasWarmup
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ __all__ = [
     "FlatLayout",
     "Flavour",
     "KerasWarmup",
+    "StepPlan",
     "available_backends",
     "fused_step",
     "fused_step_layout",

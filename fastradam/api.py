@@ -1,100 +1,24 @@
-"""The public steps: validate every argument, fold the scalars on the host, dispatch.
+"""The one-shot steps: each binds a :class:`~fastradam.plan.StepPlan` and takes one step with it.
 
 Three entry points share one path (validate -> host scalars -> one backend launch):
 :func:`fused_step` for one set of flat buffers, :func:`fused_step_layout` for the segments of
 a :class:`~fastradam.layout.FlatLayout` (many tensors, many groups, one launch) and
 :func:`fused_step_multi` for lists of separate tensors (one launch through an address table).
+A caller that steps the same buffers again and again binds a plan once instead.
 """
 
 from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from fastradam.backends import backend_for
 from fastradam.flavours import FlavourLike
 from fastradam.layout import FlatLayout
+from fastradam.plan import StepPlan
 from fastradam.schedules import KerasWarmup
-from fastradam.scalars import group_step_scalars, pack_rows, scalar_rows
-from fastradam.validation import (
-    BUFFER_NAMES,
-    WRITTEN,
-    check_buffers,
-    check_disjoint,
-    check_flag,
-    check_grad_scale,
-    check_group,
-    check_groups,
-    check_per_tensor,
-    check_step,
-    check_storage,
-)
 
 DEFAULT_GROUPS: tuple[Mapping[str, Any], ...] = ({},)
-
-
-@dataclass
-class _Buffers:
-    """Validated buffers of one call, as the backend's arrays."""
-
-    backend: Any
-    roles: list[list[Any]]  # params, grads, exp_avg, exp_avg_sq: one list of tensors each
-    master: list[Any] | None
-    math_dtype: np.dtype
-    found_inf: Any
-
-
-def _check_found_inf(found_inf: Any, backend: Any) -> Any:
-    """``None``/a bool for host flags; a device flag the backend reads itself."""
-    if found_inf is None or isinstance(found_inf, (bool, np.bool_)):
-        return bool(found_inf)
-    if isinstance(found_inf, np.ndarray):
-        if found_inf.shape != ():
-            raise ValueError(f"found_inf must be a bool or a 0-d array, got shape {found_inf.shape}")
-        return bool(found_inf)
-    if backend_for(("found_inf",), (found_inf,)).module_name != backend.__name__:
-        raise TypeError("found_inf must be a bool, a 0-d NumPy array, or a 0-d array on the buffers' device")
-    flag = backend.as_array(found_inf)
-    if flag.shape != ():
-        raise ValueError(f"found_inf must be a bool or a 0-d array, got shape {flag.shape}")
-    return flag
-
-
-def _prepare(quads: Sequence[Sequence[Any]], masters: Sequence[Any] | None, single: bool,
-             master_name: str, found_inf: Any, grad_scale: Any) -> _Buffers:
-    """Validate every buffer of every tensor: backend, storage, shapes, layout, aliasing, device."""
-    check_grad_scale(grad_scale)
-    count = len(quads)
-
-    def label(role: str, i: int) -> str:
-        return role if single else f"{role}[{i}]"
-
-    names = [label(role, i) for i in range(count) for role in BUFFER_NAMES]
-    master_names = [] if masters is None else [label(master_name, i) for i in range(count)]
-    objects = [obj for quad in quads for obj in quad] + list(masters or ())
-    backend = backend_for(names + master_names, objects).load()
-    storages = [backend.storage_of(obj) for obj in objects]
-    math_dtype = check_storage(storages[:4], names[:4], storages[4 * count] if masters is not None else None,
-                               master_names[0] if master_names else master_name)
-    for index, (name, storage) in enumerate(zip(names + master_names, storages)):
-        first = index % 4 if index < 4 * count else 4 * count
-        if storage != storages[first]:
-            raise TypeError(f"{name} has dtype {storage} but {(names + master_names)[first]} has "
-                            f"{storages[first]}: all tensors must share one storage per role")
-    arrays = backend.as_arrays(objects)
-    spans = []
-    for i in range(count):
-        own = arrays[4 * i:4 * i + 4] + ([arrays[4 * count + i]] if masters is not None else [])
-        spans += check_buffers(own, names[4 * i:4 * i + 4] + master_names[i:i + 1], (*WRITTEN, True))
-    check_disjoint(names + master_names, spans)
-    backend.check_devices(arrays)
-    return _Buffers(backend, [arrays[k:4 * count:4] for k in range(4)],
-                    None if masters is None else arrays[4 * count:], math_dtype,
-                    _check_found_inf(found_inf, backend))
 
 
 def fused_step(
@@ -107,6 +31,7 @@ def fused_step(
     lr: Any = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    eps_root: float = 0.0,
     weight_decay: float = 0.0,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
@@ -130,7 +55,8 @@ def fused_step(
         v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
         \rho_\infty &= \frac{2}{1-\beta_2} - 1, \qquad
         \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1-\beta_2^t} \\
-        p &\leftarrow p - \eta \frac{m}{1-\beta_1^t} r_t \frac{\sqrt{1-\beta_2^t}}{\sqrt{v}+\epsilon},
+        p &\leftarrow p - \eta \frac{m}{1-\beta_1^t} r_t
+              \frac{\sqrt{1-\beta_2^t}}{\sqrt{v + (1-\beta_2^t)\,\epsilon_{root}}+\epsilon},
         \quad r_t = \sqrt{\frac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}
         \quad\text{if } \rho_t > 5 \\
         p &\leftarrow p - \eta \frac{m}{1-\beta_1^t} \quad\text{otherwise.}
@@ -158,6 +84,9 @@ def fused_step(
         :math:`(\beta_1, \beta_2)`, each in [0, 1).
     eps : float, default 1e-8
         Added to :math:`\sqrt{v}` before the bias correction, finite and >= 0.
+    eps_root : float, default 0
+        optax's ``eps_root``: added to :math:`\hat v = v / (1-\beta_2^t)` under the square root
+        (:math:`1/(\sqrt{\hat v + \epsilon_{root}} + \ldots)`), finite and >= 0; 0 adds nothing.
     weight_decay : float, default 0
         :math:`\lambda`, finite and >= 0.
     decoupled_weight_decay : bool, default False
@@ -203,43 +132,12 @@ def fused_step(
     ``check_finite``, non-finite gradients propagate into the buffers, as in
     ``torch.optim.RAdam``.
     """
-    device_step = not isinstance(step, numbers.Number)
-    device_lr = device_step and not isinstance(lr, numbers.Number)
-    group = check_group({"lr": 0.0 if device_lr else lr, "betas": betas, "eps": eps,
-                         "weight_decay": weight_decay, "decoupled_weight_decay": decoupled_weight_decay,
-                         "maximize": maximize, "flavour": flavour, "schedule": schedule})
-    host_step = None if device_step else check_step(step)
-    check_finite = check_flag("check_finite", check_finite)
-    b = _prepare([(params, grads, exp_avg, exp_avg_sq)], None if master_params is None else [master_params],
-                 True, "master_params", found_inf, grad_scale)
-    (params_a,), (grads_a,), (exp_avg_a,), (exp_avg_sq_a,) = b.roles
-    master = None if b.master is None else b.master[0]
-    if host_step is not None:
-        floats, ints = pack_rows([group_step_scalars(group, host_step)], b.math_dtype, grad_scale)
-        b.backend.radam_step(params_a, grads_a, exp_avg_a, exp_avg_sq_a, floats, ints, master=master,
-                             found_inf=b.found_inf, check_finite=check_finite)
-        return
-    if not hasattr(b.backend, "radam_step_on_device"):
-        check_step(step)  # raises: a host backend takes only an int step
-    if schedule is not None:
-        raise ValueError("schedule needs a host step: with a device step, pass the scheduled lr as a device array")
-    b.backend.radam_step_on_device(
-        params_a, grads_a, exp_avg_a, exp_avg_sq_a, step, lr if device_lr else group.lr, beta1=group.beta1,
-        beta2=group.beta2, eps=group.eps, weight_decay=group.weight_decay,
-        decoupled_weight_decay=group.decoupled_weight_decay, maximize=group.maximize, flavour=group.flavour,
-        master=master, grad_scale=grad_scale, found_inf=b.found_inf, check_finite=check_finite,
-    )
-
-
-def _check_groups_and_steps(groups: Any, tensor_groups: np.ndarray, steps: Any, has_grad: Any,
-                            count: int) -> tuple[list, np.ndarray, np.ndarray]:
-    checked = check_groups(groups)
-    if count and tensor_groups.max() >= len(checked):
-        bad = int(np.argmax(tensor_groups >= len(checked)))
-        raise ValueError(f"tensor {bad} is in group {int(tensor_groups[bad])}, but only {len(checked)} "
-                         "groups were given")
-    active = np.ones(count, dtype=bool) if has_grad is None else check_per_tensor("has_grad", has_grad, count, "mask")
-    return checked, check_per_tensor("steps", steps, count, "step", active), active
+    StepPlan(params, grads, exp_avg, exp_avg_sq, master_params=master_params, check_finite=check_finite,
+             lr=0.0 if lr is not None and not isinstance(lr, numbers.Number) else lr, betas=betas, eps=eps,
+             eps_root=eps_root, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+             maximize=maximize, flavour=flavour, schedule=schedule,
+             ).step(step, lr=None if isinstance(lr, numbers.Number) else lr, grad_scale=grad_scale,
+                    found_inf=found_inf)
 
 
 def fused_step_layout(
@@ -287,19 +185,9 @@ def fused_step_layout(
     """
     if not isinstance(layout, FlatLayout):
         raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
-    segments = layout.arrays
-    checked, steps, active = _check_groups_and_steps(groups, segments.groups, steps, has_grad, len(layout))
-    check_finite = check_flag("check_finite", check_finite)
-    b = _prepare([(params, grads, exp_avg, exp_avg_sq)], None if master_params is None else [master_params],
-                 True, "master_params", found_inf, grad_scale)
-    flat = [role[0].reshape(-1) for role in b.roles]
-    if flat[0].size != layout.size:
-        raise ValueError(f"params has {flat[0].size} elements but the layout needs {layout.size}")
-    rows, segment_row = scalar_rows(checked, segments.groups, steps, active)
-    floats, ints = pack_rows(rows, b.math_dtype, grad_scale)
-    b.backend.radam_step_segments(*flat, segments, segment_row, floats, ints,
-                                  master=None if b.master is None else b.master[0].reshape(-1),
-                                  found_inf=b.found_inf, check_finite=check_finite)
+    StepPlan(params, grads, exp_avg, exp_avg_sq, layout=layout, master_params=master_params, groups=groups,
+             check_finite=check_finite).step(steps=steps, has_grad=has_grad, grad_scale=grad_scale,
+                                             found_inf=found_inf)
 
 
 def fused_step_multi(
@@ -330,20 +218,7 @@ def fused_step_multi(
     lists = (params, grads, exp_avg, exp_avg_sq) + (() if master_params is None else (master_params,))
     if not all(isinstance(x, Sequence) for x in lists):
         raise TypeError("params, grads, exp_avg, exp_avg_sq (and master_params) must be sequences of arrays")
-    count = len(params)
-    for name, x in zip((*BUFFER_NAMES, "master_params"), lists):
-        if len(x) != count:
-            raise ValueError(f"{name} has {len(x)} tensors but params has {count}")
-    tensor_groups = (np.zeros(count, dtype=np.int64) if group_index is None
-                     else check_per_tensor("group_index", group_index, count, "group"))
-    checked, steps, active = _check_groups_and_steps(groups, tensor_groups, steps, has_grad, count)
-    check_finite = check_flag("check_finite", check_finite)
-    if count == 0:
-        check_grad_scale(grad_scale)
-        return
-    b = _prepare(list(zip(params, grads, exp_avg, exp_avg_sq)), master_params, False, "master_params",
-                 found_inf, grad_scale)
-    rows, tensor_row = scalar_rows(checked, tensor_groups, steps, active)
-    floats, ints = pack_rows(rows, b.math_dtype, grad_scale)
-    b.backend.radam_step_tensors(*b.roles, tensor_row, floats, ints, master=b.master,
-                                 found_inf=b.found_inf, check_finite=check_finite)
+    StepPlan(list(params), list(grads), list(exp_avg), list(exp_avg_sq), groups=groups, group_index=group_index,
+             master_params=None if master_params is None else list(master_params),
+             check_finite=check_finite).step(steps=steps, has_grad=has_grad, grad_scale=grad_scale,
+                                             found_inf=found_inf)

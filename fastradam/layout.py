@@ -8,7 +8,7 @@ kernel launch can update every tensor of every parameter group.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Hashable, Sequence
 
@@ -45,18 +45,14 @@ def tiles(offsets: np.ndarray, sizes: np.ndarray, tile: int) -> np.ndarray:
     return np.stack([start, np.minimum(start + tile, offsets[index] + sizes[index]), index], axis=1)
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class SegmentArrays:
-    """The segment table as int64 arrays, plus what each backend derives from it once.
-
-    ``derived`` is a per-backend cache (e.g. Numba's block list, CUDA's device copies), keyed by
-    the backend's name, so a layout's table is prepared once, not on every step.
-    """
+    """The segment table as read-only int64 arrays. What a backend derives from it (block and
+    tile tables, their device copies) lives with the plan or the backend, never here."""
 
     offsets: np.ndarray
     sizes: np.ndarray
     groups: np.ndarray
-    derived: dict = field(default_factory=dict)
 
 
 class FlatLayout:

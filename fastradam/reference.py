@@ -25,6 +25,7 @@ def reference_step(
     lr: float = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    eps_root: float = 0.0,
     weight_decay: float = 0.0,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
@@ -41,6 +42,8 @@ def reference_step(
         The 1-based number of this update.
     lr, betas, eps, weight_decay, decoupled_weight_decay, maximize
         As in ``torch.optim.RAdam``.
+    eps_root : float, default 0
+        optax's ``eps_root``: added to ``v_hat = v / (1 - beta2^t)`` under the square root.
     flavour : str or Flavour, default "torch"
         The RAdam variant (see :mod:`fastradam.flavours`).
 
@@ -63,13 +66,14 @@ def reference_step(
         p      = p * (1 - lr * wd)           (decoupled weight decay, on steps that update p)
         if rho_t > 5:
             r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
-            l_t = sqrt(1 - beta2^t) / (sqrt(v) + eps)
+            l_t = sqrt(1 - beta2^t) / (sqrt(v + eps_root (1 - beta2^t)) + eps)
+                (that is, 1 / (sqrt(v_hat + eps_root) + eps / sqrt(1 - beta2^t)))
             p   = p - lr * m_hat * r_t * l_t
         else:
             p   = p - lr * m_hat
 
     Other flavours change the comparison (``>=``, threshold 4), use
-    ``l_t = 1 / (sqrt(v_hat) + eps)`` with ``v_hat = v / (1 - beta2^t)``, or leave ``p``
+    ``l_t = 1 / (sqrt(v_hat + eps_root) + eps)`` with ``v_hat = v / (1 - beta2^t)``, or leave ``p``
     untouched below the threshold.
     """
     flavour = resolve_flavour(flavour)
@@ -99,11 +103,12 @@ def reference_step(
         r_t = math.sqrt(
             (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
         )
+        bias_correction2 = 1 - beta2**step
         if flavour.eps_on_v_hat:
-            v_hat = v / (1 - beta2**step)
-            adaptive_lr = 1 / (np.sqrt(v_hat) + eps)
-        else:
-            adaptive_lr = math.sqrt(1 - beta2**step) / (np.sqrt(v) + eps)
+            v_hat = v / bias_correction2
+            adaptive_lr = 1 / (np.sqrt(v_hat + eps_root) + eps)
+        else:  # eps_root goes to v_hat = v / bc2 here too: sqrt(v_hat + eps_root) = sqrt(v + eps_root bc2) / sqrt(bc2)
+            adaptive_lr = math.sqrt(bias_correction2) / (np.sqrt(v + eps_root * bias_correction2) + eps)
         p = p - lr * m_hat * r_t * adaptive_lr
     else:
         p = p - lr * m_hat

@@ -9,25 +9,20 @@ folded step size) is decided here, once per call for a flat buffer, or once per 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from fastradam.flavours import PRESETS, Flavour
-from fastradam.validation import GroupHyperparameters
+from fastradam.options import GroupOptions
+from fastradam.spec import MODES, SCALAR_FLOATS, SCALAR_INTS
 
 #: The three element updates, chosen per step (and per segment) on the host.
-MOMENTUM = 0  #: below the threshold: p -= step_size * m
-RECTIFIED = 1  #: above it: p -= step_size * m / (sqrt(v) + eps)
-HOLD = 2  #: below it, in flavours that skip the update: moments update, p is left alone
-
-#: Column order of the float rows that kernels read (see :func:`pack_rows`): the
-#: :class:`StepScalars` fields, then the gradient's unscale factor ``1 / grad_scale``.
-FLOAT_FIELDS = ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2_weight_decay",
-                "param_decay", "step_size", "inv_grad_scale")
-#: Column order of the int rows that kernels read.
-INT_FIELDS = ("negate_grad", "mode")
+MOMENTUM = MODES["momentum"]  #: below the threshold: p -= step_size * m
+RECTIFIED = MODES["rectified"]  #: above it: p -= step_size * m / (sqrt(v) + eps)
+HOLD = MODES["hold"]  #: below it, in flavours that skip the update: moments update, p is left alone
 
 
 @dataclass(frozen=True)
@@ -40,19 +35,23 @@ class StepScalars:
         g  = g + l2_weight_decay * p          # L2 (coupled) weight decay, when nonzero
         m  = m + one_minus_beta1 * (g - m)    # lerp(m, g, 1 - beta1)
         v  = beta2 * v + one_minus_beta2 * g * g
-        p  = p * param_decay - step_size * m / (sqrt(v) + eps)   mode RECTIFIED
+        p  = p * param_decay - step_size * m / (sqrt(v + eps_root) + eps)   mode RECTIFIED
         p  = p * param_decay - step_size * m                     mode MOMENTUM
         p  unchanged                                             mode HOLD
 
     ``param_decay`` is ``1 - lr * wd`` for decoupled weight decay and exactly 1 otherwise;
     ``eps`` is already scaled by ``sqrt(1 - beta2^t)`` in flavours that add it to
-    ``sqrt(v_hat)``, since ``m_hat / (sqrt(v_hat) + eps) = sqrt(bc2)/bc1 * m / (sqrt(v) + eps sqrt(bc2))``.
+    ``sqrt(v_hat)``, since ``m_hat / (sqrt(v_hat) + eps) = sqrt(bc2)/bc1 * m / (sqrt(v) + eps sqrt(bc2))``;
+    ``eps_root`` (optax's, added to ``v_hat``) is scaled by ``bc2``, since
+    ``sqrt(v_hat + eps_root) = sqrt(v + eps_root bc2) / sqrt(bc2)``, and the add is skipped when it is 0
+    (so the default step is bit-identical to one without it).
     """
 
     one_minus_beta1: float
     beta2: float
     one_minus_beta2: float
     eps: float
+    eps_root: float
     l2_weight_decay: float
     param_decay: float
     step_size: float
@@ -81,6 +80,7 @@ def step_scalars(
     decoupled_weight_decay: bool,
     maximize: bool,
     flavour: Flavour = PRESETS["torch"],
+    eps_root: float = 0.0,
 ) -> StepScalars:
     """Fold the hyperparameters of step ``step`` (1-based) into a :class:`StepScalars`.
 
@@ -107,6 +107,7 @@ def step_scalars(
         beta2=beta2,
         one_minus_beta2=1.0 - beta2,
         eps=eps * math.sqrt(bias_correction2) if flavour.eps_on_v_hat else eps,
+        eps_root=eps_root * bias_correction2,
         l2_weight_decay=0.0 if decoupled_weight_decay else weight_decay,
         param_decay=1.0 - lr * weight_decay if decays else 1.0,
         step_size=step_size,
@@ -115,29 +116,39 @@ def step_scalars(
     )
 
 
-def pack_rows(rows: Sequence[StepScalars], dtype: np.dtype, grad_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Kernel tables of ``rows``: floats ``(R, 8)`` rounded to the math ``dtype``, ints ``(R, 2)`` int32.
+#: A row's reals but the last (``1 / grad_scale``, the same for every row) and its ints, by name.
+_ROW_REALS = operator.attrgetter(*SCALAR_FLOATS[:-1])
+_ROW_INTS = operator.attrgetter(*SCALAR_INTS)
 
-    Columns follow :data:`FLOAT_FIELDS` (the last one is ``1 / grad_scale``, the same for every
-    row) and :data:`INT_FIELDS`. The float64 values are rounded once, here, exactly as a kernel
-    argument ``np.float32(x)`` would be.
+
+def pack_rows(rows: Sequence[StepScalars], dtype: np.dtype, grad_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel tables of ``rows``: reals ``(R, F)`` rounded to the math ``dtype``, ints ``(R, I)`` int32.
+
+    Columns follow :data:`fastradam.spec.SCALAR_FLOATS` (the last one is ``1 / grad_scale``, the
+    same for every row) and :data:`fastradam.spec.SCALAR_INTS`. The float64 values are rounded
+    once, here, exactly as a kernel argument ``np.float32(x)`` would be.
     """
     inv_grad_scale = 1.0 / grad_scale
-    floats = np.array([[getattr(r, f) for f in FLOAT_FIELDS[:-1]] + [inv_grad_scale] for r in rows],
-                      dtype=np.float64)
-    ints = np.array([[int(getattr(r, f)) for f in INT_FIELDS] for r in rows], dtype=np.int32)
-    return floats.astype(dtype).reshape(-1, len(FLOAT_FIELDS)), ints.reshape(-1, len(INT_FIELDS))
+    floats = np.array([(*_ROW_REALS(r), inv_grad_scale) for r in rows], dtype=dtype).reshape(-1, len(SCALAR_FLOATS))
+    ints = np.array([_ROW_INTS(r) for r in rows], dtype=np.int32).reshape(-1, len(SCALAR_INTS))
+    return floats, ints
 
 
-def group_step_scalars(group: GroupHyperparameters, step: int) -> StepScalars:
+def pack_row_into(floats: np.ndarray, ints: np.ndarray, scalars: StepScalars, grad_scale: float = 1.0) -> None:
+    """Row 0 of existing tables (as :func:`pack_rows` makes them) set to ``scalars``, in place."""
+    floats[0] = (*_ROW_REALS(scalars), 1.0 / grad_scale)
+    ints[0] = _ROW_INTS(scalars)
+
+
+def group_step_scalars(group: GroupOptions, step: int) -> StepScalars:
     """The scalars of step ``step`` for a validated group (its schedule, if any, sets the lr)."""
     lr = group.schedule.lr_at(step, group.lr) if group.schedule is not None else group.lr
     return step_scalars(step=step, lr=lr, beta1=group.beta1, beta2=group.beta2, eps=group.eps,
                         weight_decay=group.weight_decay, decoupled_weight_decay=group.decoupled_weight_decay,
-                        maximize=group.maximize, flavour=group.flavour)
+                        maximize=group.maximize, flavour=group.flavour, eps_root=group.eps_root)
 
 
-def scalar_rows(groups: Sequence[GroupHyperparameters], tensor_groups: np.ndarray, steps: np.ndarray,
+def scalar_rows(groups: Sequence[GroupOptions], tensor_groups: np.ndarray, steps: np.ndarray,
                 active: np.ndarray) -> tuple[list[StepScalars], np.ndarray]:
     """Scalars for many tensors, computed once per distinct (group, step) pair.
 

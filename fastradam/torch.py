@@ -16,19 +16,19 @@ import torch
 from fastradam.flavours import PRESETS, Flavour, FlavourLike
 from fastradam.schedules import KerasWarmup
 from fastradam.torch_buffers import FlatBucket, check_parameter, is_dtensor
-from fastradam.validation import GROUP_DEFAULTS, check_group, check_groups
+from fastradam.options import DEFAULTS, check_group
 
 __all__ = ["RAdam"]
 
 #: Group keys torch.optim.RAdam keeps that fastradam does not use (``foreach`` is ignored).
 TORCH_ONLY_DEFAULTS = {"foreach": None, "capturable": False, "differentiable": False}
 #: fastradam's own group keys, left out of ``state_dict`` while they hold these defaults.
-EXTRA_DEFAULTS = {"flavour": "torch", "schedule": None}
+EXTRA_DEFAULTS = {name: DEFAULTS[name] for name in ("eps_root", "flavour", "schedule")}
 
 
 def _options(group: dict) -> dict:
     """A torch param group as fastradam group options (a host lr unless the group is capturable)."""
-    options = {key: group[key] for key in GROUP_DEFAULTS}
+    options = {key: group[key] for key in DEFAULTS}
     lr = options["lr"]
     if isinstance(lr, torch.Tensor) and not group["capturable"]:
         options["lr"] = float(lr)
@@ -48,6 +48,8 @@ def _validatable(options: dict) -> dict:
 
 def _encode_extras(group: dict) -> None:
     """``flavour``/``schedule`` as plain values (``torch.load(weights_only=True)`` reads them); defaults dropped."""
+    if group.get("eps_root", 0.0) == 0.0:
+        group.pop("eps_root", None)
     flavour = group.pop("flavour", "torch")
     if isinstance(flavour, Flavour):
         preset = next((name for name, f in PRESETS.items() if f == flavour), None)
@@ -77,7 +79,7 @@ class RAdam(torch.optim.Optimizer):
 
     Same constructor as ``torch.optim.RAdam`` (``lr, betas, eps, weight_decay,
     decoupled_weight_decay, foreach, maximize, capturable, differentiable``) plus fastradam's
-    ``flavour`` and ``schedule`` group options (see :func:`fastradam.fused_step`).
+    ``eps_root`` (optax's), ``flavour`` and ``schedule`` group options (see :func:`fastradam.fused_step`).
 
     Buffers
         On construction (and on :meth:`add_param_group`) the parameters of each (device,
@@ -158,13 +160,14 @@ class RAdam(torch.optim.Optimizer):
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
+        eps_root: float = 0.0,
         flavour: FlavourLike = "torch",
         schedule: KerasWarmup | None = None,
     ) -> None:
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "maximize": maximize,
                     "foreach": foreach, "capturable": capturable,
                     "decoupled_weight_decay": decoupled_weight_decay, "differentiable": differentiable,
-                    "flavour": flavour, "schedule": schedule}
+                    "eps_root": eps_root, "flavour": flavour, "schedule": schedule}
         self._check_group(defaults)
         self._capturable = bool(capturable)
         self._buckets: list[FlatBucket] = []
@@ -243,16 +246,16 @@ class RAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         groups = [_options(group) for group in self.param_groups]
-        checked = check_groups([_validatable(options) for options in groups])
-        plans = [bucket.plan() for bucket in self._buckets]
-        for bucket, (active, _) in zip(self._buckets, plans):
-            bucket.check_lrs(active, groups)
-        for bucket, (active, grads) in zip(self._buckets, plans):
+        checked = [_validatable(options) for options in groups]
+        lrs = [options["lr"] for options in groups]
+        gradients = [bucket.check_gradients() for bucket in self._buckets]
+        steps = [bucket.prepare(active, grads, checked, lrs) for bucket, (active, grads) in zip(self._buckets, gradients)]
+        for bucket, (active, _), step in zip(self._buckets, gradients, steps):
             new = active & ~bucket.has_state
             for i in np.flatnonzero(new):
                 self.state[bucket.params[i]] = bucket.state_entry(i)
             bucket.has_state |= new
-            bucket.step(active, grads, groups, checked)
+            step()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

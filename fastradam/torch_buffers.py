@@ -15,15 +15,12 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from fastradam.api import fused_step_layout
-from fastradam.backends import BACKENDS
+from fastradam import backends
 from fastradam.layout import FlatLayout
-from fastradam.scalars import pack_rows, scalar_rows
-from fastradam.validation import GroupHyperparameters
+from fastradam.plan import StepPlan
 
 #: Parameter dtypes the kernels implement.
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
-NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 #: Devices the backends run on.
 SUPPORTED_DEVICES = ("cpu", "cuda")
 
@@ -74,9 +71,9 @@ def _stream(device: torch.device) -> Any:
 def _backend(device: torch.device) -> Any:
     """The backend module for ``device``: Numba for the CPU, CuPy's CUDA backend for CUDA."""
     if device.type == "cpu":
-        return BACKENDS[0].load()
+        return backends.get("numba")
     try:
-        return BACKENDS[1].load()
+        return backends.get("cuda")
     except ImportError as error:
         raise ImportError(f"CUDA parameters need CuPy (pip install cupy-cuda12x or cupy-cuda13x): {error}") from error
 
@@ -133,7 +130,6 @@ class FlatBucket:
         self.grad_ptrs: list[int] | None = None
         self.on_cpu = self.device.type == "cpu"
         self.backend = _backend(self.device)
-        self.np_dtype = NUMPY_DTYPES[self.dtype]
         flats = (self.param_flat, self.exp_avg_flat, self.exp_avg_sq_flat)
         # the backend's arrays over the flat buffers, made once (a step converts nothing of its own),
         # on torch's stream: the steps run there, so no cross-stream ordering is needed or made
@@ -143,6 +139,9 @@ class FlatBucket:
         self.grad_array: Any = None
         self.segment_arrays = [None if sharded and k == 0 else self.layout.unpack(a) for k, a in enumerate(self.arrays)]
         self.steps_host = None if capturable else self.steps.numpy()
+        #: The step plans, bound on first use: over the flat buffers, and over the tensor views.
+        self._plan: StepPlan | None = None
+        self._tensors: StepPlan | None = None
 
     # -- moving in ---------------------------------------------------------------------------
 
@@ -255,7 +254,7 @@ class FlatBucket:
 
     # -- stepping ----------------------------------------------------------------------------
 
-    def plan(self) -> tuple[np.ndarray, list[torch.Tensor | None] | None]:
+    def check_gradients(self) -> tuple[np.ndarray, list[torch.Tensor | None] | None]:
         """Check every parameter and gradient (no writes) for one step.
 
         Returns the per-parameter ``has_grad`` mask and, when some gradient is not a view of the
@@ -307,49 +306,60 @@ class FlatBucket:
                         "shard the model first, then build the optimizer")
                 self.param_views[i] = local
                 self.param_ptrs[i] = local.data_ptr()
+                self._tensors = None  # bound to the old shard
 
-    def step(self, active: np.ndarray, grads: list | None, groups: list[dict],
-             checked: list[GroupHyperparameters]) -> None:
-        """One fused step of the parameters in ``active`` (a checked :meth:`plan`); steps advance."""
+    def prepare(self, active: np.ndarray, grads: list | None, groups: list[dict],
+                lrs: list[Any]) -> Callable[[], None]:
+        """Every check of one fused step of the parameters in ``active`` (a checked
+        :meth:`check_gradients`), and the step itself, not yet taken: calling it writes the
+        parameters and moments and advances the step counts. ``groups`` are the options of every
+        param group (host lrs), ``lrs`` their learning rates as given (tensors where capturable)."""
         if not active.any():
-            return
+            return _nothing
         with _stream(self.device):
             if self.capturable:
-                self._step_on_device(active, grads, groups, checked)
-                return
+                return self._prepare_capturable(active, grads, groups, lrs)
             steps = self.steps_host.astype(np.int64) + active
-            if grads is not None and not self.on_cpu and not self.sharded:
-                self._gather_grads(active, grads)  # on CUDA the copy is cheaper than a tensor list
-                grads = None
-            if grads is None:
-                params, exp_avg, exp_avg_sq = self.arrays
-                fused_step_layout(self.layout, params, self.grad_array, exp_avg, exp_avg_sq, steps=steps,
-                                  groups=groups, has_grad=active)
+            if grads is not None and (self.sharded or self.on_cpu):
+                launch = self._tensor_plan(groups).prepare(
+                    steps=steps, has_grad=active, groups=groups,
+                    grads=[None if grad is None else self._array(self._grad_tensor(grad)) for grad in grads])
             else:
-                self._step_tensors(active, grads, steps, checked)
-            self.steps_host[active] += 1
+                launch = self._layout_plan(groups).prepare(steps=steps, has_grad=active, groups=groups)
+        gather = grads is not None and not (self.sharded or self.on_cpu)  # on CUDA a copy beats a tensor list
 
-    def _grad_tensor(self, grad: torch.Tensor) -> Any:
+        def step() -> None:
+            with _stream(self.device):
+                if gather:
+                    self._gather_grads(active, grads)
+                launch()
+            self.steps_host[active] += 1
+        return step
+
+    def _layout_plan(self, groups: list[dict]) -> StepPlan:
+        """The plan over the flat buffers (gradients: the flat gradient buffer), bound once."""
+        if self._plan is None:
+            self._allocate_grad_flat()
+            params, exp_avg, exp_avg_sq = self.arrays
+            self._plan = StepPlan(params, self.grad_array, exp_avg, exp_avg_sq, layout=self.layout, groups=groups)
+        return self._plan
+
+    def _tensor_plan(self, groups: list[dict]) -> StepPlan:
+        """The plan over the parameter and moment views (the local shards for DTensors), gradients
+        given at each step as they are (no copy); bound again when a local shard moved."""
+        if self._tensors is None:
+            if self.sharded:
+                params = [self._array(view) for view in self.param_views]
+            else:
+                params = self.segment_arrays[0]
+            self._tensors = StepPlan(params, None, self.segment_arrays[1], self.segment_arrays[2], groups=groups,
+                                     group_index=self.layout.arrays.groups)
+        return self._tensors
+
+    def _grad_tensor(self, grad: torch.Tensor) -> torch.Tensor:
         if grad.requires_grad:
             grad = grad.detach()
-        if not grad.is_contiguous():
-            grad = grad.contiguous()
-        return self._array(grad)
-
-    def _step_tensors(self, active: np.ndarray, grads: list, steps: np.ndarray,
-                      checked: list[GroupHyperparameters]) -> None:
-        """The tensor-list path: parameter and moment views with the gradients as they are (no copy)."""
-        index = np.flatnonzero(active)
-        rows, tensor_row = scalar_rows(checked, self.layout.arrays.groups[index], steps[index],
-                                       np.ones(index.size, dtype=bool))
-        floats, ints = pack_rows(rows, self.np_dtype)
-        exp_avg, exp_avg_sq = ([views[i] for i in index] for views in self.segment_arrays[1:])
-        if self.sharded:
-            params = self.backend.as_arrays([self._array(self.param_views[i]) for i in index])
-        else:
-            params = [self.segment_arrays[0][i] for i in index]
-        grads_a = self.backend.as_arrays([self._grad_tensor(grads[i]) for i in index])
-        self.backend.radam_step_tensors(params, grads_a, exp_avg, exp_avg_sq, tensor_row, floats, ints)
+        return grad if grad.is_contiguous() else grad.contiguous()
 
     def _gather_grads(self, active: np.ndarray, grads: list) -> None:
         """The active fresh gradients copied into the flat gradient buffer, in one ``_foreach_copy_``
@@ -359,31 +369,25 @@ class FlatBucket:
         if pairs:
             torch._foreach_copy_([view for view, _ in pairs], [grad for _, grad in pairs])
 
-    def _step_on_device(self, active: np.ndarray, grads: list | None, groups: list[dict],
-                        checked: list[GroupHyperparameters]) -> None:
+    def _prepare_capturable(self, active: np.ndarray, grads: list | None, groups: list[dict],
+                            lrs: list[Any]) -> Callable[[], None]:
         """capturable: the step counts advance on the device, then one launch over the flat buffers
         reads them (and any tensor lr) there; fresh gradients are gathered into the flat gradient
         buffer first, gradient views are read in place."""
-        if grads is not None:
-            self._gather_grads(active, grads)
-        if active.all():
-            self.steps.add_(1.0)
-        else:
-            torch._foreach_add_([self.steps[i] for i in np.flatnonzero(active)], 1.0)
-        params, exp_avg, exp_avg_sq = self.arrays
-        self.backend.radam_step_segments_on_device(
-            params, self.grad_array, exp_avg, exp_avg_sq, self.layout.arrays, self._segment_group(active),
-            self.steps_array, checked, [group["lr"] for group in groups])
+        plan = self._layout_plan(groups)
+        launch = plan.prepare(steps=self.steps_array, has_grad=active, groups=groups, lrs=lrs)
 
-    def _segment_group(self, active: np.ndarray) -> np.ndarray:
-        return np.where(active, self.layout.arrays.groups, -1)
+        def step() -> None:
+            with _stream(self.device):
+                if grads is not None:
+                    self._gather_grads(active, grads)
+                if active.all():
+                    self.steps.add_(1.0)
+                else:
+                    torch._foreach_add_([self.steps[i] for i in np.flatnonzero(active)], 1.0)
+                launch()
+        return step
 
-    def check_lrs(self, active: np.ndarray, groups: list[dict]) -> None:
-        """capturable: check the learning rates the active parameters use (a tensor lr: 0-d float32
-        or float64 on this buffer's CUDA device) before anything is written."""
-        if not self.capturable or not active.any():
-            return
-        params, exp_avg, exp_avg_sq = self.arrays
-        with _stream(self.device):
-            self.backend.capturable_lrs([group["lr"] for group in groups], self._segment_group(active),
-                                        (params, params, exp_avg, exp_avg_sq))
+
+def _nothing() -> None:
+    """The step of a bucket with no gradient this time."""

@@ -1,146 +1,24 @@
-"""Every argument check of the step functions, in one place, run before any byte is written.
+"""Array checks of the step functions, run before any byte is written.
 
 Buffer checks read only the array-interface protocols (``__array_interface__`` for host
 arrays, ``__cuda_array_interface__`` for device arrays), so they are the same for every
 backend and need no backend import. Errors are TypeError (wrong kind of thing) or
-ValueError (right kind, wrong value), and name the argument.
+ValueError (right kind, wrong value), and name the argument. Option checks live with the
+options (:mod:`fastradam.options`), storage rules with the formats (:mod:`fastradam.storage`).
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-from dataclasses import dataclass
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from fastradam.flavours import Flavour, resolve_flavour
-from fastradam.schedules import KerasWarmup
+from fastradam.options import MAX_STEP
+from fastradam.storage import BUFFER_NAMES, ROLES
 
-#: Storage formats (dtype names) a buffer may have; which combinations work: :func:`check_storage`.
-STORAGE_FORMATS = ("float32", "float64", "bfloat16", "float16")
-SIXTEEN_BIT = ("bfloat16", "float16")
-SUPPORTED_STORAGE = (
-    "float64 everywhere (math in float64); or params float32, bfloat16 or float16, grads float32, "
-    "bfloat16 or float16, exp_avg and exp_avg_sq both float32 or both bfloat16, and float32 master "
-    "weights only beside bfloat16/float16 params (math in float32)"
-)
-
-#: The largest step: beyond 2**53 a step is no longer an exact float64 in the scalars.
-MAX_STEP = 2**53
-
-BUFFER_NAMES = ("params", "grads", "exp_avg", "exp_avg_sq")
 #: Which of the four buffers a step writes; ``grads`` is only read.
-WRITTEN = (True, False, True, True)
-
-#: Every option a group (or ``fused_step``) takes besides the step, with its default.
-GROUP_DEFAULTS: dict[str, Any] = {
-    "lr": 1e-3,
-    "betas": (0.9, 0.999),
-    "eps": 1e-8,
-    "weight_decay": 0.0,
-    "decoupled_weight_decay": False,
-    "maximize": False,
-    "flavour": "torch",
-    "schedule": None,
-}
-
-
-@dataclass(frozen=True)
-class GroupHyperparameters:
-    """Validated hyperparameters of one parameter group (everything but the step)."""
-
-    lr: float
-    beta1: float
-    beta2: float
-    eps: float
-    weight_decay: float
-    decoupled_weight_decay: bool
-    maximize: bool
-    flavour: Flavour
-    schedule: KerasWarmup | None
-
-
-def _real(name: str, value: Any) -> float:
-    if type(value) in (float, int):  # the common case, without the slower ABC check
-        return float(value)
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
-def _non_negative(name: str, value: Any) -> float:
-    number = _real(name, value)
-    if not (math.isfinite(number) and number >= 0.0):
-        raise ValueError(f"{name} must be finite and >= 0, got {number!r}")
-    return number
-
-
-def check_flag(name: str, value: Any) -> bool:
-    """``value`` as a bool; TypeError unless it is a bool (or NumPy bool)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return bool(value)
-
-
-def check_step(step: Any, name: str = "step") -> int:
-    """Return ``step`` as an int; it must be an integer >= 1 (booleans are refused)."""
-    if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= 1 (the 1-based update number), got {type(step).__name__}")
-    if not 1 <= step <= MAX_STEP:
-        raise ValueError(f"{name} must be >= 1 and <= 2**53 (the 1-based update number), got {step}")
-    return int(step)
-
-
-def check_group(options: Mapping[str, Any], where: str = "") -> GroupHyperparameters:
-    """Validate one group's options (missing ones take :data:`GROUP_DEFAULTS`).
-
-    ``where`` prefixes the argument names in messages, e.g. ``"groups[1]."``.
-    """
-    if not isinstance(options, Mapping):
-        raise TypeError(f"{where.rstrip('.') or 'group'} must be a mapping of options, got {type(options).__name__}")
-    unknown = sorted(set(options) - set(GROUP_DEFAULTS))
-    if unknown:
-        raise ValueError(f"{where}{unknown[0]} is not an option; options are {sorted(GROUP_DEFAULTS)}")
-    o = {**GROUP_DEFAULTS, **options}
-    betas = o["betas"]
-    if not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2:
-        raise TypeError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
-    beta1, beta2 = (_real(f"{where}betas[{i}]", b) for i, b in enumerate(betas))
-    for i, beta in enumerate((beta1, beta2)):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"{where}betas[{i}] must be in [0, 1), got {beta!r}")
-    schedule = o["schedule"]
-    if schedule is not None and not isinstance(schedule, KerasWarmup):
-        raise TypeError(f"{where}schedule must be None or a KerasWarmup, got {type(schedule).__name__}")
-    return GroupHyperparameters(
-        lr=_non_negative(f"{where}lr", o["lr"]),
-        beta1=beta1,
-        beta2=beta2,
-        eps=_non_negative(f"{where}eps", o["eps"]),
-        weight_decay=_non_negative(f"{where}weight_decay", o["weight_decay"]),
-        decoupled_weight_decay=check_flag(f"{where}decoupled_weight_decay", o["decoupled_weight_decay"]),
-        maximize=check_flag(f"{where}maximize", o["maximize"]),
-        flavour=resolve_flavour(o["flavour"]),
-        schedule=schedule,
-    )
-
-
-def check_groups(groups: Any) -> list[GroupHyperparameters]:
-    """Validate a non-empty sequence of group option mappings."""
-    if isinstance(groups, Mapping) or not isinstance(groups, Sequence) or len(groups) == 0:
-        raise TypeError("groups must be a non-empty sequence of option mappings (dicts)")
-    return [check_group(g, f"groups[{i}].") for i, g in enumerate(groups)]
-
-
-def check_grad_scale(grad_scale: Any) -> float:
-    """``grad_scale`` must be a finite real number > 0."""
-    value = _real("grad_scale", grad_scale)
-    if not (math.isfinite(value) and value > 0.0):
-        raise ValueError(f"grad_scale must be finite and > 0, got {value!r}")
-    return value
+WRITTEN = tuple(role.written for role in ROLES)
 
 
 def check_per_tensor(name: str, values: Any, count: int, kind: str, active: np.ndarray | None = None) -> np.ndarray:
@@ -165,62 +43,42 @@ def check_per_tensor(name: str, values: Any, count: int, kind: str, active: np.n
     return array.astype(np.int64, copy=False)
 
 
-def _interface(array: Any) -> dict:
-    if isinstance(array, np.ndarray):
-        return array.__array_interface__
-    return array.__cuda_array_interface__
-
-
-def check_storage(storages: Sequence[str], names: Sequence[str] = BUFFER_NAMES,
-                  master: str | None = None, master_name: str = "master_params") -> np.dtype:
-    """The math dtype for buffers stored as ``storages`` (params, grads, exp_avg, exp_avg_sq
-    dtype names) and an optional master; TypeError naming the buffer and listing what works."""
-    def refuse(reason: str) -> None:
-        raise TypeError(f"{reason}; supported storage: {SUPPORTED_STORAGE}")
-
-    for name, storage in zip((*names, master_name), (*storages, master)):
-        if storage is not None and storage not in STORAGE_FORMATS:
-            refuse(f"{name} must have dtype float32, float64, bfloat16 or float16, got {storage}")
-    params, _, exp_avg, exp_avg_sq = storages
-    if "float64" in storages:
-        wide = storages.index("float64")
-        for name, storage in zip(names, storages):
-            if storage != "float64":
-                refuse(f"{name} has dtype {storage} but {names[wide]} is float64: float64 storage is all-float64")
-        if master is not None:
-            refuse(f"{master_name} goes with bfloat16/float16 params, not with float64 ones")
-        return np.dtype(np.float64)
-    if exp_avg_sq != exp_avg:
-        refuse(f"{names[3]} has dtype {exp_avg_sq} but {names[2]} has {exp_avg}: the moments share one dtype")
-    if exp_avg not in ("float32", "bfloat16"):
-        refuse(f"{names[2]} must be float32 or bfloat16, got {exp_avg}")
-    if master is not None and params not in SIXTEEN_BIT:
-        refuse(f"{master_name} is for bfloat16/float16 params, but {names[0]} is {params}")
-    if master is not None and master != "float32":
-        refuse(f"{master_name} must be float32, got {master}")
-    return np.dtype(np.float32)
-
-
 def check_buffers(buffers: Sequence[Any], names: Sequence[str] = BUFFER_NAMES,
-                  written: Sequence[bool] = WRITTEN) -> list[tuple[int, int]]:
-    """Check buffers a step will use before it writes any of them.
-
-    They must share the first one's shape and be C-contiguous, and the ``written`` ones
-    writeable. Returns each buffer's ``(start, end)`` address span for :func:`check_disjoint`.
-    """
+                  written: Sequence[bool] = WRITTEN) -> None:
+    """Check buffers a step will use before it writes any of them: they must share the first
+    one's shape and be C-contiguous, and the ``written`` ones writeable."""
     shape = buffers[0].shape
-    spans = []
     for name, array, writes in zip(names, buffers, written):
         if array.shape != shape:
             raise ValueError(f"{name} has shape {array.shape} but {names[0]} has {shape}: "
                              "the buffers of a tensor must share one shape")
         if not array.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous")
-        address, read_only = _interface(array)["data"]
-        if read_only and writes:
+        if writes and _read_only(array):
             raise ValueError(f"{name} is read-only, but a step writes it in place")
+
+
+def _read_only(array: Any) -> bool:
+    if isinstance(array, np.ndarray):
+        return not array.flags.writeable
+    return array.__cuda_array_interface__["data"][1]
+
+
+def address_spans(buffers: Sequence[Any]) -> list[tuple[int, int]]:
+    """Each buffer's ``(start, end)`` address span, for :func:`check_disjoint`."""
+    spans = []
+    for array in buffers:
+        interface = array.__array_interface__ if isinstance(array, np.ndarray) else array.__cuda_array_interface__
+        address = interface["data"][0]
         spans.append((address, address + array.size * array.itemsize))
     return spans
+
+
+def own_their_memory(objects: Sequence[Any]) -> bool:
+    """Whether ``objects`` are distinct NumPy arrays that each own their memory (no base): such
+    arrays cannot overlap, so :func:`check_disjoint` has nothing to find among them."""
+    return (all(type(obj) is np.ndarray and obj.base is None for obj in objects)
+            and len({id(obj) for obj in objects}) == len(objects))
 
 
 def check_disjoint(names: Sequence[str], spans: Sequence[tuple[int, int]]) -> None:

@@ -1,5 +1,6 @@
 // RAdam step kernels, one template source for every storage combination; instantiated by
-// fastradam/backends/cuda.py with RawModule(name_expressions=...).
+// fastradam/backends/cuda (module.py) with RawModule(name_expressions=...); the ABI records and
+// constants come from generated/abi.cuh (fastradam/spec.py).
 //
 // Storage: every kernel is templated on the storage of each role, P (params), G (grads) and Mo
 // (exp_avg and exp_avg_sq), each float, double, bfloat16_t or float16_t (the 16-bit formats as
@@ -46,15 +47,8 @@
 
 namespace fastradam {
 
-//! Type codes of a 0-d device value read by a kernel (a skip flag, a step count, a learning rate).
-constexpr int kNoValue = 0;  // no pointer: a flag that is never set
-constexpr int kInt8 = 1;     // bool, int8, uint8
-constexpr int kInt32 = 2;
-constexpr int kInt64 = 3;
-constexpr int kFloat32 = 4;
-constexpr int kFloat64 = 5;
-
-//! The 0-d device value at `value` (type `code`), as a double.
+//! The 0-d device value at `value` (type `code`: kInt8 ... kFloat64 of generated/abi.cuh; kInt8
+//! reads bool, int8 and uint8, kNoValue is a flag that is never set), as a double.
 __host__ __device__ __forceinline__ double read_value(const void* value, int code) {
     switch (code) {
         case kInt8: return static_cast<double>(*static_cast<const unsigned char*>(value));
@@ -228,21 +222,14 @@ __device__ __forceinline__ long long grid_thread() {
 
 __device__ __forceinline__ long long grid_threads() { return static_cast<long long>(gridDim.x) * blockDim.x; }
 
-//! One RAdam step with host-computed scalars (already rounded to the math type M). `master`
-//! is null unless kMaster; `skip` (type `skip_code`) is found_inf or the check_finite flag.
+//! One RAdam step with host-computed scalars (already rounded to the math type M), passed by
+//! value as one record (fastradam.spec.SCALARS). `master` is null unless kMaster; `skip` (type
+//! `skip_code`) is found_inf or the check_finite flag.
 template <typename P, typename G, typename Mo, bool kMaster>
 __global__ void radam_step(P* __restrict__ p, const G* __restrict__ g, Mo* __restrict__ m, Mo* __restrict__ v,
-                           float* __restrict__ master, long long n, MathOf<P, G, Mo, kMaster> one_minus_beta1,
-                           MathOf<P, G, Mo, kMaster> beta2, MathOf<P, G, Mo, kMaster> one_minus_beta2,
-                           MathOf<P, G, Mo, kMaster> eps, MathOf<P, G, Mo, kMaster> l2_weight_decay,
-                           MathOf<P, G, Mo, kMaster> param_decay, MathOf<P, G, Mo, kMaster> step_size,
-                           MathOf<P, G, Mo, kMaster> inv_grad_scale, int negate_grad, int mode,
+                           float* __restrict__ master, long long n, ElementScalars<MathOf<P, G, Mo, kMaster>> s,
                            const void* skip, int skip_code) {
     if (flag_set(skip, skip_code)) return;
-    const ElementScalars<MathOf<P, G, Mo, kMaster>> s{one_minus_beta1, beta2,       one_minus_beta2,
-                                                      eps,             l2_weight_decay, param_decay,
-                                                      step_size,       inv_grad_scale,  negate_grad,
-                                                      mode};
     radam_apply(Buffers<P, G, Mo, kMaster>{p, g, m, v, master}, n, s, grid_thread(), grid_threads());
 }
 
@@ -250,16 +237,13 @@ __global__ void radam_step(P* __restrict__ p, const G* __restrict__ g, Mo* __res
 //! buffers (or inside its tensor), and the segment's (tensor's) index.
 constexpr int kTileFields = 3;
 
-//! Row `row` of the host tables: floats (R, 8) in the math type, columns as
-//! fastradam.scalars.FLOAT_FIELDS, and ints (R, 2), columns as INT_FIELDS.
+//! Row `row` of the host tables: reals (R, kScalarFloats) in the math type and ints (R,
+//! kScalarInts), columns as fastradam.spec.SCALARS.
 template <typename M>
 __device__ __forceinline__ ElementScalars<M> load_row(const M* __restrict__ floats, const int* __restrict__ ints,
                                                       int row) {
-    constexpr int kFloatFields = 8;
-    constexpr int kIntFields = 2;
-    const M* f = floats + static_cast<long long>(row) * kFloatFields;
-    const int* i = ints + static_cast<long long>(row) * kIntFields;
-    return ElementScalars<M>{f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], i[0], i[1]};
+    return scalars_row(floats + static_cast<long long>(row) * kScalarFloats,
+                       ints + static_cast<long long>(row) * kScalarInts);
 }
 
 //! One tile's work: its range and the row of scalars it uses. Every thread of a block reads
@@ -337,24 +321,18 @@ __global__ void radam_step_tensors(void* const* __restrict__ pointers, const lon
 }
 
 //! Capturable RAdam step: the step count (type code step_code: kInt32, kInt64, kFloat32 or
-//! kFloat64) is read from device memory, and the learning rate too when lr_code is not
-//! kNoValue (else lr_value is used); every thread folds the float64 scalars itself (with the
-//! flavour's threshold, inclusive, hold_below and eps_on_v_hat), so a CUDA graph replay follows
-//! the values on the device. The type codes keep this one instantiation per storage.
+//! kFloat64) is read from device memory, and the learning rate too when group.lr_code is not
+//! kNoValue (else group.lr is used); every thread folds the float64 scalars itself from the
+//! group's row (fastradam.spec.GROUP_ROW, passed by value), so a CUDA graph replay follows the
+//! values on the device. The type codes keep this one instantiation per storage.
 template <typename P, typename G, typename Mo, bool kMaster>
 __global__ void radam_step_capturable(P* __restrict__ p, const G* __restrict__ g, Mo* __restrict__ m,
                                       Mo* __restrict__ v, float* __restrict__ master, long long n,
-                                      const void* step, int step_code, const void* lr, int lr_code,
-                                      double lr_value, double beta1, double beta2, double eps,
-                                      double weight_decay, int decoupled, int maximize, double threshold,
-                                      int inclusive, int hold_below, int eps_on_v_hat, double inv_grad_scale,
+                                      const void* step, int step_code, const void* lr, GroupRow group,
                                       const void* skip, int skip_code) {
     if (flag_set(skip, skip_code)) return;
-    const FlavourRule flavour{threshold, inclusive != 0, hold_below != 0, eps_on_v_hat != 0};
-    ElementScalars<double> s = radam_step_scalars(read_value(step, step_code),
-                                                  lr_code == kNoValue ? lr_value : read_value(lr, lr_code), beta1,
-                                                  beta2, eps, weight_decay, decoupled != 0, maximize != 0, flavour);
-    s.inv_grad_scale = inv_grad_scale;
+    const double lr_value = group.lr_code == kNoValue ? group.lr : read_value(lr, group.lr_code);
+    const ElementScalars<double> s = radam_step_scalars(read_value(step, step_code), lr_value, group);
     radam_apply(Buffers<P, G, Mo, kMaster>{p, g, m, v, master}, n, cast_scalars<MathOf<P, G, Mo, kMaster>>(s),
                 grid_thread(), grid_threads());
 }
@@ -373,8 +351,9 @@ __host__ __device__ __forceinline__ double read_value_at(const void* values, int
 
 //! Capturable RAdam step over the segments of flat buffers, in one launch: segment `i` is in
 //! group segment_group[i] (< 0: skipped, neither read nor written) and its step count is
-//! steps[i] (type code step_code) in device memory. A group's row holds its hyperparameters,
-//! and its learning rate is read from lr_pointers[row] when the row's lr code is not kNoValue.
+//! steps[i] (type code step_code) in device memory. A group's row (fastradam.spec.GROUP_ROW, in
+//! tables (R, kGroupFloats) and (R, kGroupInts)) holds its hyperparameters, and its learning rate
+//! is read from lr_pointers[row] when the row's lr_code is not kNoValue.
 //! Each block folds its tile's float64 scalars as radam_step_capturable does (operation for
 //! operation the host's), so a CUDA graph replay follows the step counts on the device.
 template <typename P, typename G, typename Mo, bool kMaster>
@@ -386,24 +365,17 @@ __global__ void radam_step_segments_capturable(P* __restrict__ p, const G* __res
                                                const int* __restrict__ group_ints,
                                                const unsigned long long* __restrict__ lr_pointers, const void* skip,
                                                int skip_code) {
-    // Columns of a group row, as fastradam.backends.cuda.capturable_group_tables writes them:
-    // lr_value, beta1, beta2, eps, weight_decay, threshold, inv_grad_scale (float64) and
-    // decoupled, maximize, inclusive, hold_below, eps_on_v_hat, lr_code (int32).
-    constexpr int kGroupFloatFields = 7;
-    constexpr int kGroupIntFields = 6;
     if (flag_set(skip, skip_code)) return;
     const Buffers<P, G, Mo, kMaster> b{p, g, m, v, master};
     for (long long tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
         const Tile t = load_tile(tiles, segment_group, tile);
         if (t.row < 0) continue;
-        const double* f = group_floats + static_cast<long long>(t.row) * kGroupFloatFields;
-        const int* i = group_ints + static_cast<long long>(t.row) * kGroupIntFields;
-        const double lr =
-            i[5] == kNoValue ? f[0] : read_value(reinterpret_cast<const void*>(lr_pointers[t.row]), i[5]);
-        const FlavourRule flavour{f[5], i[2] != 0, i[3] != 0, i[4] != 0};
-        ElementScalars<double> s = radam_step_scalars(read_value_at(steps, step_code, t.index), lr, f[1], f[2], f[3],
-                                                      f[4], i[0] != 0, i[1] != 0, flavour);
-        s.inv_grad_scale = f[6];
+        const GroupRow group = group_row(group_floats + static_cast<long long>(t.row) * kGroupFloats,
+                                         group_ints + static_cast<long long>(t.row) * kGroupInts);
+        const double lr = group.lr_code == kNoValue
+                              ? group.lr
+                              : read_value(reinterpret_cast<const void*>(lr_pointers[t.row]), group.lr_code);
+        const ElementScalars<double> s = radam_step_scalars(read_value_at(steps, step_code, t.index), lr, group);
         radam_apply(b.at(t.start), t.stop - t.start, cast_scalars<MathOf<P, G, Mo, kMaster>>(s), threadIdx.x,
                     blockDim.x);
     }

@@ -6,6 +6,8 @@
 // and the Numba backend round identically.
 #pragma once
 
+#include "generated/abi.cuh"
+
 namespace fastradam {
 
 //! Storage tags of the 16-bit formats: the kernels see their bit patterns (the backend passes
@@ -173,87 +175,44 @@ __host__ __device__ __forceinline__ bool is_finite(double x) {
 __host__ __device__ __forceinline__ bool is_finite(bfloat16_t x) { return (x.bits & 0x7F80u) != 0x7F80u; }
 __host__ __device__ __forceinline__ bool is_finite(float16_t x) { return (x.bits & 0x7C00u) != 0x7C00u; }
 
-//! The element update of a step (fastradam.scalars MOMENTUM, RECTIFIED, HOLD).
-constexpr int kMomentum = 0;   // below the threshold: p = p * param_decay - step_size * m
-constexpr int kRectified = 1;  // above it: p = p * param_decay - step_size * m / (sqrt(v) + eps)
-constexpr int kHold = 2;       // below it, in flavours that skip the update: p unchanged
-
-//! The folded per-step scalars of fastradam.scalars.StepScalars, in math type M.
-template <typename M>
-struct ElementScalars {
-    M one_minus_beta1;
-    M beta2;
-    M one_minus_beta2;
-    M eps;              // pre-scaled by sqrt(bc2) in flavours that add eps to sqrt(v_hat)
-    M l2_weight_decay;  // 0 when the weight decay is decoupled
-    M param_decay;      // 1 - lr*wd when decoupled and p updates, else exactly 1
-    M step_size;        // lr*r_t*sqrt(bc2)/bc1 (RECTIFIED), lr/bc1 (MOMENTUM), 0 (HOLD)
-    M inv_grad_scale;   // 1 / grad_scale: the gradient's unscale factor
-    int negate_grad;
-    int mode;           // kMomentum, kRectified or kHold
-};
-
-//! Rounds float64 scalars to the math type M (as the host backend casts with np.float32(...)).
-template <typename M>
-__host__ __device__ __forceinline__ ElementScalars<M> cast_scalars(const ElementScalars<double>& s) {
-    return ElementScalars<M>{static_cast<M>(s.one_minus_beta1), static_cast<M>(s.beta2),
-                             static_cast<M>(s.one_minus_beta2), static_cast<M>(s.eps),
-                             static_cast<M>(s.l2_weight_decay), static_cast<M>(s.param_decay),
-                             static_cast<M>(s.step_size),      static_cast<M>(s.inv_grad_scale),
-                             s.negate_grad,                    s.mode};
-}
-
-//! The choices of a fastradam.flavours.Flavour that the device scalars need.
-struct FlavourRule {
-    double threshold;   // rectify when rho_t > threshold (>= when inclusive)
-    bool inclusive;
-    bool hold_below;    // below_threshold == "none": HOLD instead of MOMENTUM
-    bool eps_on_v_hat;  // eps added to sqrt(v_hat): scaled by sqrt(bc2) here
-
-    __host__ __device__ bool rectifies(double rho_t) const {
-        return inclusive ? rho_t >= threshold : rho_t > threshold;
-    }
-};
-
-//! The scalars of step `step` (1-based), in float64: fastradam.scalars.step_scalars on the device,
-//! operation for operation.
+//! The scalars of step `step` (1-based) for one group, in float64: fastradam.scalars.step_scalars
+//! on the device, operation for operation.
 //!
 //! bc1 = 1 - beta1^t, bc2 = 1 - beta2^t, rho_inf = 2/(1-beta2) - 1,
-//! rho_t = rho_inf - 2 t beta2^t / bc2; RECTIFIED when the flavour rectifies rho_t, then
-//! step_size = lr r_t sqrt(bc2) / bc1 with
+//! rho_t = rho_inf - 2 t beta2^t / bc2; RECTIFIED when the flavour rectifies rho_t (rho_t >
+//! threshold, >= when inclusive), then step_size = lr r_t sqrt(bc2) / bc1 with
 //! r_t = sqrt((rho_t-4)(rho_t-2) rho_inf / ((rho_inf-4)(rho_inf-2) rho_t)); else MOMENTUM with
-//! lr / bc1, or HOLD with 0 (and no decoupled decay). The step must be >= 1; it is not checked
-//! (the capturable kernel cannot raise).
-__host__ __device__ inline ElementScalars<double> radam_step_scalars(double step, double lr, double beta1,
-                                                                     double beta2, double eps,
-                                                                     double weight_decay, bool decoupled,
-                                                                     bool maximize, const FlavourRule& flavour) {
-    const double bias_correction1 = 1.0 - pow(beta1, step);
-    const double bias_correction2 = 1.0 - pow(beta2, step);
-    const double rho_inf = 2.0 / (1.0 - beta2) - 1.0;
-    const double beta2_t = pow(beta2, step);
+//! lr / bc1, or HOLD with 0 (and no decoupled decay). eps is scaled by sqrt(bc2) when the flavour
+//! adds it to sqrt(v_hat), eps_root by bc2. The step must be >= 1; it is not checked (the
+//! capturable kernels cannot raise).
+__host__ __device__ inline ElementScalars<double> radam_step_scalars(double step, double lr, const GroupRow& group) {
+    const double bias_correction1 = 1.0 - pow(group.beta1, step);
+    const double bias_correction2 = 1.0 - pow(group.beta2, step);
+    const double rho_inf = 2.0 / (1.0 - group.beta2) - 1.0;
+    const double beta2_t = pow(group.beta2, step);
     const double rho_t = rho_inf - 2.0 * step * beta2_t / (1.0 - beta2_t);
     int mode;
     double step_size;
-    if (flavour.rectifies(rho_t)) {
+    if (group.inclusive ? rho_t >= group.threshold : rho_t > group.threshold) {
         mode = kRectified;
         const double rect =
             sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t));
         step_size = lr * rect * sqrt(bias_correction2) / bias_correction1;
     } else {
-        mode = flavour.hold_below ? kHold : kMomentum;
+        mode = group.hold_below ? kHold : kMomentum;
         step_size = mode == kMomentum ? lr / bias_correction1 : 0.0;
     }
-    const bool decays = decoupled && mode != kHold;
-    return ElementScalars<double>{1.0 - beta1,
-                                  beta2,
-                                  1.0 - beta2,
-                                  flavour.eps_on_v_hat ? eps * sqrt(bias_correction2) : eps,
-                                  decoupled ? 0.0 : weight_decay,
-                                  decays ? 1.0 - lr * weight_decay : 1.0,
+    const bool decays = group.decoupled && mode != kHold;
+    return ElementScalars<double>{1.0 - group.beta1,
+                                  group.beta2,
+                                  1.0 - group.beta2,
+                                  group.eps_on_v_hat ? group.eps * sqrt(bias_correction2) : group.eps,
+                                  group.eps_root * bias_correction2,
+                                  group.decoupled ? 0.0 : group.weight_decay,
+                                  decays ? 1.0 - lr * group.weight_decay : 1.0,
                                   step_size,
-                                  1.0,
-                                  maximize ? 1 : 0,
+                                  group.inv_grad_scale,
+                                  group.maximize ? 1 : 0,
                                   mode};
 }
 
@@ -262,7 +221,7 @@ __host__ __device__ inline ElementScalars<double> radam_step_scalars(double step
 //!
 //!     g = g * inv_grad_scale;  g = -g if negate_grad;  g = g + l2_weight_decay * p (when nonzero)
 //!     m = m + (1 - beta1) (g - m);  v = beta2 v + (1 - beta2) g g
-//!     p = p * param_decay - step_size m / (sqrt(v) + eps)   RECTIFIED
+//!     p = p * param_decay - step_size m / (sqrt(v + eps_root) + eps)   RECTIFIED (no add when eps_root is 0)
 //!     p = p * param_decay - step_size m                     MOMENTUM
 //!     p unchanged                                           HOLD
 template <typename M>
@@ -273,7 +232,8 @@ __host__ __device__ __forceinline__ void radam_element(M& p, M g, M& m, M& v, co
     m = m + s.one_minus_beta1 * (g - m);
     v = s.beta2 * v + s.one_minus_beta2 * g * g;
     if (s.mode == kRectified) {
-        p = p * s.param_decay - s.step_size * m / (sqrt(v) + s.eps);
+        const M root = s.eps_root != M(0) ? sqrt(v + s.eps_root) : sqrt(v);
+        p = p * s.param_decay - s.step_size * m / (root + s.eps);
     } else if (s.mode != kHold) {
         p = p * s.param_decay - s.step_size * m;
     }

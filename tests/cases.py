@@ -1,10 +1,13 @@
-"""Shared test cases: sizes, option sets and fresh random buffers, for every backend's tests."""
+"""Shared test cases: sizes, option sets, storage combinations and fresh random buffers, for every backend's tests."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import ml_dtypes
 import numpy as np
+
+from fastradam.storage import SUPPORTED, Storage
 
 DTYPES = (np.float32, np.float64)
 #: Sizes that hit empty, scalar, vector-tail and multi-thread chunk edges.
@@ -21,7 +24,35 @@ OPTION_SETS: tuple[dict[str, Any], ...] = (
     {"maximize": True, "weight_decay": 0.05},
     {"lr": 0.1, "betas": (0.5, 0.99), "eps": 1e-6},
     {"lr": 3e-4, "betas": (0.0, 0.99999), "eps": 0.0},
+    {"eps_root": 1e-6},
+    {"eps_root": 1e-3, "eps": 0.0, "weight_decay": 0.1, "flavour": "optax"},
 )
+
+#: The storage combinations every backend's mixed-precision tests run, drawn from
+#: :data:`fastradam.storage.SUPPORTED`: the four the kernels were built for first (fp32;
+#: bf16 params and grads with fp32 moments; all-bf16; bf16 with an fp32 master), then float16
+#: in every role that takes it, the moments' two formats beside each kind of params, and all-float64.
+STORAGES: tuple[Storage, ...] = (
+    Storage("float32", "float32", "float32"),
+    Storage("bfloat16", "bfloat16", "float32"),
+    Storage("bfloat16", "bfloat16", "bfloat16"),
+    Storage("bfloat16", "bfloat16", "float32", master=True),
+    Storage("float16", "float16", "float32"),
+    Storage("float16", "float16", "float32", master=True),
+    Storage("float16", "bfloat16", "bfloat16", master=True),
+    Storage("float32", "bfloat16", "bfloat16"),
+    Storage("bfloat16", "float32", "float32"),
+    Storage("float64", "float64", "float64"),
+)
+assert set(STORAGES) <= set(SUPPORTED)
+_NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64),
+                 "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+
+
+def numpy_dtypes(storage: Storage) -> tuple[np.dtype, np.dtype, np.dtype, np.dtype | None]:
+    """The NumPy dtypes ``(params, grads, moments, master or None)`` of a storage combination."""
+    return (_NUMPY_DTYPES[storage.params], _NUMPY_DTYPES[storage.grads], _NUMPY_DTYPES[storage.moments],
+            _NUMPY_DTYPES["float32"] if storage.master else None)
 
 
 def random_buffers(size: int, dtype: Any, seed: int) -> tuple[np.ndarray, ...]:

@@ -20,46 +20,31 @@ from pathlib import Path
 
 import numpy as np
 
+from fastradam.backends.cuda import TILE, launch
+from fastradam.backends.cuda.tables import pack_tables, table_views
 from fastradam.flavours import PRESETS, Flavour, resolve_flavour
-from fastradam.layout import FlatLayout
+from fastradam.layout import FlatLayout, tiles
+from fastradam.options import check_group
 from fastradam.scalars import StepScalars, pack_rows, step_scalars
+from fastradam.spec import DTYPE_CODES, SCALAR_FLOATS
+from fastradam.storage import FORMATS, Storage, check_storage
 from oracle_check import assert_matches_oracle
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "kernels"
 HARNESS = Path(__file__).with_name("cuda_harness.cpp")
-SOURCES = (KERNELS / "radam.cu", KERNELS / "radam.cuh", KERNELS / "host_shim.h", HARNESS)
+SOURCES = (KERNELS / "radam.cu", KERNELS / "radam.cuh", KERNELS / "generated" / "abi.cuh", KERNELS / "host_shim.h",
+           HARNESS)
 #: Warnings are errors; no FMA contraction (as the GPU build's --fmad=false); the shim's 16-byte
 #: pack loads alias float/double storage.
 FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing",
          "-Wall", "-Wextra", "-Werror")
-#: Short names of the storage formats in the harness's entry points.
-SHORT = {"float32": "f32", "float64": "f64", "bfloat16": "bf16", "float16": "f16"}
-#: The (params, grads, moments, master) storage combinations the harness library is built for:
-#: tests/test_mixed_precision.py::COMBINATIONS, then all-float64 (see cuda_harness.cpp).
-HARNESS_COMBINATIONS = (
-    ("float32", "float32", "float32", False),
-    ("bfloat16", "bfloat16", "float32", False),
-    ("bfloat16", "bfloat16", "bfloat16", False),
-    ("bfloat16", "bfloat16", "float32", True),
-    ("float16", "float16", "float32", False),
-    ("float16", "float16", "float32", True),
-    ("float16", "bfloat16", "bfloat16", True),
-    ("float32", "bfloat16", "bfloat16", False),
-    ("bfloat16", "float32", "float32", False),
-    ("float64", "float64", "float64", False),
-)
-#: Type codes of 0-d values the kernels read (radam.cu kInt8 ... kFloat64).
-VALUE_CODES = {np.dtype(np.bool_): 1, np.dtype(np.int32): 2, np.dtype(np.int64): 3, np.dtype(np.float32): 4,
-               np.dtype(np.float64): 5}
 
 
-def suffix(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, master: np.ndarray | None) -> str:
-    """The entry-point suffix of the buffers' storage combination, e.g. ``bf16_bf16_f32_master``."""
-    key = (params.dtype.name, grads.dtype.name, exp_avg.dtype.name, master is not None)
-    if key not in HARNESS_COMBINATIONS:
-        raise ValueError(f"the harness is not built for storage {key}")
-    return "_".join(SHORT[name] for name in key[:3]) + ("_master" if master is not None else "")
+def storage_of(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, master: np.ndarray | None) -> Storage:
+    """The :class:`~fastradam.storage.Storage` of NumPy buffers (bfloat16: ml_dtypes'), as a step checks it."""
+    return check_storage((params.dtype.name, grads.dtype.name, exp_avg.dtype.name, exp_avg.dtype.name),
+                         master=None if master is None else master.dtype.name)
 
 
 def math_dtype(params: np.ndarray) -> np.dtype:
@@ -92,19 +77,43 @@ def _pointer(array: np.ndarray | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(None if array is None else array.ctypes.data)
 
 
-def _flag(found_inf: np.ndarray | None) -> tuple[ctypes.c_void_p, ctypes.c_int]:
-    """``skip, skip_code`` of a host 0-d flag array (None: no flag)."""
+def _packed(arguments: tuple) -> tuple[ctypes.Array, list]:
+    """``arguments`` (as ``fastradam.backends.cuda.launch`` builds them) the way cuLaunchKernel takes
+    them: an array of pointers, entry i at the value of parameter i. A NumPy array is a pointer
+    parameter (its address is the value); a NumPy scalar or record is passed by value (its bytes).
+    Returns the array and what keeps the values alive."""
+    values: list = []
+    for argument in arguments:
+        if isinstance(argument, np.ndarray):
+            values.append(ctypes.c_void_p(argument.ctypes.data))
+        elif isinstance(argument, np.generic):
+            values.append(np.array(argument))  # a 0-d copy: its bytes are the value
+        else:
+            raise TypeError(f"a kernel argument must be a NumPy array or scalar, got {type(argument).__name__}")
+    addresses = [ctypes.addressof(v) if isinstance(v, ctypes.c_void_p) else v.ctypes.data for v in values]
+    return (ctypes.c_void_p * len(values))(*addresses), values
+
+
+def _flag(found_inf: np.ndarray | None) -> launch.Value:
+    """``skip, skip_code`` of a host 0-d flag array (None: no flag), as the backend makes a device flag's."""
     if found_inf is None:
-        return ctypes.c_void_p(None), ctypes.c_int(0)
-    return _pointer(found_inf), ctypes.c_int(VALUE_CODES[found_inf.dtype])
+        return launch.NO_FLAG
+    return found_inf, np.int32(DTYPE_CODES[found_inf.dtype])
+
+
+def _tables(*tables: np.ndarray) -> list[np.ndarray]:
+    """``tables`` packed into one buffer and viewed back, as the backend uploads them (the host bytes here)."""
+    packed, offsets = pack_tables(*tables)
+    return table_views(packed, offsets, tables)
 
 
 @dataclass
 class Harness:
-    """Typed calls into the harness library. Every step takes ``master`` (fp32 master weights
-    beside 16-bit params), ``found_inf`` (a 0-d host array read by the kernel, as a device
-    flag would be) and ``check_finite`` (the read-only pre-pass first, its flag then skipping
-    the update), as the CUDA backend launches them."""
+    """Calls into the harness library, with the CUDA backend's own argument lists
+    (:mod:`fastradam.backends.cuda.launch`) and table packing. Every step takes ``master``
+    (fp32 master weights beside 16-bit params), ``found_inf`` (a 0-d host array read by the
+    kernel, as a device flag would be) and ``check_finite`` (the read-only pre-pass first, its
+    flag then skipping the update), as the CUDA backend launches them."""
 
     lib: ctypes.CDLL
 
@@ -114,76 +123,72 @@ class Harness:
         self.lib.read_counts(_pointer(out))
         return int(out[0]), int(out[1])
 
+    def launch(self, kernel: str, suffix: str, grid: int, block: int, arguments: tuple) -> None:
+        """Run ``kernel`` (e.g. ``radam_step_segments``) of storage ``suffix`` with ``arguments``."""
+        packed, _alive = _packed(arguments)
+        getattr(self.lib, f"launch_{kernel}_{suffix}")(ctypes.c_uint(grid), ctypes.c_uint(block), packed)
+
     def _skip(self, kind: str, grads_storage: str, found_inf, check_finite: bool, grid: int, block: int,
-              *arguments) -> tuple:
-        """The update's ``skip, skip_code``: found_inf, or the check_finite pre-pass's flag."""
+              arguments) -> launch.Value:
+        """The update's ``skip, skip_code``: found_inf, or the check_finite pre-pass's flag
+        (``arguments(skip, flag)`` builds the pre-pass's argument list)."""
         skip = _flag(found_inf)
         if not check_finite:
             return skip
-        self.flag = np.zeros(1, dtype=np.int32)
-        getattr(self.lib, f"nonfinite_{kind}_{SHORT[grads_storage]}")(
-            ctypes.c_uint(grid), ctypes.c_uint(block), *arguments, *skip, _pointer(self.flag))
-        return _pointer(self.flag), ctypes.c_int(VALUE_CODES[np.dtype(np.int32)])
+        self.flag = np.zeros((), dtype=np.int32)
+        self.launch(f"nonfinite_{kind}", FORMATS[grads_storage].short, grid, block, arguments(skip, self.flag))
+        return self.flag, np.int32(DTYPE_CODES[self.flag.dtype])
 
     def step(self, buffers: tuple[np.ndarray, ...], floats: np.ndarray, ints: np.ndarray, grid: int,
              block: int, *, master: np.ndarray | None = None, found_inf: np.ndarray | None = None,
              check_finite: bool = False) -> None:
-        """Run ``radam_step<P, G, Mo, kMaster>`` with row 0 of the host tables (``pack_rows``) by value."""
+        """Run ``radam_step<P, G, Mo, kMaster>`` with row 0 of the host tables (``pack_rows``) as its record."""
         p, g, m, v = buffers
-        row = np.ascontiguousarray(np.asarray(floats, dtype=math_dtype(p))[0])
-        flags = np.ascontiguousarray(np.asarray(ints, dtype=np.int32)[0])
+        storage = storage_of(p, g, m, master)
+        scalars = launch.scalars_record(np.asarray(floats, dtype=storage.math_dtype), np.asarray(ints, np.int32))
         self.lib.reset_counts()
-        skip = self._skip("flat", g.dtype.name, found_inf, check_finite, grid, block, _pointer(g),
-                          ctypes.c_longlong(g.size))
-        getattr(self.lib, f"radam_step_{suffix(p, g, m, master)}")(
-            ctypes.c_uint(grid), ctypes.c_uint(block), *map(_pointer, buffers), _pointer(master),
-            ctypes.c_longlong(p.size), _pointer(row), _pointer(flags), *skip)
+        skip = self._skip("flat", storage.grads, found_inf, check_finite, grid, block,
+                          lambda skip, flag: launch.nonfinite_flat(g, g.size, skip, flag))
+        self.launch("radam_step", storage.short, grid, block, launch.step(buffers, master, p.size, scalars, skip))
 
     def step_segments(self, buffers: tuple[np.ndarray, ...], segments, segment_row: np.ndarray,
                       floats: np.ndarray, ints: np.ndarray, grid: int, block: int, *,
                       master: np.ndarray | None = None, found_inf: np.ndarray | None = None,
                       check_finite: bool = False) -> None:
         """Run ``radam_step_segments`` over ``segments`` (a ``SegmentArrays``), tables as the backend makes them."""
-        from fastradam.backends.cuda import TILE, pack_tables
-        from fastradam.layout import tiles
-
         p, g, m, v = buffers
+        storage = storage_of(p, g, m, master)
         table = tiles(segments.offsets, segments.sizes, TILE)
-        packed, offsets = pack_tables(table, np.asarray(segment_row, np.int32),
-                                      np.asarray(floats, dtype=math_dtype(p)), np.asarray(ints, np.int32))
-        tiles_at, rows_at, floats_at, ints_at = (ctypes.c_void_p(packed.ctypes.data + o) for o in offsets)
-        n_tiles = ctypes.c_longlong(table.shape[0])
+        tiles_t, rows, floats_t, ints_t = _tables(table, np.asarray(segment_row, np.int32),
+                                                  np.asarray(floats, dtype=storage.math_dtype),
+                                                  np.asarray(ints, np.int32))
+        n_tiles = table.shape[0]
         self.lib.reset_counts()
-        skip = self._skip("segments", g.dtype.name, found_inf, check_finite, grid, block, _pointer(g), tiles_at,
-                          n_tiles, rows_at)
-        getattr(self.lib, f"radam_step_segments_{suffix(p, g, m, master)}")(
-            ctypes.c_uint(grid), ctypes.c_uint(block), *map(_pointer, buffers), _pointer(master), tiles_at,
-            n_tiles, rows_at, floats_at, ints_at, *skip)
+        skip = self._skip("segments", storage.grads, found_inf, check_finite, grid, block,
+                          lambda skip, flag: launch.nonfinite_segments(g, tiles_t, n_tiles, rows, skip, flag))
+        self.launch("radam_step_segments", storage.short, grid, block,
+                    launch.segments(buffers, master, tiles_t, n_tiles, rows, floats_t, ints_t, skip))
 
     def step_tensors(self, tensors: list[tuple[np.ndarray, ...]], tensor_row: np.ndarray, floats: np.ndarray,
                      ints: np.ndarray, grid: int, block: int, *, found_inf: np.ndarray | None = None,
                      check_finite: bool = False) -> None:
         """Run ``radam_step_tensors`` over separate (p, g, m, v[, master]) arrays through a pointer table."""
-        from fastradam.backends.cuda import TILE, pack_tables
-        from fastradam.layout import tiles
-
         columns = len(tensors[0])
         first = tensors[0]
-        name = suffix(first[0], first[1], first[2], first[4] if columns == 5 else None)
+        storage = storage_of(first[0], first[1], first[2], first[4] if columns == 5 else None)
         pointers = np.array([[b.ctypes.data for b in quad] for quad in tensors], dtype=np.uint64).reshape(-1, columns)
         sizes = np.array([quad[0].size for quad in tensors], dtype=np.int64)
         table = tiles(np.zeros_like(sizes), sizes, TILE)
-        packed, offsets = pack_tables(pointers, table, np.asarray(tensor_row, np.int32),
-                                      np.asarray(floats, dtype=math_dtype(first[0])), np.asarray(ints, np.int32))
-        pointers_at, tiles_at, rows_at, floats_at, ints_at = (
-            ctypes.c_void_p(packed.ctypes.data + o) for o in offsets)
-        n_tiles = ctypes.c_longlong(table.shape[0])
+        pointers_t, tiles_t, rows, floats_t, ints_t = _tables(
+            pointers, table, np.asarray(tensor_row, np.int32), np.asarray(floats, dtype=storage.math_dtype),
+            np.asarray(ints, np.int32))
+        n_tiles = table.shape[0]
         self.lib.reset_counts()
-        skip = self._skip("tensors", first[1].dtype.name, found_inf, check_finite, grid, block, pointers_at,
-                          ctypes.c_longlong(columns), tiles_at, n_tiles, rows_at)
-        getattr(self.lib, f"radam_step_tensors_{name}")(
-            ctypes.c_uint(grid), ctypes.c_uint(block), pointers_at, tiles_at, n_tiles, rows_at, floats_at,
-            ints_at, *skip)
+        skip = self._skip("tensors", storage.grads, found_inf, check_finite, grid, block,
+                          lambda skip, flag: launch.nonfinite_tensors(pointers_t, columns, tiles_t, n_tiles, rows,
+                                                                      skip, flag))
+        self.launch("radam_step_tensors", storage.short, grid, block,
+                    launch.tensors(pointers_t, tiles_t, n_tiles, rows, floats_t, ints_t, skip))
 
     def step_segments_capturable(self, buffers: tuple[np.ndarray, ...], segments, segment_group: np.ndarray,
                                  steps: np.ndarray, groups: list, lrs: list, grid: int, block: int, *,
@@ -191,58 +196,50 @@ class Harness:
                                  found_inf: np.ndarray | None = None) -> None:
         """Run ``radam_step_segments_capturable``: each segment's step count (``steps``) and group row
         read by the kernel; ``lrs[k]`` a float or a 0-d array read through its address."""
-        from fastradam.backends.cuda import TILE, capturable_group_tables, pack_tables
-        from fastradam.layout import tiles
-
         p, g, m, v = buffers
-        refs = [(lr.ctypes.data, VALUE_CODES[lr.dtype]) if isinstance(lr, np.ndarray) else lr for lr in lrs]
-        floats, ints, pointers = capturable_group_tables(groups, refs, grad_scale)
+        storage = storage_of(p, g, m, master)
+        refs = [(lr.ctypes.data, DTYPE_CODES[lr.dtype]) if isinstance(lr, np.ndarray) else lr for lr in lrs]
+        floats, ints, pointers = launch.group_tables(groups, refs, grad_scale)
         table = tiles(segments.offsets, segments.sizes, TILE)
-        packed, offsets = pack_tables(table, np.asarray(segment_group, np.int32), floats, ints, pointers)
-        tiles_at, rows_at, floats_at, ints_at, pointers_at = (
-            ctypes.c_void_p(packed.ctypes.data + o) for o in offsets)
+        tiles_t, rows, floats_t, ints_t, pointers_t = _tables(table, np.asarray(segment_group, np.int32), floats,
+                                                              ints, pointers)
         self.lib.reset_counts()
-        getattr(self.lib, f"radam_step_segments_capturable_{suffix(p, g, m, master)}")(
-            ctypes.c_uint(grid), ctypes.c_uint(block), *map(_pointer, buffers), _pointer(master), tiles_at,
-            ctypes.c_longlong(table.shape[0]), rows_at, _pointer(steps), ctypes.c_int(VALUE_CODES[steps.dtype]),
-            floats_at, ints_at, pointers_at, *_flag(found_inf))
+        self.launch("radam_step_segments_capturable", storage.short, grid, block,
+                    launch.segments_capturable(buffers, master, tiles_t, table.shape[0], rows,
+                                               (steps, np.int32(DTYPE_CODES[steps.dtype])), floats_t, ints_t,
+                                               pointers_t, _flag(found_inf)))
 
     def step_capturable(self, buffers: tuple[np.ndarray, ...], step: np.ndarray, lr: float | np.ndarray, *,
                         beta1: float, beta2: float, eps: float, weight_decay: float,
                         decoupled_weight_decay: bool, maximize: bool, grid: int, block: int,
-                        flavour: Flavour = PRESETS["torch"], master: np.ndarray | None = None,
-                        grad_scale: float = 1.0, found_inf: np.ndarray | None = None,
-                        check_finite: bool = False) -> None:
+                        flavour: Flavour = PRESETS["torch"], eps_root: float = 0.0,
+                        master: np.ndarray | None = None, grad_scale: float = 1.0,
+                        found_inf: np.ndarray | None = None, check_finite: bool = False) -> None:
         """Run ``radam_step_capturable``: ``step`` (and an array ``lr``) read through pointers and type codes."""
         p, g, m, v = buffers
-        if isinstance(lr, np.ndarray):
-            lr_args = (_pointer(lr), ctypes.c_int(VALUE_CODES[lr.dtype]), ctypes.c_double(0.0))
-        else:
-            lr_args = (ctypes.c_void_p(None), ctypes.c_int(0), ctypes.c_double(lr))
+        storage = storage_of(p, g, m, master)
+        group = _group(beta1, beta2, eps, eps_root, weight_decay, decoupled_weight_decay, maximize, flavour)
+        lr_ref = (lr.ctypes.data, DTYPE_CODES[lr.dtype]) if isinstance(lr, np.ndarray) else lr
+        record, lr_address = launch.group_record(group, lr_ref, grad_scale)
         self.lib.reset_counts()
-        skip = self._skip("flat", g.dtype.name, found_inf, check_finite, grid, block, _pointer(g),
-                          ctypes.c_longlong(g.size))
-        getattr(self.lib, f"radam_step_capturable_{suffix(p, g, m, master)}")(
-            ctypes.c_uint(grid), ctypes.c_uint(block), *map(_pointer, buffers), _pointer(master),
-            ctypes.c_longlong(p.size), _pointer(step), ctypes.c_int(VALUE_CODES[step.dtype]), *lr_args,
-            *map(ctypes.c_double, (beta1, beta2, eps, weight_decay)),
-            ctypes.c_int(decoupled_weight_decay), ctypes.c_int(maximize), *_flavour_args(flavour),
-            ctypes.c_double(1.0 / grad_scale), *skip)
+        skip = self._skip("flat", storage.grads, found_inf, check_finite, grid, block,
+                          lambda skip, flag: launch.nonfinite_flat(g, g.size, skip, flag))
+        self.launch("radam_step_capturable", storage.short, grid, block,
+                    launch.capturable(buffers, master, p.size, (step, np.int32(DTYPE_CODES[step.dtype])),
+                                      lr_address, record, skip))
 
     def step_scalars(self, *, step: float, lr: float, beta1: float, beta2: float, eps: float,
                      weight_decay: float, decoupled_weight_decay: bool, maximize: bool,
-                     flavour: Flavour = PRESETS["torch"]) -> StepScalars:
+                     flavour: Flavour = PRESETS["torch"], eps_root: float = 0.0) -> StepScalars:
         """``radam_step_scalars`` of radam.cuh, as a :class:`StepScalars` (its inv_grad_scale is 1)."""
-        out = np.zeros(8, dtype=np.float64)
-        flags = np.zeros(2, dtype=np.int32)
-        self.lib.step_scalars(*map(ctypes.c_double, (step, lr, beta1, beta2, eps, weight_decay)),
-                              ctypes.c_int(decoupled_weight_decay), ctypes.c_int(maximize),
-                              *_flavour_args(flavour), _pointer(out), _pointer(flags))
-        one_minus_beta1, beta2_, one_minus_beta2, eps_, l2, decay, step_size, inv_grad_scale = map(float, out)
-        assert inv_grad_scale == 1.0
-        return StepScalars(one_minus_beta1=one_minus_beta1, beta2=beta2_, one_minus_beta2=one_minus_beta2,
-                           eps=eps_, l2_weight_decay=l2, param_decay=decay, step_size=step_size,
-                           negate_grad=bool(flags[0]), mode=int(flags[1]))
+        group = _group(beta1, beta2, eps, eps_root, weight_decay, decoupled_weight_decay, maximize, flavour)
+        record, _ = launch.group_record(group, lr, 1.0)
+        row = np.array(record)
+        out = np.zeros((), dtype=launch.scalars_dtype(np.dtype(np.float64)))
+        self.lib.step_scalars(ctypes.c_double(step), ctypes.c_double(lr), _pointer(row), _pointer(out))
+        assert float(out["inv_grad_scale"]) == 1.0
+        return StepScalars(**{name: float(out[name]) for name in SCALAR_FLOATS[:-1]},
+                           negate_grad=bool(out["negate_grad"]), mode=int(out["mode"]))
 
     def convert(self, name: str, values: np.ndarray) -> np.ndarray:
         """radam.cuh's conversion ``name`` (``bfloat16_to_float``, ``float_to_float16``, ...) over ``values``."""
@@ -252,12 +249,11 @@ class Harness:
         return out
 
 
-def _flavour_args(flavour: Flavour) -> tuple:
-    """The capturable kernel's flavour arguments, exactly as the backend makes them."""
-    from fastradam.backends.cuda import flavour_arguments
-
-    threshold, *flags = flavour_arguments(flavour)
-    return (ctypes.c_double(threshold), *map(ctypes.c_int, flags))
+def _group(beta1: float, beta2: float, eps: float, eps_root: float, weight_decay: float, decoupled: bool,
+           maximize: bool, flavour: Flavour):
+    """Validated options of these hyperparameters (the lr is passed on its own)."""
+    return check_group({"betas": (beta1, beta2), "eps": eps, "eps_root": eps_root, "weight_decay": weight_decay,
+                        "decoupled_weight_decay": decoupled, "maximize": maximize, "flavour": flavour})
 
 
 # --- Cases shared by the host (harness) and GPU tests of the multi-tensor kernels -------------
@@ -274,7 +270,8 @@ def scalars_for(hyper: dict) -> StepScalars:
     beta1, beta2 = hyper["betas"]
     return step_scalars(step=hyper["step"], lr=hyper["lr"], beta1=beta1, beta2=beta2, eps=hyper["eps"],
                         weight_decay=hyper["weight_decay"], decoupled_weight_decay=hyper["decoupled_weight_decay"],
-                        maximize=hyper["maximize"], flavour=resolve_flavour(hyper.get("flavour", "torch")))
+                        maximize=hyper["maximize"], flavour=resolve_flavour(hyper.get("flavour", "torch")),
+                        eps_root=hyper.get("eps_root", 0.0))
 
 
 @dataclass
@@ -282,7 +279,7 @@ class MultiCase:
     """~50 tensors in two groups with different hyperparameters and steps, some skipped.
 
     Group 0 is below the flavour's threshold (MOMENTUM, or HOLD) with decoupled decay; group 1
-    is rectified, with L2 decay and maximize. The tables hold a decoy row between the two, and
+    is rectified, with L2 decay, maximize and an eps_root. The tables hold a decoy row between the two, and
     group 0 uses the last row, so a kernel that confuses a tensor's group with its row fails.
     """
 
@@ -296,7 +293,7 @@ class MultiCase:
         self.hypers = (
             dict(step=4, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True,
                  maximize=False, flavour=self.flavour),
-            dict(step=40, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05,
+            dict(step=40, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, eps_root=1e-7, weight_decay=0.05,
                  decoupled_weight_decay=False, maximize=True, flavour=self.flavour),
         )
         decoy = dict(self.hypers[1], step=1000, lr=0.5, maximize=False)
@@ -362,3 +359,13 @@ class MultiCase:
 def bits(array: np.ndarray) -> np.ndarray:
     """The raw bits of a float array (NaN sentinels compare equal to themselves)."""
     return array.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[array.dtype.itemsize])
+
+
+def capturable_step(backend, *arguments, beta1: float, beta2: float, eps: float, weight_decay: float,
+                    decoupled_weight_decay: bool, maximize: bool, flavour: Flavour = PRESETS["torch"],
+                    eps_root: float = 0.0, **keywords) -> None:
+    """``backend.radam_step_capturable(p, g, m, v, step, lr, group, ...)`` with the group's options
+    given as keywords (the GPU tests' form): ``arguments`` are the buffers, the step and the lr."""
+    group = _group(beta1, beta2, eps, eps_root, weight_decay, decoupled_weight_decay, maximize, flavour)
+    *buffers, step, lr = arguments
+    backend.radam_step_capturable(*buffers, step, lr, group, **keywords)

@@ -45,11 +45,11 @@ def error_scales(before: Sequence[Any], hyper: Mapping[str, Any]) -> tuple[np.nd
     g_abs = g + (0.0 if decoupled else weight_decay) * p
     scale_m = m + g_abs
     scale_v = v + g_abs * g_abs
-    # The oracle's own step multiplier (lr * r_t * sqrt(bc2) / bc1 / (sqrt(v') + eps), or
+    # The oracle's own step multiplier (lr * r_t * sqrt(bc2) / bc1 / (sqrt(v' + eps_root bc2) + eps), or
     # lr / bc1 below the threshold) read off a probe step whose momentum is _PROBE exactly
     # and whose v' = beta2 * v <= the real v' (so the multiplier is never underestimated).
     probe = np.full_like(p, _PROBE)
-    kwargs = {k: hyper[k] for k in ("step", "lr", "betas", "eps", "flavour") if k in hyper}
+    kwargs = {k: hyper[k] for k in ("step", "lr", "betas", "eps", "eps_root", "flavour") if k in hyper}
     probe_p, _, _ = reference_step(np.zeros_like(p), probe, probe, v, **kwargs)
     multiplier = np.abs(probe_p) / _PROBE
     decay = max(1.0, abs(1.0 - lr * weight_decay)) if decoupled else 1.0

@@ -79,8 +79,8 @@ def test_step_kernels_use_16_byte_vectors_and_no_fma():
     """Every update kernel of every storage combination moves 16-byte vectors (v4 of 32-bit or
     v2 of 64-bit words) for loads and stores, and contracts no multiply-add (one PTX build of
     them all; the PTX is the same for both architectures)."""
-    kinds = (cuda.step_kernel_name, cuda.segments_kernel_name, cuda.tensors_kernel_name)
-    names = [kind(storage) for storage in cuda.STORAGE_COMBINATIONS for kind in kinds]
+    names = [cuda.kernel_name(kind, storage) for storage in cuda.STORAGE_COMBINATIONS
+             for kind in ("step", "segments", "tensors")]
     ptx, lowered = compile_program(cuda.KERNEL_FILE, "sm_90", names, ptx=True)
     entries = {}
     for chunk in ptx.decode().split(".entry ")[1:]:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fastradam
-from cuda_harness import MultiCase, bits
+from cuda_harness import MultiCase, bits, capturable_step
 from fastradam.flavours import PRESETS
 from fastradam.layout import FlatLayout
 from oracle_check import assert_matches_oracle
@@ -166,11 +166,11 @@ def test_graph_replay_advances_the_device_step(cp, backend, dtype, step_dtype, l
         step = cp.zeros((), dtype=step_dtype)
         lr = lr_value if lr_kind == "host" else cp.asarray(lr_value, dtype=lr_kind)
         # Compile and load both kernels (the step's and the increment's) before capturing.
-        backend.radam_step_on_device(*device_buffers(cp, host), step + 1, lr, **options)
+        capturable_step(backend, *device_buffers(cp, host), step + 1, lr, **options)
         step += 0
         stream.begin_capture()
         step += 1  # torch's capturable order: advance, then update with the new step
-        backend.radam_step_on_device(*buffers, step, lr, **options)
+        capturable_step(backend, *buffers, step, lr, **options)
         graph = stream.end_capture()
         for t in range(1, 9):  # through the threshold: steps 1..5 unrectified, 6.. rectified
             before = tuple(x.get() for x in buffers)
@@ -191,11 +191,11 @@ def test_graph_replay_follows_the_flavour(cp, backend, flavour):
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         step = cp.zeros((), dtype=cp.int64)
-        backend.radam_step_on_device(*device_buffers(cp, host), step + 1, 1e-2, **options)
+        capturable_step(backend, *device_buffers(cp, host), step + 1, 1e-2, **options)
         step += 0
         stream.begin_capture()
         step += 1
-        backend.radam_step_on_device(*buffers, step, 1e-2, **options)
+        capturable_step(backend, *buffers, step, 1e-2, **options)
         graph = stream.end_capture()
         for t in range(1, 9):
             before = tuple(x.get() for x in buffers)
@@ -210,7 +210,7 @@ def test_capturable_step_equals_host_scalar_step(cp, backend):
     host = host_buffers(np.random.default_rng(4), np.dtype(np.float32), 2**20 + 3)
     device, twin = device_buffers(cp, host), device_buffers(cp, host)
     for t in range(1, 12):
-        backend.radam_step_on_device(*device, cp.asarray(t, dtype=cp.int64), 1e-2, beta1=0.9, beta2=0.999,
+        capturable_step(backend, *device, cp.asarray(t, dtype=cp.int64), 1e-2, beta1=0.9, beta2=0.999,
                                      eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False)
         fastradam.fused_step(*twin, **hyper_for(t))
     for got, want in zip(written(device), written(twin)):
@@ -234,7 +234,7 @@ def test_capturable_step_rejects_bad_step_and_lr(cp, backend):
     ]
     for error, args in bad:
         with pytest.raises(error):
-            backend.radam_step_on_device(*buffers, args["step"], args["lr"], **options)
+            capturable_step(backend, *buffers, args["step"], args["lr"], **options)
     for got, want in zip(written(buffers), before):
         np.testing.assert_array_equal(got, want)
 
@@ -286,7 +286,8 @@ def test_segments_match_oracle_and_leave_the_rest_alone(cp, backend, dtype, flav
     before = tuple(b.get() for b in buffers)
     floats, ints = case.tables(dtype)
     backend.radam_step_segments(*buffers, layout.arrays, case.index_row, floats, ints)
-    assert "cuda" in layout.arrays.derived  # the tile table is cached with the layout
+    # the tile table is cached by the backend, per layout (weakly), not inside the layout
+    assert layout.arrays in backend.tables._LAYOUT_TABLES and "cuda" not in getattr(layout.arrays, "derived", {})
     case.check_segments(layout, before, tuple(b.get() for b in buffers))
 
 
@@ -296,12 +297,12 @@ def test_segments_second_call_reuses_the_cached_tiles_and_skips_all(cp, backend)
     buffers = device_buffers(cp, host_buffers(np.random.default_rng(8), np.dtype(np.float32), layout.size))
     floats, ints = case.tables(np.float32)
     backend.radam_step_segments(*buffers, layout.arrays, case.index_row, floats, ints)
-    cached = dict(layout.arrays.derived["cuda"])
+    cached = dict(backend.tables._LAYOUT_TABLES[layout.arrays])
     before = written(buffers)
     backend.radam_step_segments(*buffers, layout.arrays, np.full(len(layout), -1, np.int32), floats, ints)
     for got, want in zip(written(buffers), before):
         np.testing.assert_array_equal(got, want)
-    assert all(layout.arrays.derived["cuda"][k] is v for k, v in cached.items())
+    assert all(backend.tables._LAYOUT_TABLES[layout.arrays][k] is v for k, v in cached.items())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

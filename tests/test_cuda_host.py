@@ -12,6 +12,7 @@ import pytest
 
 import cuda_harness
 from cuda_harness import MultiCase, bits, scalars_for
+from fastradam.spec import SCALAR_FLOATS
 from fastradam.flavours import PRESETS, Flavour
 from fastradam.scalars import HOLD, MOMENTUM, RECTIFIED, pack_rows, sma_length, step_scalars
 from oracle_check import assert_matches_oracle
@@ -156,18 +157,18 @@ EDGE_FLAVOURS = tuple(Flavour(f"edge-{inclusive}", threshold=sma_length(6, 0.999
 
 
 @pytest.mark.parametrize("beta1,beta2", BETAS)
-@pytest.mark.parametrize("weight_decay,decoupled,maximize", ((0.0, False, False), (0.1, False, True), (0.1, True, False)))
+@pytest.mark.parametrize("weight_decay,decoupled,maximize,eps_root", (
+    (0.0, False, False, 0.0), (0.1, False, True, 1e-7), (0.1, True, False, 0.0), (0.0, False, False, 2.5e-3)))
 @pytest.mark.parametrize("flavour", FLAVOURS + EDGE_FLAVOURS, ids=lambda f: f.name)
 def test_device_scalars_match_host_scalars(harness, backend, beta1, beta2, weight_decay, decoupled, maximize,
-                                           flavour):
+                                           eps_root, flavour):
     for step in STEPS:
         options = dict(lr=3e-3, beta1=beta1, beta2=beta2, eps=1e-8, weight_decay=weight_decay,
-                       decoupled_weight_decay=decoupled, maximize=maximize, flavour=flavour)
+                       decoupled_weight_decay=decoupled, maximize=maximize, flavour=flavour, eps_root=eps_root)
         host = step_scalars(step=step, **options)
         device = harness.step_scalars(step=float(step), **options)
         assert (device.mode, device.negate_grad) == (host.mode, host.negate_grad), step
-        for field in ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2_weight_decay",
-                      "param_decay", "step_size"):
+        for field in SCALAR_FLOATS[:-1]:
             want, got = getattr(host, field), getattr(device, field)
             assert abs(got - want) <= 1e-15 * abs(want), (step, field, got, want)
 
@@ -204,16 +205,39 @@ def test_capturable_lrs_checks_only_the_groups_in_use(backend):
         backend.capturable_lrs([True], np.array([0], np.int32), ())
 
 
-def check_capturable(harness, dtype: np.dtype, step: np.ndarray, lr, flavour: Flavour) -> None:
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("flavour", ("torch", "optax"))
+@pytest.mark.parametrize("step", (3, 6, 1000))
+def test_capturable_kernel_with_eps_root(harness, backend, dtype, flavour, step):
+    check_capturable(harness, dtype, np.array(step, dtype=np.int64), 2e-3, PRESETS[flavour], eps_root=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("flavour", ("torch", "optax"))
+@pytest.mark.parametrize("eps_root", (1e-8, 1e-4))
+def test_flat_kernel_with_eps_root_matches_oracle(harness, dtype, flavour, eps_root):
+    """eps_root reaches the element update (sqrt(v + eps_root bc2)): the oracle agrees, and the step
+    differs from one without it, so the option is not silently dropped."""
+    rng = np.random.default_rng(17)
+    buffers = make_buffers(rng, dtype, 1023, (1, 1, 1, 1))
+    twin = tuple(b.copy() for b in buffers)
+    hyper = dict(hyperparameters(40, flavour=PRESETS[flavour]), eps_root=eps_root)
+    before, after = run_step(harness, buffers, hyper)
+    assert_matches_oracle(before, after, hyper)
+    run_step(harness, twin, dict(hyper, eps_root=0.0))
+    assert not np.array_equal(buffers[0], twin[0])
+
+
+def check_capturable(harness, dtype: np.dtype, step: np.ndarray, lr, flavour: Flavour, eps_root: float = 0.0) -> None:
     """The capturable kernel matches the oracle, and the host-scalar kernel bit for bit."""
     rng = np.random.default_rng([int(step), dtype.itemsize, len(flavour.name)])
     options = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.02, decoupled_weight_decay=True, maximize=True)
     buffers = make_buffers(rng, dtype, 1023, (2,) * 4)
     twin = tuple(b.copy() for b in buffers)
     before = tuple(b.copy() for b in buffers)
-    harness.step_capturable(buffers, step, lr, grid=3, block=64, flavour=flavour, **options)
+    harness.step_capturable(buffers, step, lr, grid=3, block=64, flavour=flavour, eps_root=eps_root, **options)
     hyper = dict(step=int(step), lr=float(lr), betas=(0.9, 0.999), eps=1e-8, weight_decay=0.02,
-                 decoupled_weight_decay=True, maximize=True, flavour=flavour)
+                 decoupled_weight_decay=True, maximize=True, flavour=flavour, eps_root=eps_root)
     assert_matches_oracle(before, (buffers[0], buffers[2], buffers[3]), hyper)
     run_step(harness, twin, hyper)
     for got, want in zip(buffers, twin):
@@ -312,6 +336,95 @@ def test_segments_kernel_rounds_like_the_numba_backend(harness, backend, numba_b
     theirs = tuple(np.array(value, dtype=dtype) for value in values)
     floats, ints = case.tables(dtype)
     harness.step_segments(ours, layout.arrays, case.index_row, floats, ints, 1056, 256)
-    numba_backend.radam_step_segments(*theirs, layout.arrays, case.index_row, floats, ints)
+    numba_backend.bind_segments(*theirs, layout.arrays)(case.index_row, floats, ints)
     for got, want in zip(ours, theirs):
         np.testing.assert_array_equal(bits(got), bits(want))
+
+
+# --- Immutable DLPack producers are refused, before anything is written -----------------------
+
+
+def immutable_array(module: str, device: tuple[int, int] = (2, 0)):
+    """A stand-in for a JAX array or TensorFlow tensor (its type's ``__module__``), on ``device``
+    (DLPack: 2 is CUDA), which fails the test if anything tries to export it."""
+
+    class ArrayImpl:
+        __dlpack_device__ = staticmethod(lambda: device)
+        shape, dtype, size = (8,), np.dtype(np.float32), 8
+
+        def __dlpack__(self, *args, **kwargs):
+            raise AssertionError("an immutable array was exported: it should have been refused first")
+
+    ArrayImpl.__module__, ArrayImpl.__qualname__ = module, "ArrayImpl"
+    return ArrayImpl()
+
+
+IMMUTABLE_MODULES = ("jaxlib.xla_extension", "jaxlib._jax", "jax._src.array", "tensorflow.python.framework.ops")
+
+
+@pytest.mark.parametrize("module", IMMUTABLE_MODULES)
+@pytest.mark.parametrize("device", ((2, 0), (1, 0)), ids=("cuda", "cpu"))
+def test_immutable_arrays_are_refused_by_the_public_step(module, device):
+    import fastradam
+
+    buffers = [np.zeros(8, np.float32) for _ in range(4)]
+    buffers[2] = immutable_array(module, device)  # exp_avg, which the step writes
+    producer = "TensorFlow" if module.startswith("tensorflow") else "JAX"
+    with pytest.raises(TypeError, match=f"exp_avg is a {producer} array .*immutable.*writes its buffers"
+                                        ".*in place.*copy it into a CuPy array"):
+        fastradam.fused_step(*buffers, step=1)
+    assert all(not b.any() for i, b in enumerate(buffers) if i != 2)
+
+
+def test_immutable_arrays_are_refused_by_the_registry_and_by_interop(backend):
+    from fastradam.backends import backend_for, refuse_immutable
+
+    array = immutable_array("jaxlib.xla_extension")
+    with pytest.raises(TypeError, match="grads is a JAX array .*xla_extension.ArrayImpl.*immutable"):
+        backend_for(("params", "grads"), (np.zeros(8, np.float32), array))
+    with pytest.raises(TypeError, match="lr is a JAX array"):
+        refuse_immutable("lr", array)
+    refuse_immutable("params", np.zeros(8, np.float32))  # everything else passes
+    refuse_immutable("params", immutable_array("jaxtyping"))  # only the producers' own packages
+    # a direct caller of the CUDA backend is refused too, before any DLPack export
+    with pytest.raises(TypeError, match="JAX array .*immutable"):
+        backend.as_arrays([array])
+    with pytest.raises(TypeError, match="TensorFlow array .*immutable"):
+        backend.storage_of(immutable_array("tensorflow.python.framework.ops"))
+
+
+def test_real_jax_arrays_are_refused():
+    jnp = pytest.importorskip("jax.numpy")
+    import fastradam
+
+    params = jnp.zeros(8, dtype=jnp.float32)
+    with pytest.raises(TypeError, match="params is a JAX array .*immutable"):
+        fastradam.fused_step(params, *(np.zeros(8, np.float32) for _ in range(3)), step=1)
+
+
+# --- What the backend derives from a layout lives in the backend, and dies with the layout ----
+
+
+def test_layout_tables_are_kept_by_the_backend_weakly(backend):
+    import gc
+
+    from fastradam.layout import FlatLayout
+
+    segments = FlatLayout([(3, 4), (5,)]).arrays
+    cache = backend.tables._layout_cache(segments)
+    cache["tiles"] = "a host tile table"
+    assert backend.tables._layout_cache(segments) is cache
+    assert "cuda" not in getattr(segments, "derived", {})
+    del segments, cache
+    gc.collect()
+    assert len(backend.tables._LAYOUT_TABLES) == 0
+
+
+def test_kernel_names_follow_cupys_name_expressions(backend):
+    storage = backend.Storage("bfloat16", "float16", "float32", True)
+    assert backend.kernel_name("segments", storage) == (
+        "fastradam::radam_step_segments<fastradam::bfloat16_t, fastradam::float16_t, float, true>")
+    assert backend.kernel_name("nonfinite_tensors", storage) == "fastradam::nonfinite_tensors<fastradam::float16_t>"
+    assert backend.name_expressions(storage) == tuple(backend.kernel_name(k, storage) for k in backend.KERNEL_KINDS)
+    with pytest.raises(ValueError, match="unknown kernel kind 'flat'"):
+        backend.kernel_name("flat", storage)

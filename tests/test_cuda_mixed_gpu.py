@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from cuda_harness import capturable_step
 import fastradam
 from oracle_check import assert_matches_oracle
 from test_mixed_precision import COMBINATIONS, IDS
@@ -167,11 +168,11 @@ def test_found_inf_device_flag_inside_a_cuda_graph(cp, backend, torch, flag_dtyp
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         step = cp.ones((), dtype=cp.int64)
-        backend.radam_step_on_device(*[a.copy() for a in arrays], step, 1e-2, master=master_a.copy(),
+        capturable_step(backend, *[a.copy() for a in arrays], step, 1e-2, master=master_a.copy(),
                                      found_inf=flag, check_finite=True, **options)  # compile, allocate
         stream.synchronize()
         stream.begin_capture()
-        backend.radam_step_on_device(*arrays, step, 1e-2, master=master_a, found_inf=flag, check_finite=True,
+        capturable_step(backend, *arrays, step, 1e-2, master=master_a, found_inf=flag, check_finite=True,
                                      **options)
         graph = stream.end_capture()
         before = [a.get().tobytes() for a in (*arrays, master_a)]

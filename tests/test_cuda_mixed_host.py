@@ -14,20 +14,21 @@ import numpy as np
 import pytest
 
 import cuda_harness
-from cuda_harness import HARNESS_COMBINATIONS, MultiCase, bits, scalars_for
+from cuda_harness import MultiCase, bits, scalars_for
 from fastradam.flavours import PRESETS
 from fastradam.layout import FlatLayout
 from fastradam.scalars import pack_rows, scalar_rows
-from fastradam.validation import check_group
+from fastradam.options import check_group
 from oracle_check import assert_matches_oracle
+from tests.cases import STORAGES
 from test_cuda_host import backend, harness, numba_backend  # noqa: F401  (shared fixtures)
 
 pytestmark = pytest.mark.skipif(cuda_harness.compiler() is None, reason="no host C++ compiler (g++ or $CXX)")
 
 DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64),
           "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
-COMBOS = [(DTYPES[p], DTYPES[g], DTYPES[m], master) for p, g, m, master in HARNESS_COMBINATIONS]
-IDS = ["-".join(c[:3]) + ("+master" if c[3] else "") for c in HARNESS_COMBINATIONS]
+COMBOS = [(DTYPES[s.params], DTYPES[s.grads], DTYPES[s.moments], s.master) for s in STORAGES]
+IDS = [s.short for s in STORAGES]
 SIXTEEN = [(c, i) for c, i in zip(COMBOS, IDS) if c[0].itemsize == 2 or c[2].itemsize == 2]
 
 
@@ -196,7 +197,7 @@ def test_flat_kernel_rounds_like_the_numba_backend(harness, numba_backend, combo
     their_master = None if master is None else np.array(master)
     floats, ints = pack_rows([scalars_for(hyper(9, weight_decay=0.05))], cuda_harness.math_dtype(ours[0]), 4.0)
     harness.step(ours, floats, ints, grid=7, block=32, master=master)
-    numba_backend.radam_step(*(numba_backend.as_array(b) for b in theirs), floats, ints, master=their_master)
+    numba_backend.bind_flat(*(numba_backend.as_array(b) for b in theirs), master=their_master)(floats, ints)
     for got, want in zip(ours, theirs):
         np.testing.assert_array_equal(bits(got), bits(want))
     if master is not None:
@@ -433,10 +434,12 @@ def check_capturable_segments(harness, combo, flavour, steps_dtype, lr_kind) -> 
 
 
 def test_backend_lanes_and_math_dtype_follow_the_storage(backend):
+    from fastradam.backends.cuda.module import lanes
+
     storage = {(s.params, s.grads, s.moments, s.master): s for s in backend.STORAGE_COMBINATIONS}
-    assert set(HARNESS_COMBINATIONS) <= set(storage)
-    assert storage["bfloat16", "bfloat16", "float32", True].lanes == 8
-    assert storage["float32", "float32", "float32", False].lanes == 4
-    assert storage["float64", "float64", "float64", False].lanes == 2
+    assert set(STORAGES) <= set(backend.STORAGE_COMBINATIONS)
+    assert lanes(storage["bfloat16", "bfloat16", "float32", True]) == 8
+    assert lanes(storage["float32", "float32", "float32", False]) == 4
+    assert lanes(storage["float64", "float64", "float64", False]) == 2
     assert storage["float64", "float64", "float64", False].math_dtype == np.float64
     assert storage["float16", "bfloat16", "bfloat16", True].math_dtype == np.float32

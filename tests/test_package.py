@@ -11,7 +11,7 @@ import fastradam
 def test_public_names():
     assert set(fastradam.__all__) == {
         "available_backends", "fused_step", "fused_step_layout", "fused_step_multi", "FlatLayout",
-        "Flavour", "PRESETS", "KerasWarmup", "__version__",
+        "Flavour", "PRESETS", "KerasWarmup", "StepPlan", "__version__",
     }
     assert all(hasattr(fastradam, name) for name in fastradam.__all__)
 

@@ -199,13 +199,45 @@ def test_zero_grad_set_to_none_false_makes_views_autograd_accumulates_into():
     ((model(x) - y) ** 2).mean().backward()
     assert model[0].weight.grad.untyped_storage().data_ptr() == grad_storage
     torch.testing.assert_close(model[0].weight.grad, 2 * fresh)
-    active, grads = bucket.plan()
+    active, grads = bucket.check_gradients()
     assert grads is None and active.sum() == 4  # all views: the copy-free layout step
     optimizer.zero_grad()
     assert all(p.grad is None for p in model.parameters())
 
 
 # -- state_dict ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["fresh-grads", "grad-views"])
+def test_eps_root_follows_the_oracle_and_round_trips(set_to_none):
+    """optax's eps_root through the drop-in: each parameter's steps match the float64 oracle's,
+    the group keeps it in state_dict (and leaves the default out: torch's format), and it loads back."""
+    from fastradam.reference import reference_step
+
+    model = make_model(torch.float64)
+    optimizer = ft.RAdam(param_groups(model), lr=1e-2, eps_root=1e-6)
+    data = make_data(torch.float64)
+    oracle = {name: (p.detach().numpy().copy(), np.zeros(p.shape), np.zeros(p.shape))
+              for name, p in model.named_parameters()}
+    for step in range(1, 9):
+        optimizer.zero_grad(set_to_none=set_to_none)
+        ((model(data[0]) - data[1]) ** 2).mean().backward()
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+                oracle[name] = reference_step(*oracle[name][:1], p.grad.numpy(), *oracle[name][1:], step=step,
+                                              lr=group["lr"], weight_decay=group["weight_decay"],
+                                              decoupled_weight_decay=group["decoupled_weight_decay"], eps_root=1e-6)
+        optimizer.step()
+    for name, p in model.named_parameters():
+        if name != "unused":
+            np.testing.assert_allclose(p.detach().numpy(), oracle[name][0], rtol=1e-13, atol=1e-15)
+    saved = optimizer.state_dict()
+    assert all(group["eps_root"] == 1e-6 for group in saved["param_groups"])
+    assert "eps_root" not in ft.RAdam(make_model().parameters()).state_dict()["param_groups"][0]
+    restored = ft.RAdam(param_groups(make_model(torch.float64)), lr=1e-2)
+    restored.load_state_dict(saved)
+    assert all(group["eps_root"] == 1e-6 for group in restored.param_groups)
 
 
 def test_state_dict_has_torch_format():

@@ -1,12 +1,24 @@
 """The backend registry: which backend owns an array, and lazy loading of its module.
 
-A backend is a module with ``storage_of(obj)`` (the storage format's name), ``as_arrays(objects)``
-and ``as_array(obj)`` (zero-copy conversion to the arrays its kernels take: 16-bit floats as bit views),
-``check_devices(arrays)``, and the steps ``radam_step``, ``radam_step_segments`` and
-``radam_step_tensors`` (buffers, the scalar tables of ``scalars.pack_rows``, and keyword
-``master``, ``found_inf``, ``check_finite``); the CUDA one adds ``radam_step_on_device``.
-Claiming an array and probing availability are cheap and import nothing heavy, so
-``import fastradam`` stays light.
+A backend is a module with this protocol, which :class:`fastradam.plan.StepPlan` uses and nothing
+else needs to know:
+
+- ``storage_of(obj)`` (the storage format's name), ``as_arrays(objects)`` and ``as_array(obj)``
+  (zero-copy conversion to the arrays its kernels take: 16-bit floats as bit views),
+  ``check_devices(arrays, names)``;
+- the launchers a plan binds once: ``bind_flat(p, g, m, v, master=)``, ``bind_segments(p, g, m, v,
+  segments, master=)`` and ``bind_tensors(ps, gs, ms, vs, master=)``, each returning
+  ``launch(rows..., floats, ints, found_inf, check_finite)`` over the scalar tables of
+  ``scalars.pack_rows`` (a tensor list's also takes this step's ``grads=``);
+- ``CAPTURABLE``: whether it also has the device-step launches ``radam_step_capturable`` and
+  ``radam_step_segments_capturable`` (and ``capturable_lrs``, their lr check), as the CUDA one does.
+
+:func:`get` loads a backend by name. Claiming an array and probing availability are cheap and
+import nothing heavy, so ``import fastradam`` stays light.
+
+Arrays of immutable producers (JAX, TensorFlow) are refused here, on every device, by
+:func:`refuse_immutable`: the step writes its buffers in place, and a zero-copy DLPack view
+of such an array would change memory its library holds to be constant.
 """
 
 from __future__ import annotations
@@ -20,6 +32,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 _DLPACK_CUDA_DEVICES = (2, 13)  # kDLCUDA, kDLCUDAManaged
+#: The library of immutable arrays, by the top-level package of their type's module.
+IMMUTABLE_PRODUCERS = {"jax": "JAX", "jaxlib": "JAX", "tensorflow": "TensorFlow"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,20 @@ def _is_cuda(obj: Any) -> bool:
         return False
 
 
+def refuse_immutable(name: str, obj: Any) -> None:
+    """Raise TypeError when ``obj`` is an array of an immutable producer (a JAX array, a
+    TensorFlow tensor): the step would write it in place through a zero-copy view."""
+    module = type(obj).__module__
+    producer = IMMUTABLE_PRODUCERS.get(module.partition(".")[0])
+    if producer is not None:
+        raise TypeError(
+            f"{name} is a {producer} array ({module}.{type(obj).__qualname__}), which is immutable, but the "
+            "step writes its buffers (params, exp_avg, exp_avg_sq, master_params) in place: copy it into "
+            "a CuPy array (cupy.from_dlpack(x).copy()) or a torch tensor (torch.from_dlpack(x).clone()) "
+            "and pass that"
+        )
+
+
 def _numba_available() -> bool:
     return importlib.util.find_spec("numba") is not None
 
@@ -87,13 +115,16 @@ def available_backends() -> list[str]:
 def backend_for(names: Sequence[str], objects: Sequence[Any]) -> Backend:
     """Return the one backend that owns every object; TypeError otherwise.
 
-    ``names`` are the argument names, used in the error messages.
+    ``names`` are the argument names, used in the error messages. Arrays of immutable producers
+    are refused (:func:`refuse_immutable`) before any backend is asked, so that a JAX or
+    TensorFlow array on any device gets that reason, not "no backend" or another device's.
     """
     owners = []
     for name, obj in zip(names, objects):
         if type(obj) is np.ndarray:  # the common case, without asking every backend
             owners.append((name, BACKENDS[0]))
             continue
+        refuse_immutable(name, obj)
         owner = next((b for b in BACKENDS if b.claims(obj)), None)
         if owner is None:
             raise TypeError(
@@ -109,3 +140,11 @@ def backend_for(names: Sequence[str], objects: Sequence[Any]) -> Backend:
                 "all buffers must be on one device"
             )
     return first
+
+
+def get(name: str) -> ModuleType:
+    """The backend module registered as ``name`` (``"numba"`` or ``"cuda"``), loaded on first use."""
+    for backend in BACKENDS:
+        if backend.name == name:
+            return backend.load()
+    raise ValueError(f"no backend named {name!r}; backends are {[backend.name for backend in BACKENDS]}")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from numba import carray, njit, prange, types
@@ -50,6 +50,7 @@ from fastradam.backends.numba_storage import (
 from fastradam.backends.numba_target import prefer_vector_width
 from fastradam.layout import SegmentArrays, tiles
 from fastradam.scalars import HOLD, RECTIFIED
+from fastradam.spec import SCALAR_FLOATS, SCALAR_INDEX, SCALAR_INTS
 
 #: Elements per block: 64K float32 is 256 KiB per buffer, enough work to amortise a block's
 #: setup and small enough to balance two or more threads on a 1M-element buffer.
@@ -63,22 +64,32 @@ VECTOR_BITS = 512
 BIT_VIEWS = {"bfloat16": BFLOAT16_BITS, "float16": FLOAT16_BITS}
 
 
+# Positions of the scalars tuple's fields (fastradam.spec.SCALARS: the reals, then the ints).
+_ONE_MINUS_BETA1, _BETA2, _ONE_MINUS_BETA2, _EPS, _EPS_ROOT, _L2_WEIGHT_DECAY, _PARAM_DECAY, _STEP_SIZE, \
+    _INV_GRAD_SCALE, _NEGATE_GRAD, _MODE = (SCALAR_INDEX[name] for name in SCALAR_FLOATS + SCALAR_INTS)
+
+
 @njit(inline="always")
 def _radam_element(p, g, m, v, scalars):
-    """One element of the RAdam update (see ``StepScalars``); returns the new ``(p, m, v)``."""
-    (one_minus_beta1, beta2, one_minus_beta2, eps, l2_weight_decay, param_decay, step_size, inv_grad_scale,
-     negate_grad, mode) = scalars
-    g = g * inv_grad_scale
-    if negate_grad:
+    """One element of the RAdam update (see ``StepScalars``); returns the new ``(p, m, v)``.
+
+    Also traced on vector lanes by :mod:`fastradam.backends.numba_lanes`: use only ``+ - * /``,
+    unary minus, ``np.sqrt`` and branches on the flags or on ``scalar != 0``."""
+    g = g * scalars[_INV_GRAD_SCALE]
+    if scalars[_NEGATE_GRAD]:
         g = -g
+    l2_weight_decay = scalars[_L2_WEIGHT_DECAY]
     if l2_weight_decay != 0:
         g = g + l2_weight_decay * p
-    m = m + one_minus_beta1 * (g - m)
-    v = beta2 * v + one_minus_beta2 * g * g
+    m = m + scalars[_ONE_MINUS_BETA1] * (g - m)
+    v = scalars[_BETA2] * v + scalars[_ONE_MINUS_BETA2] * g * g
+    mode = scalars[_MODE]
     if mode == RECTIFIED:
-        p = p * param_decay - step_size * m / (np.sqrt(v) + eps)
+        eps_root = scalars[_EPS_ROOT]
+        root = np.sqrt(v + eps_root) if eps_root != 0 else np.sqrt(v)
+        p = p * scalars[_PARAM_DECAY] - scalars[_STEP_SIZE] * m / (root + scalars[_EPS])
     elif mode != HOLD:
-        p = p * param_decay - step_size * m
+        p = p * scalars[_PARAM_DECAY] - scalars[_STEP_SIZE] * m
     return p, m, v
 
 
@@ -141,7 +152,7 @@ def _radam_single(p_view, g_view, m_view, v_view, master_view, i, scalars):
 
 def _plain(scalars):
     """``scalars`` with the defaults of a plain rectified step as constants, so LLVM folds them
-    away (``g * 1``, ``-g``, ``l2 * p``, the update-mode branches): the same results, fewer
+    away (``g * 1``, ``-g``, ``l2 * p``, ``v + eps_root``, the update-mode branches): the same results, fewer
     instructions per element. Valid where :func:`_is_plain`."""
 
 
@@ -150,16 +161,16 @@ def _plain_impl(scalars):
     real = scalars[0]
 
     def plain(scalars):
-        (one_minus_beta1, beta2, one_minus_beta2, eps, _, param_decay, step_size, _, _, _) = scalars
-        return (one_minus_beta1, beta2, one_minus_beta2, eps, real(0.0), param_decay, step_size, real(1.0),
-                False, RECTIFIED)
+        return (scalars[_ONE_MINUS_BETA1], scalars[_BETA2], scalars[_ONE_MINUS_BETA2], scalars[_EPS], real(0.0),
+                real(0.0), scalars[_PARAM_DECAY], scalars[_STEP_SIZE], real(1.0), False, RECTIFIED)
     return plain
 
 
 @njit(inline="always")
 def _is_plain(scalars):
-    """Whether the step is rectified, unscaled, not negated, without L2 decay (the common case)."""
-    return scalars[9] == RECTIFIED and not scalars[8] and scalars[4] == 0 and scalars[7] == 1
+    """Whether the step is rectified, unscaled, not negated, without L2 decay or eps_root (the common case)."""
+    return (scalars[_MODE] == RECTIFIED and not scalars[_NEGATE_GRAD] and scalars[_L2_WEIGHT_DECAY] == 0
+            and scalars[_INV_GRAD_SCALE] == 1 and scalars[_EPS_ROOT] == 0)
 
 
 @njit(inline="always")
@@ -189,14 +200,18 @@ def _radam_word_vectors(typingctx, p_words, g_words, m_words, v_words, scalars):
 
 
 def _leading_word_vectors(p_words, g_words, m_words, v_words, scalars):
-    """Step the leading words 16 at a time where the CPU can (see ``numba_lanes``); return how many."""
+    """Step the leading words 16 at a time where the CPU can (see ``numba_lanes``; not with an
+    eps_root); return how many."""
 
 
 @overload(_leading_word_vectors, inline="always")
 def _leading_word_vectors_impl(p_words, g_words, m_words, v_words, scalars):
     if numba_lanes.available() and all(a.layout == "C" for a in (p_words, g_words, m_words, v_words)):
-        return lambda p_words, g_words, m_words, v_words, scalars: _radam_word_vectors(
-            p_words, g_words, m_words, v_words, scalars)
+        def vectors(p_words, g_words, m_words, v_words, scalars):
+            if scalars[_EPS_ROOT] != 0:  # the traced variants leave eps_root out
+                return 0
+            return _radam_word_vectors(p_words, g_words, m_words, v_words, scalars)
+        return vectors
     return lambda p_words, g_words, m_words, v_words, scalars: 0
 
 
@@ -264,12 +279,17 @@ def _radam_views_impl(p_view, g_view, m_view, v_view, master_view, scalars):
     return by_pairs
 
 
-@njit(inline="always")
-def _row_scalars(floats, ints, row):
-    """The element update's scalars tuple from table row ``row`` (the :data:`FLOAT_FIELDS` and
-    :data:`INT_FIELDS` of :mod:`fastradam.scalars`)."""
-    return (floats[row, 0], floats[row, 1], floats[row, 2], floats[row, 3], floats[row, 4],
-            floats[row, 5], floats[row, 6], floats[row, 7], ints[row, 0] != 0, ints[row, 1])
+def _generated_row_scalars():
+    """``_row_scalars(floats, ints, row)``: the element update's scalars tuple from table row ``row``,
+    its fields generated from :data:`fastradam.spec.SCALARS` (the reals, then the ints)."""
+    fields = [f"floats[row, {k}]" for k in range(len(SCALAR_FLOATS))] + [f"ints[row, {k}]"
+                                                                         for k in range(len(SCALAR_INTS))]
+    namespace: dict = {}
+    exec(f"def _row_scalars(floats, ints, row):\n    return ({', '.join(fields)},)", namespace)
+    return njit(inline="always")(namespace["_row_scalars"])
+
+
+_row_scalars = _generated_row_scalars()
 
 
 @njit(inline="always")
@@ -326,6 +346,23 @@ def _tensor_impl(addresses, t, column, n, like):
     if isinstance(like, types.NoneType):
         return lambda addresses, t, column, n, like: None
     return lambda addresses, t, column, n, like: carray(_array_at(addresses[t, column], n, like), n)
+
+
+@njit(parallel=True, cache=True)
+def _non_finite_tensor_blocks(addresses, block_start, block_stop, block_tensor, tensor_row, g_like):
+    """How many gradient elements of the active tensors' blocks are NaN or infinite (read only)."""
+    count = 0
+    for b in prange(block_start.size):
+        prefer_vector_width(VECTOR_BITS)
+        found = 0
+        t = block_tensor[b]
+        if tensor_row[t] >= 0:
+            view = carray(_array_at(addresses[t, 1], block_stop[b], g_like), block_stop[b])[block_start[b]:]
+            for i in range(view.size):
+                if not is_finite(view[i]):
+                    found += 1
+        count += found
+    return count
 
 
 @njit(parallel=True, cache=True, fastmath=False)
@@ -388,12 +425,12 @@ def as_arrays(objects: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [as_array(obj) for obj in objects]
 
 
-def check_devices(arrays: list[np.ndarray]) -> None:
+def check_devices(arrays: Sequence[np.ndarray], names: Sequence[str] = ()) -> None:
     """Host arrays all live in one memory space: nothing to check."""
 
 
 def _flat(array: np.ndarray | None) -> np.ndarray | None:
-    return None if array is None else array.reshape(-1)
+    return array if array is None or array.ndim == 1 else array.reshape(-1)
 
 
 def _skipped(found_inf: bool, check_finite: bool, grads: np.ndarray, start: np.ndarray, stop: np.ndarray,
@@ -403,45 +440,70 @@ def _skipped(found_inf: bool, check_finite: bool, grads: np.ndarray, start: np.n
     return bool(found_inf) or (check_finite and _non_finite_blocks(grads, start, stop, rows) > 0)
 
 
-def radam_step(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
-               floats: np.ndarray, ints: np.ndarray, *, master: np.ndarray | None = None,
-               found_inf: bool = False, check_finite: bool = False) -> None:
-    """One RAdam step in place on validated buffers (any shape, flat in memory), with one-row tables."""
+#: This backend steps with host scalars only: no device step counts (torch's ``capturable``).
+CAPTURABLE = False
+
+
+def bind_flat(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
+              master: np.ndarray | None = None) -> Callable[..., None]:
+    """A launcher of steps over validated buffers (any shape, flat in memory):
+    ``launch(floats, ints, found_inf, check_finite)`` with one-row tables. Everything that
+    depends only on the buffers (flat views, the block table) is settled here, once."""
     start, stop, row = _flat_blocks(params.size)
-    grads = _flat(grads)
-    if not _skipped(found_inf, check_finite, grads, start, stop, row):
-        _radam_blocks(_flat(params), grads, _flat(exp_avg), _flat(exp_avg_sq), _flat(master),
-                      start, stop, row, floats, ints)
+    params, grads, exp_avg, exp_avg_sq, master = (_flat(a) for a in (params, grads, exp_avg, exp_avg_sq, master))
+
+    def launch(floats: np.ndarray, ints: np.ndarray, found_inf: bool = False, check_finite: bool = False) -> None:
+        if not _skipped(found_inf, check_finite, grads, start, stop, row):
+            _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, start, stop, row, floats, ints)
+    return launch
 
 
-def radam_step_segments(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
-                        segments: SegmentArrays, segment_row: np.ndarray, floats: np.ndarray,
-                        ints: np.ndarray, *, master: np.ndarray | None = None, found_inf: bool = False,
-                        check_finite: bool = False) -> None:
-    """One step over the segments of flat buffers; segment ``i`` uses row ``segment_row[i]`` (< 0: skipped)."""
-    if "numba" not in segments.derived:
-        segments.derived["numba"] = blocks(segments.offsets, segments.sizes)
-    start, stop, segment = segments.derived["numba"]
-    rows = segment_row[segment]
-    if not _skipped(found_inf, check_finite, grads, start, stop, rows):
-        _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, start, stop, rows, floats, ints)
+def bind_segments(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
+                  segments: SegmentArrays, master: np.ndarray | None = None) -> Callable[..., None]:
+    """A launcher of steps over the segments of flat buffers:
+    ``launch(segment_row, floats, ints, found_inf, check_finite)``, segment ``i`` with row
+    ``segment_row[i]`` (< 0: skipped). The block table is cut here, once."""
+    start, stop, segment = blocks(segments.offsets, segments.sizes)
+
+    def launch(segment_row: np.ndarray, floats: np.ndarray, ints: np.ndarray, found_inf: bool = False,
+               check_finite: bool = False) -> None:
+        rows = segment_row[segment]
+        if not _skipped(found_inf, check_finite, grads, start, stop, rows):
+            _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, start, stop, rows, floats, ints)
+    return launch
 
 
-def radam_step_tensors(params: list[np.ndarray], grads: list[np.ndarray], exp_avg: list[np.ndarray],
-                       exp_avg_sq: list[np.ndarray], tensor_row: np.ndarray, floats: np.ndarray,
-                       ints: np.ndarray, *, master: list[np.ndarray] | None = None, found_inf: bool = False,
-                       check_finite: bool = False) -> None:
-    """One step over lists of separate tensors: one parallel loop over their address table."""
-    if not params or found_inf:
-        return
-    if check_finite and any(tensor_row[i] >= 0 and _skipped(False, True, g.reshape(-1), *_flat_blocks(g.size))
-                            for i, g in enumerate(grads)):
-        return
-    present = [x for x in (params, grads, exp_avg, exp_avg_sq, master) if x is not None]
-    addresses = np.array([[a.__array_interface__["data"][0] for a in row] for row in zip(*present)],
-                         dtype=np.int64)
+def _address(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
+
+
+def bind_tensors(params: list[np.ndarray], grads: list[np.ndarray] | None, exp_avg: list[np.ndarray],
+                 exp_avg_sq: list[np.ndarray], master: list[np.ndarray] | None = None) -> Callable[..., None]:
+    """A launcher of steps over lists of separate tensors, through one table of their addresses:
+    ``launch(tensor_row, floats, ints, found_inf, check_finite, grads=None)``, tensor ``i`` with
+    row ``tensor_row[i]`` (< 0: skipped); ``grads`` (validated arrays) replaces the bound
+    gradients for one step (needed when none were bound). The address, size and block tables
+    are built here, once."""
+    roles = [params, grads or [None] * len(params), exp_avg, exp_avg_sq] + ([] if master is None else [master])
+    addresses = np.array([[0 if a is None else _address(a) for a in tensor] for tensor in zip(*roles)],
+                         dtype=np.int64).reshape(-1, len(roles))
     sizes = np.array([a.size for a in params], dtype=np.int64)
     start, stop, tensor = blocks(np.zeros_like(sizes), sizes)
-    like = [np.empty(0, dtype=x[0].dtype) for x in (params, grads, exp_avg)]
-    _radam_tensor_blocks(addresses, sizes, start, stop, tensor, tensor_row, floats, ints, *like,
-                         None if master is None else np.empty(0, dtype=master[0].dtype))
+    p_like, m_like = (np.empty(0, dtype=x[0].dtype) for x in (params, exp_avg))
+    bound_g_like = None if grads is None else np.empty(0, dtype=grads[0].dtype)
+    master_like = None if master is None else np.empty(0, dtype=master[0].dtype)
+
+    def launch(tensor_row: np.ndarray, floats: np.ndarray, ints: np.ndarray, found_inf: bool = False,
+               check_finite: bool = False, grads: list[np.ndarray] | None = None) -> None:
+        if not params or found_inf:
+            return
+        table, g_like = addresses, bound_g_like
+        if grads is not None:
+            table = addresses.copy()
+            table[:, 1] = [0 if g is None else _address(g) for g in grads]
+            g_like = np.empty(0, dtype=next(g for g in grads if g is not None).dtype)
+        if check_finite and _non_finite_tensor_blocks(table, start, stop, tensor, tensor_row, g_like) > 0:
+            return
+        _radam_tensor_blocks(table, sizes, start, stop, tensor, tensor_row, floats, ints, p_like, g_like, m_like,
+                             master_like)
+    return launch

@@ -36,6 +36,7 @@ from numba.core import cgutils
 from fastradam.backends.numba_storage import pack_bfloat16_words, unpack_bfloat16_words
 from fastradam.backends.numba_target import compiled_features
 from fastradam.scalars import HOLD, MOMENTUM, RECTIFIED
+from fastradam.spec import SCALAR_FLOATS, SCALAR_INDEX
 
 LANES = 16  #: 32-bit words per vector: 32 bfloat16 elements, 16 float32 lanes per half
 _REQUIRED_FEATURES = ("avx512f", "avx512bw", "avx512dq", "avx512bf16")
@@ -146,20 +147,30 @@ def _any_special(builder, values):
     return builder.icmp_unsigned("!=", builder.bitcast(found, ir.IntType(LANES)), ir.Constant(ir.IntType(LANES), 0))
 
 
+def _traced_scalars(builder, fields, coupled: bool, negate_grad: bool, update: int) -> tuple:
+    """The scalars tuple the element update is traced with, for one loop variant: each real in every
+    lane (L2 decay and eps_root as :class:`_Uniform`: L2 nonzero as the variant says, eps_root
+    zero, as the caller guarantees), the flags as Python constants."""
+    uniform = {"l2_weight_decay": coupled, "eps_root": False}
+    reals = tuple(_Uniform(builder, _splat(builder, fields[SCALAR_INDEX[name]]), uniform[name]) if name in uniform
+                  else Lanes(builder, _splat(builder, fields[SCALAR_INDEX[name]])) for name in SCALAR_FLOATS)
+    return reals + (negate_grad, update)
+
+
 def emit_word_vectors(context, builder, signature, args, element):
     """The body of an intrinsic ``(p_words, g_words, m_words, v_words, scalars) -> words done``:
     steps the first ``LANES * (n // LANES)`` 32-bit words of the four (uint32 views of bfloat16)
     arrays in place with ``element`` (the Python element update, traced) and returns that count.
-    ``scalars`` is the kernels' tuple: eight float32 fields, ``negate_grad``, ``mode``."""
+    ``scalars`` is the kernels' tuple (fields as :data:`fastradam.spec.SCALARS`), with eps_root 0."""
     arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:4], args[:4])]
     intp = context.get_value_type(signature.return_type)
     vectors = builder.udiv(arrays[0].nitems, ir.Constant(intp, LANES))
     fields = [builder.extract_value(args[4], k) for k in range(len(signature.args[4].types))]
-    floats = [_splat(builder, f) for f in fields[:8]]
-    negate, mode = fields[8], fields[9]
+    negate, mode = fields[SCALAR_INDEX["negate_grad"]], fields[SCALAR_INDEX["mode"]]
+    l2_weight_decay = fields[SCALAR_INDEX["l2_weight_decay"]]
     flags = {
         "negate": builder.icmp_unsigned("!=", negate, ir.Constant(negate.type, 0)),
-        "coupled": builder.fcmp_unordered("!=", fields[4], ir.Constant(fields[4].type, 0.0)),  # Python's !=
+        "coupled": builder.fcmp_unordered("!=", l2_weight_decay, ir.Constant(l2_weight_decay.type, 0.0)),  # Python's !=
         "mode": builder.select(builder.icmp_signed("==", mode, ir.Constant(mode.type, RECTIFIED)),
                                ir.Constant(ir.IntType(32), RECTIFIED),
                                builder.select(builder.icmp_signed("==", mode, ir.Constant(mode.type, HOLD)),
@@ -185,8 +196,7 @@ def emit_word_vectors(context, builder, signature, args, element):
         offset = builder.mul(index, ir.Constant(intp, LANES))
         pointers = [builder.bitcast(builder.gep(a.data, [offset]), word_vector.as_pointer()) for a in arrays]
         halves = [unpack_bfloat16_words(builder, builder.load(ptr, align=4, typ=word_vector)) for ptr in pointers]
-        scalars = tuple(Lanes(builder, f) for f in floats[:4]) + (_Uniform(builder, floats[4], coupled),) + tuple(
-            Lanes(builder, f) for f in floats[5:8]) + (negate_grad, update)
+        scalars = _traced_scalars(builder, fields, coupled, negate_grad, update)
         results = [element(*(Lanes(builder, h[half]) for h in halves), scalars) for half in (0, 1)]
         outputs = [(results[0][k].value, results[1][k].value) for k in range(3)]  # p, m, v: (low, high)
         stores = (pointers[0], pointers[2], pointers[3])

@@ -1,0 +1,182 @@
+"""Compile and naming: the storage combinations, the kernels' name expressions, the compiled modules.
+
+The source (``kernels/radam.cu``) is compiled lazily on first use with NVRTC for the current
+device's architecture and cached by CuPy (``~/.cupy/kernel_cache``): one ``RawModule`` per
+storage combination (:class:`fastradam.storage.Storage`: params, grads, moments, master) holds its eight
+kernels, instantiated from the templates with ``name_expressions`` (31 combinations, 155
+update kernels and 12 check_finite pre-passes in all; see :data:`NAME_EXPRESSIONS`).
+
+Notes
+-----
+- The kernels, templated on each role's storage, widen 16-bit formats to float32 with the CUDA
+  intrinsics of ``cuda_bf16.h`` / ``cuda_fp16.h`` and round back to nearest even. Those
+  headers come from the pip ``nvidia-cuda-runtime`` wheel (``nvidia/cu13/include``) or a CUDA
+  toolkit, found by ``cuda-pathfinder`` (:func:`cuda_include_dir`).
+- Compiled with ``--fmad=false``: no multiply-add contraction, so the GPU rounds like the oracle,
+  the Numba backend and the CPU harness of the same source; the step is memory-bound, so
+  contraction would buy no speed. CuPy itself appends ``-ftz=true``: float32 subnormals flush
+  to zero on the GPU (float64 is unaffected).
+- Grid: ``min(ceil(n / (block * lanes)), SMs * blocks_per_SM)`` blocks of 256 threads, each
+  thread striding over packs of ``lanes`` elements per role (16 bytes of the narrowest role:
+  4 floats, 2 doubles, 8 with any 16-bit role, whose float roles then move 32 bytes). The
+  multi-tensor kernels cut the work into :data:`TILE`-element tiles (``fastradam.layout.tiles``)
+  and launch ``min(tiles, SMs * blocks_per_SM)`` blocks, each taking tiles in turn.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+import cupy
+import numpy as np
+
+from fastradam.storage import FORMAT_OF_VIEW, FORMATS, SUPPORTED, Storage
+
+#: The kernel source, relative to the kernel folder (``fastradam.kernels`` when installed).
+KERNEL_FILE = "radam.cu"
+#: NVRTC options the backend compiles with (CuPy adds ``-arch`` and ``-ftz=true``).
+COMPILE_OPTIONS = ("--std=c++17", "--fmad=false")
+
+#: C++ storage type of each storage format (the kernels' template arguments P, G and Mo).
+STORAGE_TYPES = {name: f.c_type for name, f in FORMATS.items()}
+
+BLOCK = 256
+BLOCKS_PER_SM = 8
+#: Elements per tile of the multi-tensor kernels: a multiple of the 64-element layout alignment
+#: (so tiles of an aligned layout stay 16-byte co-aligned) and of BLOCK * 8 lanes.
+TILE = 4096
+_PACK_BYTES = 16
+
+#: The kernel templates of radam.cu by kind: the update kernels are templated on the whole
+#: :class:`Storage`, the check_finite pre-passes (``nonfinite_*``) on the grads storage only.
+UPDATE_KERNELS = {
+    "step": "radam_step",  # host scalars by value
+    "segments": "radam_step_segments",  # over the segments of flat buffers
+    "tensors": "radam_step_tensors",  # over a list of separate tensors
+    "capturable": "radam_step_capturable",  # step and lr read through type codes
+    "segments_capturable": "radam_step_segments_capturable",  # step counts and lrs read on the device
+}
+FINITE_KERNELS = ("nonfinite_flat", "nonfinite_segments", "nonfinite_tensors")
+#: Every kind :func:`kernel_name` takes, in the order of :func:`name_expressions`.
+KERNEL_KINDS = (*UPDATE_KERNELS, *FINITE_KERNELS)
+
+
+@functools.lru_cache(maxsize=None)
+def lanes(storage: Storage) -> int:
+    """Elements per 16-byte pack of the narrowest role of ``storage``."""
+    return _PACK_BYTES // min(FORMATS[f].itemsize for f in (storage.params, storage.grads, storage.moments))
+
+
+@functools.lru_cache(maxsize=None)
+def template_arguments(storage: Storage) -> str:
+    """The kernels' template arguments ``P, G, Mo, kMaster`` for ``storage``."""
+    return (f"{STORAGE_TYPES[storage.params]}, {STORAGE_TYPES[storage.grads]}, {STORAGE_TYPES[storage.moments]}, "
+            f"{'true' if storage.master else 'false'}")
+
+
+#: Every storage combination the kernels are instantiated for (31): :data:`fastradam.storage.SUPPORTED`.
+STORAGE_COMBINATIONS = SUPPORTED
+
+
+def storage_of_arrays(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray,
+                      master: Any = None) -> Storage:
+    """The :class:`Storage` of validated kernel arrays (16-bit formats as their bit views)."""
+    return _storage_of_dtypes(params.dtype, grads.dtype, exp_avg.dtype, master is not None)
+
+
+@functools.lru_cache(maxsize=None)
+def _storage_of_dtypes(params: np.dtype, grads: np.dtype, moments: np.dtype, master: bool) -> Storage:
+    return Storage(FORMAT_OF_VIEW[params], FORMAT_OF_VIEW[grads], FORMAT_OF_VIEW[moments], master)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_name(kind: str, storage: Storage) -> str:
+    """Name expression of the kernel ``kind`` (one of :data:`KERNEL_KINDS`) for ``storage``, in
+    CuPy's style: ``fastradam::radam_step_segments<float, float, float, false>``; a check_finite
+    pre-pass (``nonfinite_flat``, ``nonfinite_segments``, ``nonfinite_tensors``) is templated on
+    ``storage.grads`` only."""
+    if kind in UPDATE_KERNELS:
+        return f"fastradam::{UPDATE_KERNELS[kind]}<{template_arguments(storage)}>"
+    if kind in FINITE_KERNELS:
+        return f"fastradam::{kind}<{STORAGE_TYPES[storage.grads]}>"
+    raise ValueError(f"unknown kernel kind {kind!r}; expected one of {', '.join(KERNEL_KINDS)}")
+
+
+def name_expressions(storage: Storage) -> tuple[str, ...]:
+    """The instantiations one storage combination launches (compiled together, on first use)."""
+    return tuple(kernel_name(kind, storage) for kind in KERNEL_KINDS)
+
+
+#: Every template instantiation the backend can launch.
+NAME_EXPRESSIONS = tuple(dict.fromkeys(name for storage in STORAGE_COMBINATIONS for name in name_expressions(storage)))
+
+
+def cuda_include_dir() -> str | None:
+    """The folder holding ``cuda_bf16.h`` and ``cuda_fp16.h``: the pip ``nvidia-cuda-runtime``
+    wheel (``nvidia/cu13/include``) or a CUDA toolkit, as ``cuda-pathfinder`` finds them."""
+    from cuda.pathfinder import find_nvidia_header_directory
+
+    found = find_nvidia_header_directory("cudart")
+    return found if found and (Path(found) / "cuda_bf16.h").is_file() else None
+
+
+def compile_options() -> tuple[str, ...]:
+    """NVRTC options besides ``-arch`` (CuPy adds that and ``-ftz=true``)."""
+    include = cuda_include_dir()
+    if include is None:
+        raise RuntimeError("the CUDA kernels include cuda_bf16.h and cuda_fp16.h, which were not found: "
+                           "pip install nvidia-cuda-runtime (or install a CUDA toolkit)")
+    return COMPILE_OPTIONS + (f"-I{kernel_dir()}", f"-I{include}")
+
+
+def kernel_dir() -> Path:
+    """The folder holding the CUDA sources.
+
+    A regular install ships them as ``fastradam/kernels``; in the source tree (editable
+    install, or ``PYTHONPATH=.``) they are the top-level ``kernels/`` beside ``fastradam/``.
+    """
+    package = Path(__file__).resolve().parents[2]  # fastradam/ (this file: fastradam/backends/cuda/module.py)
+    installed = package / "kernels"
+    return installed if (installed / KERNEL_FILE).is_file() else package.parent / "kernels"
+
+
+def kernel_source() -> str:
+    """The text of ``radam.cu``, tagged with a hash of the headers (the generated ABI header too) so
+    CuPy's cache sees them change."""
+    folder = kernel_dir()
+    headers = hashlib.sha256()
+    for header in sorted(folder.rglob("*.cuh")):
+        headers.update(header.read_bytes())
+    source = (folder / KERNEL_FILE).read_text()
+    return f"{source}\n// headers sha256 {headers.hexdigest()}\n"
+
+
+@functools.lru_cache(maxsize=None)
+def _module(device_id: int, storage: Storage) -> cupy.RawModule:
+    """The kernels of one storage combination, compiled on first use (and cached on disk by CuPy)."""
+    with cupy.cuda.Device(device_id):
+        return cupy.RawModule(code=kernel_source(), options=compile_options(),
+                              name_expressions=name_expressions(storage))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(device_id: int, storage: Storage, name: str) -> cupy.RawKernel:
+    with cupy.cuda.Device(device_id):
+        return _module(device_id, storage).get_function(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_id: int) -> int:
+    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
+def _grid(n: int, lanes: int, device_id: int) -> int:
+    return max(1, min(math.ceil(n / (BLOCK * lanes)), _sm_count(device_id) * BLOCKS_PER_SM))
+
+
+def _tile_grid(n_tiles: int, device_id: int) -> int:
+    return max(1, min(n_tiles, _sm_count(device_id) * BLOCKS_PER_SM))

@@ -1,0 +1,394 @@
+"""Bound step plans: validate the buffers and options once, then step many times.
+
+``plan = StepPlan(params, grads, exp_avg, exp_avg_sq, lr=...)`` checks everything a step needs
+(backend, storage, shapes, contiguity, writeability, aliasing, devices, options) and settles
+what depends only on the buffers (the backend's arrays, the storage, the tables of a layout);
+``plan.step(step=t)`` then folds the scalars on the host in float64 and makes one launch, after a
+cheap check that the bound buffers were not resized or re-pointed behind the plan's back. The
+one-shot functions of :mod:`fastradam.api` and the torch drop-in are built on it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+import numpy as np
+
+from fastradam.backends import backend_for
+from fastradam.layout import FlatLayout
+from fastradam.options import CheckedGroups, GroupOptions, check_flag, check_grad_scale, check_group, \
+    check_step
+from fastradam.scalars import group_step_scalars, pack_row_into, pack_rows, scalar_rows
+from fastradam.spec import SCALAR_FLOATS, SCALAR_INTS
+from fastradam.storage import BUFFER_NAMES, MASTER, ROLES, Storage, check_storage
+from fastradam.validation import address_spans, check_buffers, check_disjoint, check_per_tensor, own_their_memory
+
+#: The kinds of binding: one set of flat buffers, the segments of a FlatLayout, lists of tensors.
+KINDS = ("flat", "layout", "tensors")
+#: Whether a step writes each role.
+_WRITTEN = {role.name: role.written for role in (*ROLES, MASTER)}
+
+
+def _fingerprint(obj: Any) -> tuple:
+    """What must not change under a bound buffer: its shape and where its data lives (a torch
+    tensor's or CuPy array's address; a NumPy array is passed to its kernel itself, so its
+    shape and writeability suffice)."""
+    if type(obj) is np.ndarray:
+        return obj.shape, obj.flags.writeable
+    data_ptr = getattr(obj, "data_ptr", None)
+    if callable(data_ptr):
+        return tuple(obj.shape), data_ptr()
+    data = getattr(obj, "data", None)
+    return tuple(obj.shape), getattr(data, "ptr", None)
+
+
+def _check_found_inf(found_inf: Any, backend: Any) -> Any:
+    """``None``/a bool for host flags; a device flag the backend reads itself."""
+    if found_inf is None or found_inf is False or found_inf is True or isinstance(found_inf, np.bool_):
+        return bool(found_inf)
+    if isinstance(found_inf, np.ndarray):
+        if found_inf.shape != ():
+            raise ValueError(f"found_inf must be a bool or a 0-d array, got shape {found_inf.shape}")
+        return bool(found_inf)
+    if backend_for(("found_inf",), (found_inf,)).module_name != backend.__name__:
+        raise TypeError("found_inf must be a bool, a 0-d NumPy array, or a 0-d array on the buffers' device")
+    flag = backend.as_array(found_inf)
+    if flag.shape != ():
+        raise ValueError(f"found_inf must be a bool or a 0-d array, got shape {flag.shape}")
+    return flag
+
+
+class StepPlan:
+    """RAdam steps over buffers bound once.
+
+    Parameters
+    ----------
+    params, grads, exp_avg, exp_avg_sq : array, or sequence of arrays
+        The buffers, as :func:`fastradam.fused_step` takes them (flat arrays), as
+        :func:`fastradam.fused_step_layout` does (with ``layout``), or lists of separate tensors
+        as :func:`fastradam.fused_step_multi` does.
+    layout : FlatLayout, optional
+        The segments of the flat buffers (many tensors, many groups, one launch).
+    master_params : array or sequence of arrays, optional
+        float32 master weights beside bfloat16/float16 params.
+    groups : sequence of dict, optional
+        Options per group (layouts and tensor lists); without it, ``**options`` are the one group.
+    group_index : array of int, optional
+        A tensor list's group of each tensor (default: all 0); a layout's segments carry theirs.
+    check_finite : bool, default False
+        Look for NaN/inf gradients first at every step and skip the step if there are any.
+    **options
+        ``lr``, ``betas``, ``eps``, ``eps_root``, ``weight_decay``, ``decoupled_weight_decay``,
+        ``maximize``, ``flavour``, ``schedule`` (:data:`fastradam.options.OPTIONS`).
+
+    Every check runs here, before anything is written; a step checks only what it is given
+    (the step numbers, new options, new gradients) and that the bound buffers still have the
+    shapes (and, for device arrays, the addresses) they were bound with.
+
+    Examples
+    --------
+    >>> import numpy as np, fastradam
+    >>> p, g, m, v = (np.ones(8, np.float32) for _ in range(4))
+    >>> plan = fastradam.StepPlan(p, g, m, v, lr=1e-2)
+    >>> for t in range(1, 4):
+    ...     plan.step(step=t)
+    """
+
+    def __init__(self, params: Any, grads: Any, exp_avg: Any, exp_avg_sq: Any, *, layout: FlatLayout | None = None,
+                 master_params: Any = None, groups: Sequence[Mapping[str, Any]] | None = None,
+                 group_index: Any = None, check_finite: bool = False, **options: Any) -> None:
+        if groups is not None and options:
+            raise TypeError(f"pass options either per group (groups=...) or as keywords, not both: {sorted(options)}")
+        self.check_finite = check_flag("check_finite", check_finite)
+        self._groups = CheckedGroups([options] if groups is None else groups, keywords=groups is None)
+        lists = (params, grads, exp_avg, exp_avg_sq)
+        if type(params) is np.ndarray and layout is None:  # the common case, without the ABC checks below
+            if group_index is not None:
+                raise TypeError("group_index is for tensor lists; a layout's segments carry their groups")
+            self.kind = "flat"
+            self._bind_flat(lists, master_params, None)
+            return
+        if grads is None and (layout is not None or not isinstance(params, Sequence) or hasattr(params, "shape")):
+            raise TypeError("grads must be an array; only a tensor list may leave its gradients to each step")
+        if layout is None and all(isinstance(x, Sequence) and not hasattr(x, "shape") for x in lists
+                                  if x is not None):
+            self.kind = "tensors"
+            self._bind_tensors(lists, master_params, group_index)
+        else:
+            if group_index is not None:
+                raise TypeError("group_index is for tensor lists; a layout's segments carry their groups")
+            self.kind = "flat" if layout is None else "layout"
+            self._bind_flat(lists, master_params, layout)
+
+    # -- binding -----------------------------------------------------------------------------
+
+    def _bind(self, roles: Sequence[str], columns: Sequence[Sequence[Any]], single: bool) -> None:
+        """Validate every buffer of every tensor: backend, storage, shapes, layout, aliasing, device.
+
+        ``columns[k]`` holds role ``roles[k]``'s objects, one per tensor (roles in
+        :data:`fastradam.storage.ROLES` order, then the master); a tensor list may leave
+        ``grads`` out (given at each step). Names for messages: ``params`` for flat buffers,
+        ``params[3]`` for tensor lists."""
+        count = len(columns[0])
+        width = len(roles)
+        objects = [column[i] for i in range(count) for column in columns]  # tensor by tensor
+        names = list(roles) if single else [f"{role}[{i}]" for i in range(count) for role in roles]
+        backend = backend_for(names, objects).load()
+        storages = [backend.storage_of(obj) for obj in objects]
+        first = dict(zip(roles, storages))
+        self.storage: Storage = check_storage(
+            tuple(first.get(role, first["params"]) for role in BUFFER_NAMES),  # unbound grads: checked per step
+            tuple(role if single else f"{role}[0]" for role in BUFFER_NAMES), first.get(MASTER.name),
+            MASTER.name if single else f"{MASTER.name}[0]")
+        for index in range(width, len(objects)):
+            if storages[index] != storages[index % width]:
+                raise TypeError(f"{names[index]} has dtype {storages[index]} but {names[index % width]} has "
+                                f"{storages[index % width]}: all tensors must share one storage per role")
+        arrays = backend.as_arrays(objects)
+        written = [_WRITTEN[role] for role in roles]
+        for start in range(0, len(arrays), width):
+            check_buffers(arrays[start:start + width], names[start:start + width], written)
+        if own_their_memory(objects):
+            spans = None  # distinct arrays owning their memory: disjoint (addresses only if grads come later)
+        else:
+            spans = address_spans(arrays)
+            check_disjoint(names, spans)
+        backend.check_devices(arrays, names)
+        self._spans = (names, arrays, spans)
+        self.backend = backend
+        self.math_dtype = self.storage.math_dtype
+        by_role = {role: arrays[k::width] for k, role in enumerate(roles)}
+        self.roles = [by_role.get(role) for role in BUFFER_NAMES]
+        self.master = by_role.get(MASTER.name)
+        self._objects, self._object_names = objects, names
+        self._fingerprints = [_fingerprint(obj) for obj in objects]
+
+    def _bind_flat(self, buffers: tuple, master: Any, layout: FlatLayout | None) -> None:
+        if layout is not None and not isinstance(layout, FlatLayout):
+            raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
+        if layout is None and len(self._groups.checked) != 1:
+            raise ValueError(f"flat buffers take one group of options, got {len(self._groups.checked)}")
+        roles = BUFFER_NAMES if master is None else (*BUFFER_NAMES, MASTER.name)
+        self._bind(roles, [[buffer] for buffer in (*buffers, master)[:len(roles)]], True)
+        self.layout = layout
+        if layout is not None:
+            self.roles = [role[0].reshape(-1) for role in self.roles]
+            self.master = None if self.master is None else self.master[0].reshape(-1)
+            if self.roles[0].size != layout.size:
+                raise ValueError(f"params has {self.roles[0].size} elements but the layout needs {layout.size}")
+            self.tensor_groups = layout.arrays.groups
+            self._check_group_indices()
+            self._launch = self.backend.bind_segments(*self.roles, layout.arrays, master=self.master)
+        else:
+            self.roles = [role[0] for role in self.roles]
+            self.master = None if self.master is None else self.master[0]
+            self._launch = self.backend.bind_flat(*self.roles, master=self.master)
+            # the one-row tables a host step refills in place (a launch copies row 0 by value)
+            self._floats = np.empty((1, len(SCALAR_FLOATS)), dtype=self.math_dtype)
+            self._ints = np.empty((1, len(SCALAR_INTS)), dtype=np.int32)
+
+    def _bind_tensors(self, lists: tuple, masters: Any, group_index: Any) -> None:
+        everything = tuple(x for x in lists if x is not None) + (() if masters is None else (masters,))
+        if not all(isinstance(x, Sequence) for x in everything):
+            raise TypeError("params, grads, exp_avg, exp_avg_sq (and master_params) must be sequences of arrays")
+        count = len(lists[0])
+        for name, x in zip([n for n, x in zip(BUFFER_NAMES, lists) if x is not None] + [MASTER.name], everything):
+            if len(x) != count:
+                raise ValueError(f"{name} has {len(x)} tensors but params has {count}")
+        self.layout = None
+        self.tensor_groups = (np.zeros(count, dtype=np.int64) if group_index is None
+                              else check_per_tensor("group_index", group_index, count, "group"))
+        self._check_group_indices()
+        self.count = count
+        if count == 0:
+            self.backend, self.roles, self.master, self._objects, self._fingerprints = None, [[]] * 4, None, [], []
+            return
+        present = [(name, list(x)) for name, x in zip(BUFFER_NAMES, lists) if x is not None]
+        present += [] if masters is None else [(MASTER.name, list(masters))]
+        self._bind([name for name, _ in present], [column for _, column in present], False)
+        self._launch = self.backend.bind_tensors(*self.roles, master=self.master)
+
+    def _check_group_indices(self) -> None:
+        groups = self.tensor_groups
+        if groups.size and groups.max() >= len(self._groups.checked):
+            bad = int(np.argmax(groups >= len(self._groups.checked)))
+            raise ValueError(f"tensor {bad} is in group {int(groups[bad])}, but only {len(self._groups.checked)} "
+                             "groups were given")
+
+    # -- stepping ----------------------------------------------------------------------------
+
+    def _check_bound(self) -> None:
+        """ValueError naming a bound buffer that was resized, re-pointed or made read-only since binding."""
+        for name, obj, before in zip(self._object_names, self._objects, self._fingerprints):
+            if _fingerprint(obj) != before:
+                raise ValueError(f"{name} changed after the plan was bound (shape, memory or writeability: "
+                                 f"was {before}, now {_fingerprint(obj)}): build a new StepPlan")
+
+    def _options(self, groups: Sequence[Mapping[str, Any]] | None, lr: Any) -> list[GroupOptions]:
+        """The groups of this step: the bound ones, re-checked where they were given anew, and with
+        ``lr`` (when given) as every group's learning rate."""
+        checked = self._groups.checked if groups is None else self._groups.update(groups)
+        if lr is None:
+            return checked
+        return [check_group({**source, "lr": lr}) for source in self._groups.sources]
+
+    def step(self, step: Any = None, *, steps: Any = None, has_grad: Any = None, lr: Any = None,
+             groups: Sequence[Mapping[str, Any]] | None = None, grads: Sequence[Any] | None = None,
+             lrs: Sequence[Any] | None = None, grad_scale: float = 1.0, found_inf: Any = None) -> None:
+        """One RAdam step in place over the bound buffers (see :func:`fastradam.fused_step`).
+
+        Flat buffers take ``step`` (an int, or on CUDA a 0-d device array: the capturable step);
+        layouts and tensor lists take ``steps`` (one int per tensor; for a layout on CUDA also a
+        1-D device array, read there, with ``lrs``: each group's lr, a float or a 0-d device
+        array) and ``has_grad``. ``lr`` replaces every group's learning rate for this step;
+        ``groups`` replaces the groups' options (re-checked only where they changed); a tensor
+        list's ``grads`` replaces its gradients for this step (checked as at binding; ``None``
+        where ``has_grad`` is False). Every check runs before any byte is written.
+        """
+        self.prepare(step, steps=steps, has_grad=has_grad, lr=lr, groups=groups, grads=grads, lrs=lrs,
+                     grad_scale=grad_scale, found_inf=found_inf)()
+
+    def prepare(self, step: Any = None, *, steps: Any = None, has_grad: Any = None, lr: Any = None,
+                groups: Sequence[Mapping[str, Any]] | None = None, grads: Sequence[Any] | None = None,
+                lrs: Sequence[Any] | None = None, grad_scale: float = 1.0,
+                found_inf: Any = None) -> Callable[[], None]:
+        """Every check of :meth:`step` (same arguments), and the launch it would make, not yet made.
+
+        Callers that step several plans as one (the torch drop-in: one plan per device and dtype)
+        prepare them all first, so a bad argument to the last leaves the first unwritten too.
+        """
+        check_grad_scale(grad_scale)
+        if self.kind == "flat":
+            if steps is not None or has_grad is not None or grads is not None or lrs is not None:
+                raise TypeError("flat buffers take step= (and lr=), not steps=, has_grad=, grads= or lrs=")
+            return self._prepare_flat(step, lr, groups, grad_scale, found_inf)
+        if step is not None:
+            raise TypeError(f"a {'layout' if self.kind == 'layout' else 'tensor list'} takes steps= (one per "
+                            "tensor), not step=")
+        if grads is not None and self.kind != "tensors":
+            raise TypeError("grads= rebinds a tensor list's gradients; a layout's gradients are its flat buffer")
+        checked = self._options(groups, lr)
+        count = self.tensor_groups.size
+        active = (np.ones(count, dtype=bool) if has_grad is None
+                  else check_per_tensor("has_grad", has_grad, count, "mask"))
+        if self.kind == "layout" and steps is not None and not isinstance(steps, (np.ndarray, Sequence)):
+            return self._prepare_layout_capturable(steps, active, checked, lrs, grad_scale, found_inf)
+        if lrs is not None:
+            raise TypeError("lrs= goes with device step counts (a capturable layout step); pass lr= or groups=")
+        steps = check_per_tensor("steps", steps, count, "step", active)
+        if self.kind == "tensors" and count == 0:
+            return _nothing
+        if grads is None and self.kind == "tensors" and self.roles[1] is None:
+            raise TypeError("this plan was bound without gradients: pass grads= at each step")
+        fresh = None if grads is None else self._fresh_grads(grads, active)
+        self._check_bound()
+        found_inf = _check_found_inf(found_inf, self.backend)
+        rows, tensor_row = scalar_rows(checked, self.tensor_groups, steps, active)
+        floats, ints = pack_rows(rows, self.math_dtype, grad_scale)
+        if self.kind == "layout":
+            return functools.partial(self._launch, tensor_row, floats, ints, found_inf, self.check_finite)
+        return functools.partial(self._launch, tensor_row, floats, ints, found_inf, self.check_finite, grads=fresh)
+
+    def _fresh_grads(self, grads: Sequence[Any], active: np.ndarray) -> list[Any]:
+        """New gradients for the bound tensors (``None`` where inactive), checked as at binding: one
+        backend and device, one storage, each its parameter's shape, C-contiguous, sharing no memory
+        with a written buffer."""
+        if not isinstance(grads, Sequence) or len(grads) != self.count:
+            raise ValueError(f"grads must be a sequence of {self.count} arrays, one per tensor")
+        used = [i for i in range(self.count) if active[i]]
+        if any(grads[i] is None for i in used):
+            raise TypeError(f"grads[{next(i for i in used if grads[i] is None)}] is None, but has_grad is True there")
+        names = [f"grads[{i}]" for i in used]
+        objects = [grads[i] for i in used]
+        if not used:
+            return [None] * self.count
+        if backend_for(names, objects).module_name != self.backend.__name__:
+            raise TypeError(f"grads are not {self.backend.__name__.rsplit('.', 1)[-1]} arrays like the bound buffers")
+        storages = [self.backend.storage_of(grad) for grad in objects]
+        for name, storage in zip(names, storages):
+            if storage != storages[0]:
+                raise TypeError(f"{name} has dtype {storage} but {names[0]} has {storages[0]}: all tensors must "
+                                "share one storage per role")
+        if self.roles[1] is not None and storages[0] != self.storage.grads:
+            raise TypeError(f"{names[0]} has dtype {storages[0]} but the plan was bound with {self.storage.grads} "
+                            "grads")
+        s = self.storage
+        check_storage((s.params, storages[0], s.moments, s.moments), ("params", names[0], "exp_avg", "exp_avg_sq"),
+                      "float32" if s.master else None)
+        arrays = self.backend.as_arrays(objects)
+        written, written_starts = self._written_spans()
+        for name, array, i in zip(names, arrays, used):
+            check_buffers([self.roles[0][i], array], [f"params[{i}]", name], (False, False))
+            (start, end), = address_spans([array])
+            index = bisect.bisect_right(written_starts, start) - 1
+            for written_start, written_end, written_name in written[max(index, 0):index + 2]:
+                if start < written_end and written_start < end:
+                    raise ValueError(f"{name} and {written_name} share memory: the buffers must be distinct")
+        self.backend.check_devices([self.roles[0][0], *arrays], ["params[0]", *names])
+        fresh: list[Any] = [None] * self.count
+        for i, array in zip(used, arrays):
+            fresh[i] = array
+        return fresh
+
+    def _written_spans(self) -> tuple[list[tuple[int, int, str]], list[int]]:
+        """The bound written buffers' address spans ``(start, end, name)``, sorted, and their starts
+        (what gradients given at a step must not overlap); computed on first use."""
+        if not hasattr(self, "_written"):
+            names, arrays, spans = self._spans
+            spans = address_spans(arrays) if spans is None else spans
+            self._written = sorted((start, end, name) for (start, end), name in zip(spans, names)
+                                   if end > start and not name.startswith("grads"))
+            self._written_starts = [start for start, _, _ in self._written]
+        return self._written, self._written_starts
+
+    def _prepare_layout_capturable(self, steps: Any, active: np.ndarray, groups: list[GroupOptions],
+                                   lrs: Sequence[Any] | None, grad_scale: float,
+                                   found_inf: Any) -> Callable[[], None]:
+        """A layout step whose step counts live on the device (CUDA, capturable): one launch reads them."""
+        if not self.backend.CAPTURABLE:
+            raise TypeError("steps must be integers (one per tensor); device step counts need the CUDA backend")
+        lrs = [group.lr for group in groups] if lrs is None else list(lrs)
+        if len(lrs) != len(groups):
+            raise ValueError(f"lrs has {len(lrs)} entries but there are {len(groups)} groups")
+        if any(group.schedule is not None for group in groups):
+            raise ValueError("schedule needs a host step: with device step counts, pass the scheduled lrs")
+        self._check_bound()
+        found_inf = _check_found_inf(found_inf, self.backend)
+        segment_group = np.where(active, self.tensor_groups, -1).astype(np.int32)
+        self.backend.capturable_lrs(lrs, segment_group, [r for r in (*self.roles, self.master) if r is not None])
+        return functools.partial(self.backend.radam_step_segments_capturable, *self.roles, self.layout.arrays,
+                                 segment_group, steps, groups, lrs, master=self.master, grad_scale=grad_scale,
+                                 found_inf=found_inf, check_finite=self.check_finite)
+
+    def _prepare_flat(self, step: Any, lr: Any, groups: Any, grad_scale: float, found_inf: Any) -> Callable[[], None]:
+        device_step = step is not None and not isinstance(step, numbers.Number)
+        if not device_step:
+            host_step = check_step(step)
+            (group,) = self._options(groups, lr)
+            self._check_bound()
+            found_inf = _check_found_inf(found_inf, self.backend)
+            scalars = group_step_scalars(group, host_step)
+
+            def launch() -> None:
+                pack_row_into(self._floats, self._ints, scalars, grad_scale)
+                self._launch(self._floats, self._ints, found_inf, self.check_finite)
+            return launch
+        device_lr = lr is not None and not isinstance(lr, numbers.Number)
+        (group,) = self._options(groups, 0.0 if device_lr else lr)
+        if not self.backend.CAPTURABLE:
+            check_step(step)  # raises: a host backend takes only an int step
+        if group.schedule is not None:
+            raise ValueError("schedule needs a host step: with a device step, pass the scheduled lr as a device array")
+        self._check_bound()
+        found_inf = _check_found_inf(found_inf, self.backend)
+        return functools.partial(self.backend.radam_step_capturable, *self.roles, step,
+                                 lr if device_lr else group.lr, group, master=self.master, grad_scale=grad_scale,
+                                 found_inf=found_inf, check_finite=self.check_finite)
+
+
+def _nothing() -> None:
+    """The launch of a step with nothing to do."""

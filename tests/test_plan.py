@@ -1,0 +1,172 @@
+"""Bound step plans: the same bits as the one-shot calls, a cheap guard of the bound buffers,
+gradients given per step, and every check before any byte is written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastradam
+from fastradam import FlatLayout, StepPlan, fused_step, fused_step_layout, fused_step_multi
+from tests.cases import random_buffers
+from tests.oracle_check import assert_matches_oracle
+
+
+def _copies(buffers):
+    return [b.copy() for b in buffers]
+
+
+def _same(left, right) -> bool:
+    return all(a.tobytes() == b.tobytes() for a, b in zip(left, right))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_flat_plan_steps_as_the_one_shot_call(dtype):
+    ours = list(random_buffers(1027, dtype, seed=1))
+    theirs = _copies(ours)
+    plan = StepPlan(*ours, lr=1e-2, weight_decay=0.1, eps_root=1e-7)
+    for step in range(1, 12):
+        plan.step(step=step)
+        fused_step(*theirs, step=step, lr=1e-2, weight_decay=0.1, eps_root=1e-7)
+    assert _same(ours, theirs)
+
+
+def test_flat_plan_takes_a_new_lr_per_step_without_keeping_it():
+    ours = list(random_buffers(100, np.float32, seed=2))
+    theirs = _copies(ours)
+    plan = StepPlan(*ours, lr=1e-3)
+    plan.step(step=7, lr=5e-2)
+    plan.step(step=8)
+    fused_step(*theirs, step=7, lr=5e-2)
+    fused_step(*theirs, step=8, lr=1e-3)
+    assert _same(ours, theirs)
+
+
+def test_layout_plan_steps_as_the_one_shot_call():
+    layout = FlatLayout([(3, 5), (0,), (70,), (1,)], groups=[0, 1, 1, 0])
+    groups = [{"lr": 1e-2}, {"lr": 3e-3, "eps_root": 1e-6, "flavour": "optax"}]
+    ours = list(random_buffers(layout.size, np.float32, seed=3))
+    theirs = _copies(ours)
+    plan = StepPlan(*ours, layout=layout, groups=groups)
+    for step in range(1, 9):
+        has_grad = np.array([True, True, step % 2 == 0, True])
+        plan.step(steps=np.full(4, step), has_grad=has_grad)
+        fused_step_layout(layout, *theirs, steps=np.full(4, step), groups=groups, has_grad=has_grad)
+    assert _same(ours, theirs)
+
+
+def test_tensor_plan_with_gradients_given_per_step_matches_the_oracle():
+    sizes = (1, 17, 1000, 3)
+    tensors = [list(random_buffers(n, np.float32, seed=10 + n)) for n in sizes]
+    params, _, exp_avg, exp_avg_sq = ([t[k] for t in tensors] for k in range(4))
+    plan = StepPlan(params, None, exp_avg, exp_avg_sq, lr=1e-2)
+    rng = np.random.default_rng(4)
+    for step in (1, 2, 9):
+        grads = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+        has_grad = np.array([True, step != 2, True, True])
+        before = [(p.copy(), g, m.copy(), v.copy()) for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq)]
+        given = [g if active else None for g, active in zip(grads, has_grad)]
+        plan.step(steps=np.full(4, step), has_grad=has_grad, grads=given)
+        for i, old in enumerate(before):
+            if has_grad[i]:
+                assert_matches_oracle(old, (params[i], exp_avg[i], exp_avg_sq[i]), {"step": step, "lr": 1e-2})
+            else:
+                assert _same((params[i], exp_avg[i], exp_avg_sq[i]), (old[0], old[2], old[3]))
+
+
+def test_tensor_plan_checks_the_gradients_it_is_given():
+    tensors = [list(random_buffers(n, np.float32, seed=n)) for n in (5, 9)]
+    params, grads, exp_avg, exp_avg_sq = ([t[k] for t in tensors] for k in range(4))
+    plan = StepPlan(params, None, exp_avg, exp_avg_sq)
+    snapshot = _copies(params + exp_avg + exp_avg_sq)
+    steps = np.array([1, 1])
+    with pytest.raises(TypeError, match="bound without gradients"):
+        plan.step(steps=steps)
+    with pytest.raises(TypeError, match=r"grads\[1\] is None, but has_grad is True"):
+        plan.step(steps=steps, grads=[grads[0], None])
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape \(5,\) but params\[1\] has \(9,\)"):
+        plan.step(steps=steps, grads=[grads[0], grads[0]])
+    with pytest.raises(TypeError, match="float64"):
+        plan.step(steps=steps, grads=[g.astype(np.float64) for g in grads])
+    with pytest.raises(ValueError, match=r"grads\[0\] and exp_avg\[0\] share memory"):
+        plan.step(steps=steps, grads=[exp_avg[0], grads[1]])
+    with pytest.raises(ValueError, match=r"grads\[1\] and params\[1\] share memory"):
+        plan.step(steps=steps, grads=[grads[0], params[1][::-1][::-1]])
+    assert _same(params + exp_avg + exp_avg_sq, snapshot)
+    plan.step(steps=steps, grads=grads)
+    assert not _same(params, snapshot[:2])
+
+
+def test_a_bound_buffer_resized_or_made_read_only_is_refused_before_any_write():
+    buffers = list(random_buffers(64, np.float32, seed=5))
+    plan = StepPlan(*buffers)
+    snapshot = _copies(buffers)
+    buffers[3].flags.writeable = False
+    with pytest.raises(ValueError, match="exp_avg_sq changed after the plan was bound"):
+        plan.step(step=1)
+    buffers[3].flags.writeable = True
+    buffers[2].resize(32, refcheck=False)
+    with pytest.raises(ValueError, match="exp_avg changed after the plan was bound"):
+        plan.step(step=1)
+    assert _same([buffers[0], buffers[1], buffers[3]], [snapshot[0], snapshot[1], snapshot[3]])
+
+
+def test_a_bad_argument_at_step_writes_nothing():
+    buffers = list(random_buffers(64, np.float32, seed=6))
+    plan = StepPlan(*buffers)
+    snapshot = _copies(buffers)
+    for kwargs, error in (({"step": 0}, ValueError), ({"step": 1, "lr": -1.0}, ValueError),
+                          ({"step": 1, "grad_scale": 0.0}, ValueError), ({"steps": [1]}, TypeError),
+                          ({"step": 1, "groups": [{"eps": float("nan")}]}, ValueError)):
+        with pytest.raises(error):
+            plan.step(**kwargs)
+    assert _same(buffers, snapshot)
+
+
+def test_groups_given_again_are_checked_where_they_changed():
+    layout = FlatLayout([(8,), (8,)], groups=[0, 1])
+    buffers = list(random_buffers(layout.size, np.float32, seed=7))
+    groups = [{"lr": 1e-3}, {"lr": 1e-2}]
+    plan = StepPlan(*buffers, layout=layout, groups=groups)
+    plan.step(steps=[1, 1], groups=groups)
+    with pytest.raises(ValueError, match=r"groups\[1\]\.lr must be finite and >= 0"):
+        plan.step(steps=[2, 2], groups=[groups[0], {"lr": -1.0}])
+    with pytest.raises(ValueError, match="groups must be a sequence of 2"):
+        plan.step(steps=[2, 2], groups=groups[:1])
+
+
+def test_prepared_steps_of_several_plans_write_nothing_until_all_are_checked():
+    """A caller that steps several plans as one prepares them all first."""
+    first = list(random_buffers(32, np.float32, seed=8))
+    second = list(random_buffers(32, np.float32, seed=9))
+    plans = [StepPlan(*first), StepPlan(*second)]
+    snapshot = _copies(first + second)
+    launches = [plans[0].prepare(step=3)]
+    with pytest.raises(ValueError):
+        launches.append(plans[1].prepare(step=0))
+    assert _same(first + second, snapshot)
+    launches[0]()
+    assert not _same(first, snapshot[:4]) and _same(second, snapshot[4:])
+
+
+def test_plan_refuses_mixed_ways_of_giving_options():
+    buffers = list(random_buffers(8, np.float32, seed=10))
+    with pytest.raises(TypeError, match="either per group"):
+        StepPlan(*buffers, groups=[{}], lr=1e-3)
+    with pytest.raises(TypeError, match="grads must be a NumPy array"):
+        StepPlan(buffers[0], None, buffers[2], buffers[3])
+    with pytest.raises(ValueError, match="flat buffers take one group"):
+        StepPlan(*buffers, groups=[{}, {}])
+
+
+def test_fused_step_multi_is_a_one_shot_tensor_plan():
+    tensors = [list(random_buffers(n, np.float32, seed=n)) for n in (3, 33)]
+    ours = [[t[k] for t in tensors] for k in range(4)]
+    theirs = [[b.copy() for b in role] for role in ours]
+    fused_step_multi(*ours, steps=[4, 4], groups=[{"eps_root": 1e-6}])
+    StepPlan(*theirs, eps_root=1e-6).step(steps=[4, 4])
+    assert all(_same(a, b) for a, b in zip(ours, theirs))
+
+
+def test_plan_is_exported():
+    assert fastradam.StepPlan is StepPlan and "StepPlan" in fastradam.__all__

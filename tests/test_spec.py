@@ -1,0 +1,92 @@
+"""The declared contract: the generated ABI header is fresh, its records lay out as the NumPy
+records that stand for them, and every signature's defaults are the option table's."""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+
+import numpy as np
+import pytest
+
+import cuda_harness
+import fastradam
+import fastradam.torch
+from fastradam import abi_header, api, options, spec
+from fastradam.backends.cuda import launch
+from fastradam.reference import reference_step
+from fastradam.storage import FORMATS, SUPPORTED, Storage, check_storage
+
+
+def test_generated_header_is_fresh():
+    assert abi_header.HEADER.read_text() == abi_header.header(), "run python -m fastradam.abi_header"
+
+
+def test_header_lists_every_field_and_storage():
+    text = abi_header.header()
+    for field in (*spec.SCALARS, *spec.GROUP_ROW):
+        assert f" {field.name};" in text
+    for storage in SUPPORTED:
+        assert f"X({storage.short}," in text
+    assert f"kScalarFloats = {len(spec.SCALAR_FLOATS)};" in text
+
+
+@pytest.mark.skipif(cuda_harness.compiler() is None, reason="no host C++ compiler (g++ or $CXX)")
+def test_abi_records_lay_out_as_the_c_structs():
+    """ElementScalars<float>, ElementScalars<double> and GroupRow as g++ lays them out (the layout
+    NVRTC uses too: both follow the platform ABI) against the NumPy records passed by value."""
+    out = np.zeros(64, dtype=np.int64)
+    count = cuda_harness.build().abi_layout(ctypes.c_void_p(out.ctypes.data))
+    expected = []
+    for record in (launch.scalars_dtype(np.dtype(np.float32)), launch.scalars_dtype(np.dtype(np.float64)),
+                   launch.GROUP_DTYPE):
+        expected += [record.itemsize, *(record.fields[name][1] for name in record.names)]
+    assert out[:count].tolist() == expected
+
+
+def test_a_record_carries_the_table_row():
+    floats = np.arange(len(spec.SCALAR_FLOATS), dtype=np.float32)[None] + 0.5
+    ints = np.array([[1, 2]], dtype=np.int32)
+    record = launch.scalars_record(floats, ints)
+    assert [float(record[name]) for name in spec.SCALAR_FLOATS] == floats[0].tolist()
+    assert [int(record[name]) for name in spec.SCALAR_INTS] == [1, 2]
+
+
+def _defaults(function) -> dict:
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+@pytest.mark.parametrize("function", [api.fused_step, reference_step, fastradam.torch.RAdam.__init__],
+                         ids=lambda f: f.__qualname__)
+def test_signature_defaults_are_the_option_table(function):
+    defaults = _defaults(function)
+    for option in options.OPTIONS:
+        if option.name == "betas" or option.name in defaults:
+            assert defaults[option.name] == option.default, option.name
+
+
+def test_every_option_is_a_group_field():
+    fields = set(options.GroupOptions.__dataclass_fields__)
+    for option in options.OPTIONS:
+        assert option.name in fields or option.name == "betas"
+
+
+def test_checked_options_are_cached_by_type_as_well_as_value():
+    assert options.check_group({"maximize": True}).maximize is True
+    with pytest.raises(TypeError, match="maximize must be a bool"):
+        options.check_group({"maximize": 1})
+    assert options.check_group({"betas": (0.0, 0.5)}).beta1 == 0.0
+    with pytest.raises(TypeError, match=r"betas\[0\] must be a real number"):
+        options.check_group({"betas": (False, 0.5)})
+    with pytest.raises(ValueError, match="eps_root must be finite and >= 0"):
+        options.check_group({"eps_root": -1e-8})
+
+
+def test_supported_storage_follows_the_rule():
+    assert len(SUPPORTED) == 31
+    assert Storage("float64", "float64", "float64") in SUPPORTED
+    assert all(s.moments in ("float32", "bfloat16") or s.params == "float64" for s in SUPPORTED)
+    with pytest.raises(TypeError, match="the moments share one dtype"):
+        check_storage(("float32", "float32", "float32", "bfloat16"))
+    assert {f.short for f in FORMATS.values()} == {"f32", "f64", "bf16", "f16"}
