@@ -37,39 +37,34 @@ ENCODER = {"d_model": 256, "nhead": 4, "dim_feedforward": 1024, "num_layers": 6}
 
 
 def _model_steps(name: str, model, device: str = "cpu") -> dict[str, Callable[[], None]]:
-    """fastradam.torch.RAdam (fresh gradients, gradient views) and torch's fused Adam on ``model``."""
+    """fastradam.torch.RAdam (fresh gradients, gradient views) and torch's fused Adam, each on its
+    own copy of ``model`` (the drop-in makes its parameters views of its flat buffers)."""
+    import copy
+
     import torch
 
-    model = model.to(device)
-    params = [p for p in model.parameters()]
-    grads = [torch.randn_like(p) for p in params]
-    count = sum(p.numel() for p in params)
-    label = f"{name} ({len(params)} tensors, {count / 1e6:.2f}M)"
-
-    def set_grads() -> None:
-        for p, g in zip(params, grads):
+    copies = [copy.deepcopy(model).to(device) for _ in range(3)]
+    params = [list(m.parameters()) for m in copies]
+    grads = [torch.randn_like(p) for p in params[0]]
+    label = f"{name} ({len(grads)} tensors, {sum(g.numel() for g in grads) / 1e6:.2f}M)"
+    optimizers = [torch.optim.Adam(params[0], lr=1e-3, fused=True), fastradam.torch.RAdam(params[1], lr=1e-3),
+                  fastradam.torch.RAdam(params[2], lr=1e-3)]
+    for group, optimizer in zip(params, optimizers):
+        for p, g in zip(group, grads):
             p.grad = g.clone()
-
-    ours = fastradam.torch.RAdam(params, lr=1e-3)
-    peer = torch.optim.Adam(params, lr=1e-3, fused=True)
-    set_grads()
-    ours.step()
-    peer.step()
+        optimizer.step()
     fresh = [g.clone() for g in grads]
 
     def fresh_step() -> None:  # the gradients autograd leaves after torch's default zero_grad()
-        for p, g in zip(params, fresh):
+        for p, g in zip(params[1], fresh):
             p.grad = g
-        ours.step()
+        optimizers[1].step()
 
-    views = fastradam.torch.RAdam(params, lr=1e-3)
-    set_grads()
-    views.step()
-    views.zero_grad(set_to_none=False)
-    torch._foreach_copy_([p.grad for p in params], grads)
-    return {f"{label}: torch fused Adam": peer.step,
+    optimizers[2].zero_grad(set_to_none=False)  # gradients become views of one flat buffer
+    torch._foreach_copy_([p.grad for p in params[2]], grads)
+    return {f"{label}: torch fused Adam": optimizers[0].step,
             f"{label}: fastradam.torch.RAdam, fresh grads": fresh_step,
-            f"{label}: fastradam.torch.RAdam, grad views": views.step}
+            f"{label}: fastradam.torch.RAdam, grad views": optimizers[2].step}
 
 
 def cpu_cases() -> tuple[dict[str, Callable[[], None]], dict[str, str]]:

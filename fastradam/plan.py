@@ -25,10 +25,11 @@ from fastradam.options import CheckedGroups, GroupOptions, check_flag, check_gra
 from fastradam.scalars import group_step_scalars, pack_row_into, pack_rows, scalar_rows
 from fastradam.spec import SCALAR_FLOATS, SCALAR_INTS
 from fastradam.storage import BUFFER_NAMES, MASTER, ROLES, Storage, check_storage
-from fastradam.validation import address_spans, check_buffers, check_disjoint, check_per_tensor, own_their_memory
+from fastradam.validation import (address_spans, check_buffers, check_disjoint, check_indices, check_mask,
+                                  check_steps, own_their_memory)
 
-#: The kinds of binding: one set of flat buffers, the segments of a FlatLayout, lists of tensors.
-KINDS = ("flat", "layout", "tensors")
+#: The module of the host backend, whose arrays are plain NumPy arrays.
+_NUMPY_BACKEND = "fastradam.backends.numba_cpu"
 #: Whether a step writes each role.
 _WRITTEN = {role.name: role.written for role in (*ROLES, MASTER)}
 
@@ -37,7 +38,7 @@ def _fingerprint(obj: Any) -> tuple:
     """What must not change under a bound buffer: its shape and where its data lives (a torch
     tensor's or CuPy array's address; a NumPy array is passed to its kernel itself, so its
     shape and writeability suffice)."""
-    if type(obj) is np.ndarray:
+    if isinstance(obj, np.ndarray):
         return obj.shape, obj.flags.writeable
     data_ptr = getattr(obj, "data_ptr", None)
     if callable(data_ptr):
@@ -64,6 +65,9 @@ def _check_found_inf(found_inf: Any, backend: Any) -> Any:
 
 class StepPlan:
     """RAdam steps over buffers bound once.
+
+    ``kind`` is what was bound: ``"flat"`` (one set of flat buffers), ``"layout"`` (the segments
+    of a :class:`~fastradam.layout.FlatLayout`) or ``"tensors"`` (lists of separate tensors).
 
     Parameters
     ----------
@@ -201,7 +205,7 @@ class StepPlan:
                 raise ValueError(f"{name} has {len(x)} tensors but params has {count}")
         self.layout = None
         self.tensor_groups = (np.zeros(count, dtype=np.int64) if group_index is None
-                              else check_per_tensor("group_index", group_index, count, "group"))
+                              else check_indices("group_index", group_index, count))
         self._check_group_indices()
         self.count = count
         if count == 0:
@@ -213,11 +217,19 @@ class StepPlan:
         self._launch = self.backend.bind_tensors(*self.roles, master=self.master)
 
     def _check_group_indices(self) -> None:
+        """Every tensor's group exists; then the tables of a step whose tensors share one step number:
+        the groups in use, each tensor's row among them, and the all-active mask."""
         groups = self.tensor_groups
         if groups.size and groups.max() >= len(self._groups.checked):
             bad = int(np.argmax(groups >= len(self._groups.checked)))
             raise ValueError(f"tensor {bad} is in group {int(groups[bad])}, but only {len(self._groups.checked)} "
                              "groups were given")
+        self._group_ids, group_row = np.unique(groups, return_inverse=True)
+        self._group_ids = self._group_ids.tolist()
+        self._group_row = group_row.astype(np.int32).reshape(-1)
+        self._group_row.flags.writeable = False
+        self._all_active = np.ones(groups.size, dtype=bool)
+        self._all_active.flags.writeable = False
 
     # -- stepping ----------------------------------------------------------------------------
 
@@ -273,13 +285,13 @@ class StepPlan:
             raise TypeError("grads= rebinds a tensor list's gradients; a layout's gradients are its flat buffer")
         checked = self._options(groups, lr)
         count = self.tensor_groups.size
-        active = (np.ones(count, dtype=bool) if has_grad is None
-                  else check_per_tensor("has_grad", has_grad, count, "mask"))
+        active = self._all_active if has_grad is None else check_mask("has_grad", has_grad, count)
+        all_active = active is self._all_active or bool(active.all())
         if self.kind == "layout" and steps is not None and not isinstance(steps, (np.ndarray, Sequence)):
             return self._prepare_layout_capturable(steps, active, checked, lrs, grad_scale, found_inf)
         if lrs is not None:
             raise TypeError("lrs= goes with device step counts (a capturable layout step); pass lr= or groups=")
-        steps = check_per_tensor("steps", steps, count, "step", active)
+        steps, first_step, last_step = check_steps("steps", steps, count, active, all_active)
         if self.kind == "tensors" and count == 0:
             return _nothing
         if grads is None and self.kind == "tensors" and self.roles[1] is None:
@@ -287,7 +299,13 @@ class StepPlan:
         fresh = None if grads is None else self._fresh_grads(grads, active)
         self._check_bound()
         found_inf = _check_found_inf(found_inf, self.backend)
-        rows, tensor_row = scalar_rows(checked, self.tensor_groups, steps, active)
+        if last_step == 0:  # no tensor is active: nothing to read or write
+            return _nothing
+        if first_step == last_step:  # every active tensor at one step (the common case): a row per group
+            rows = [group_step_scalars(checked[g], first_step) for g in self._group_ids]
+            tensor_row = self._group_row if all_active else np.where(active, self._group_row, -1).astype(np.int32)
+        else:
+            rows, tensor_row = scalar_rows(checked, self.tensor_groups, steps, active)
         floats, ints = pack_rows(rows, self.math_dtype, grad_scale)
         if self.kind == "layout":
             return functools.partial(self._launch, tensor_row, floats, ints, found_inf, self.check_finite)
@@ -296,42 +314,44 @@ class StepPlan:
     def _fresh_grads(self, grads: Sequence[Any], active: np.ndarray) -> list[Any]:
         """New gradients for the bound tensors (``None`` where inactive), checked as at binding: one
         backend and device, one storage, each its parameter's shape, C-contiguous, sharing no memory
-        with a written buffer."""
+        with a written buffer. Messages name ``grads[i]``; names are made only for an error."""
         if not isinstance(grads, Sequence) or len(grads) != self.count:
             raise ValueError(f"grads must be a sequence of {self.count} arrays, one per tensor")
-        used = [i for i in range(self.count) if active[i]]
-        if any(grads[i] is None for i in used):
-            raise TypeError(f"grads[{next(i for i in used if grads[i] is None)}] is None, but has_grad is True there")
-        names = [f"grads[{i}]" for i in used]
+        used = np.flatnonzero(active).tolist()
         objects = [grads[i] for i in used]
+        missing = next((i for i, obj in zip(used, objects) if obj is None), None)
+        if missing is not None:
+            raise TypeError(f"grads[{missing}] is None, but has_grad is True there")
+        fresh: list[Any] = [None] * self.count
         if not used:
-            return [None] * self.count
-        if backend_for(names, objects).module_name != self.backend.__name__:
-            raise TypeError(f"grads are not {self.backend.__name__.rsplit('.', 1)[-1]} arrays like the bound buffers")
-        storages = [self.backend.storage_of(grad) for grad in objects]
-        for name, storage in zip(names, storages):
-            if storage != storages[0]:
-                raise TypeError(f"{name} has dtype {storage} but {names[0]} has {storages[0]}: all tensors must "
-                                "share one storage per role")
-        if self.roles[1] is not None and storages[0] != self.storage.grads:
-            raise TypeError(f"{names[0]} has dtype {storages[0]} but the plan was bound with {self.storage.grads} "
-                            "grads")
+            return fresh
+        if not all(type(obj) is np.ndarray for obj in objects) or self.backend.__name__ != _NUMPY_BACKEND:
+            owner = backend_for([f"grads[{i}]" for i in used], objects)
+            if owner.module_name != self.backend.__name__:
+                raise TypeError(f"grads are {owner.name} arrays, but the plan's buffers are not")
+        storage = self.backend.storage_of(objects[0])
+        for i, obj in zip(used, objects):
+            if self.backend.storage_of(obj) != storage:
+                raise TypeError(f"grads[{i}] has dtype {self.backend.storage_of(obj)} but grads[{used[0]}] has "
+                                f"{storage}: all tensors must share one storage per role")
+        if self.roles[1] is not None and storage != self.storage.grads:
+            raise TypeError(f"grads[{used[0]}] has dtype {storage} but the plan was bound with "
+                            f"{self.storage.grads} grads")
         s = self.storage
-        check_storage((s.params, storages[0], s.moments, s.moments), ("params", names[0], "exp_avg", "exp_avg_sq"),
-                      "float32" if s.master else None)
+        check_storage((s.params, storage, s.moments, s.moments), ("params", f"grads[{used[0]}]", "exp_avg",
+                      "exp_avg_sq"), "float32" if s.master else None)
         arrays = self.backend.as_arrays(objects)
         written, written_starts = self._written_spans()
-        for name, array, i in zip(names, arrays, used):
-            check_buffers([self.roles[0][i], array], [f"params[{i}]", name], (False, False))
-            (start, end), = address_spans([array])
+        params = self.roles[0]
+        for i, array, (start, end) in zip(used, arrays, address_spans(arrays)):
+            if array.shape != params[i].shape or not array.flags.c_contiguous:
+                check_buffers([params[i], array], [f"params[{i}]", f"grads[{i}]"], (False, False))  # raises
             index = bisect.bisect_right(written_starts, start) - 1
             for written_start, written_end, written_name in written[max(index, 0):index + 2]:
                 if start < written_end and written_start < end:
-                    raise ValueError(f"{name} and {written_name} share memory: the buffers must be distinct")
-        self.backend.check_devices([self.roles[0][0], *arrays], ["params[0]", *names])
-        fresh: list[Any] = [None] * self.count
-        for i, array in zip(used, arrays):
+                    raise ValueError(f"grads[{i}] and {written_name} share memory: the buffers must be distinct")
             fresh[i] = array
+        self.backend.check_devices([params[0], *arrays], ["params[0]", *(f"grads[{i}]" for i in used)])
         return fresh
 
     def _written_spans(self) -> tuple[list[tuple[int, int, str]], list[int]]:

@@ -96,26 +96,22 @@ class RAdam(torch.optim.Optimizer):
         backend as CuPy views made once, and every launch runs on torch's current stream.
 
     Gradients
+        * Each (device, dtype) buffer is stepped through :class:`fastradam.StepPlan` objects bound
+          once (validation, tables), so a step checks only what changed: gradients, options,
+          that the parameters were not moved.
         * ``zero_grad(set_to_none=False)`` points every gradient at a view of a flat gradient
           buffer (allocated then) and zeroes it with one memset; autograd then accumulates into
-          those views in place, and the step is one :func:`fastradam.fused_step_layout` call
-          per buffer, with no copy. (The gradient tensor objects change identity at the first
-          such call; their values are torch's.)
+          those views in place, and the step is one layout launch per buffer, with no copy. (The
+          gradient tensor objects change identity at the first such call; their values are torch's.)
         * Fresh gradients (torch's default ``zero_grad()`` sets them to ``None``, and autograd
-          allocates new ones): on the CPU (and for FSDP2 shards) they take the tensor-list path,
-          one launch through an address table over the parameter/moment views and the
-          gradients as they are, no copy; on CUDA they are first gathered into the flat
-          gradient buffer by one ``_foreach_copy_`` (``p.grad`` left as it is; the buffer, one
-          more copy of the parameters' size, is kept), then the layout launch runs.
-        * Why the two devices differ: on 200 tensors / 16M float32, ms per step. CPU (2-core
-          EPYC dev machine, busy; medians of one quiet-ish run): gradient views 7.2, tensor
-          list 8.6 (~5 us per tensor of address-table overhead), copy then layout step 10.8
-          (the copy moves 8 of the step's 28 bytes per element); torch.optim.Adam(fused=True)
-          8.0. CUDA (H100, host-bound: each step synchronised, two runs): gradient views
-          0.78-1.07, tensor list 1.7-2.5 (the per-tensor Python of the address table), copy
-          then layout step 0.75-1.08 (the copy is ~50 us of device time; gathered by the
-          wrapper itself: 1.08); torch's fused Adam 0.86-1.16. ``pytest bench/test_bench_wrapper.py --full`` measures them (cases
-          ``fastradam_torch``, ``fastradam_torch_fresh_grads``, ``fastradam_torch_copy_grads``).
+          allocates new ones): on CUDA, and on the CPU for buffers of at most
+          ``torch_buffers.GATHER_BELOW`` elements, they are first copied into the flat gradient
+          buffer by one ``_foreach_copy_`` (``p.grad`` left as it is; the buffer, one more copy of
+          the parameters' size, is kept), then the layout launch runs; larger CPU buffers (and
+          FSDP2 shards) take the tensor-list launch, one launch through an address table over the
+          parameter/moment views and the gradients as they are, no copy (on 16M float32 the copy
+          moves 8 of the step's 28 bytes per element). ``pytest bench/test_bench_wrapper.py --full``
+          and ``bench/host_overhead.py`` measure them.
         * A parameter whose ``p.grad`` is ``None`` is skipped and its ``step`` does not
           advance, as in torch; its state appears at its first gradient.
 
@@ -252,9 +248,10 @@ class RAdam(torch.optim.Optimizer):
         steps = [bucket.prepare(active, grads, checked, lrs) for bucket, (active, grads) in zip(self._buckets, gradients)]
         for bucket, (active, _), step in zip(self._buckets, gradients, steps):
             new = active & ~bucket.has_state
-            for i in np.flatnonzero(new):
-                self.state[bucket.params[i]] = bucket.state_entry(i)
-            bucket.has_state |= new
+            if new.any():
+                for i in np.flatnonzero(new):
+                    self.state[bucket.params[i]] = bucket.state_entry(i)
+                bucket.has_state |= new
             step()
         return loss
 

@@ -23,6 +23,10 @@ from fastradam.plan import StepPlan
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 #: Devices the backends run on.
 SUPPORTED_DEVICES = ("cpu", "cuda")
+#: Below this many elements a CPU bucket copies fresh gradients into its flat gradient buffer (one
+#: ``_foreach_copy_``, cache-resident) and takes the layout step: cheaper than validating and
+#: stepping a tensor list per call. Above it the copy's memory traffic costs more than that.
+GATHER_BELOW = 1 << 20
 
 
 def is_dtensor(p: torch.Tensor) -> bool:
@@ -139,6 +143,10 @@ class FlatBucket:
         self.grad_array: Any = None
         self.segment_arrays = [None if sharded and k == 0 else self.layout.unpack(a) for k, a in enumerate(self.arrays)]
         self.steps_host = None if capturable else self.steps.numpy()
+        #: Whether fresh gradients are copied into the flat gradient buffer for the layout step rather
+        #: than stepped where they are (the tensor list): on CUDA always (the copy is cheaper than the
+        #: list's per-tensor host work), on the CPU for small buckets (:data:`GATHER_BELOW`).
+        self.gathers = not sharded and (not self.on_cpu or self.layout.size <= GATHER_BELOW)
         #: The step plans, bound on first use: over the flat buffers, and over the tensor views.
         self._plan: StepPlan | None = None
         self._tensors: StepPlan | None = None
@@ -320,20 +328,27 @@ class FlatBucket:
             if self.capturable:
                 return self._prepare_capturable(active, grads, groups, lrs)
             steps = self.steps_host.astype(np.int64) + active
-            if grads is not None and (self.sharded or self.on_cpu):
+            # gradients that view an engine's buffers (DDP's gradient_as_bucket_view) are stepped where they
+            # are on the CPU, never copied; fresh ones of a small bucket are gathered
+            gather = grads is not None and self.gathers and not (
+                self.on_cpu and any(grad is not None and grad._base is not None for grad in grads))
+            if grads is not None and not gather:
                 launch = self._tensor_plan(groups).prepare(
                     steps=steps, has_grad=active, groups=groups,
                     grads=[None if grad is None else self._array(self._grad_tensor(grad)) for grad in grads])
             else:
                 launch = self._layout_plan(groups).prepare(steps=steps, has_grad=active, groups=groups)
-        gather = grads is not None and not (self.sharded or self.on_cpu)  # on CUDA a copy beats a tensor list
 
         def step() -> None:
             with _stream(self.device):
                 if gather:
                     self._gather_grads(active, grads)
                 launch()
-            self.steps_host[active] += 1
+            if every:
+                self.steps_host += 1
+            else:
+                self.steps_host[active] += 1
+        every = bool(active.all())
         return step
 
     def _layout_plan(self, groups: list[dict]) -> StepPlan:
@@ -365,7 +380,8 @@ class FlatBucket:
         """The active fresh gradients copied into the flat gradient buffer, in one ``_foreach_copy_``
         (``p.grad`` is left as it is; gradients that already are its views are not copied)."""
         self._allocate_grad_flat()
-        pairs = [(self.grad_views[i], grads[i]) for i in np.flatnonzero(active) if not self._is_grad_view(i, grads[i])]
+        pairs = [(self.grad_views[i], grad) for i in np.flatnonzero(active).tolist()
+                 if (grad := grads[i]).data_ptr() != self.grad_ptrs[i]]  # a view of its own slot: nothing to copy
         if pairs:
             torch._foreach_copy_([view for view, _ in pairs], [grad for _, grad in pairs])
 

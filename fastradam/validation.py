@@ -21,26 +21,54 @@ from fastradam.storage import BUFFER_NAMES, ROLES
 WRITTEN = tuple(role.written for role in ROLES)
 
 
-def check_per_tensor(name: str, values: Any, count: int, kind: str, active: np.ndarray | None = None) -> np.ndarray:
-    """A 1-D host array of ``count`` entries: ``kind`` "step" (ints >= 1 where ``active``),
-    "group" (ints >= 0) or "mask" (bools)."""
+def _per_tensor(name: str, values: Any, count: int) -> np.ndarray:
     array = np.asarray(values)
     if array.shape != (count,):
         raise ValueError(f"{name} must have one entry per tensor ({count}), got shape {array.shape}")
-    if count == 0:  # np.asarray([]) is float64: an empty list is fine for any kind
-        return np.zeros(0, dtype=np.bool_ if kind == "mask" else np.int64)
-    if kind == "mask":
-        if array.dtype != np.bool_:
-            raise TypeError(f"{name} must be booleans, got dtype {array.dtype}")
-        return array
-    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+    return array
+
+
+def _integers(name: str, array: np.ndarray) -> None:
+    if array.dtype.kind not in "iu":  # signed or unsigned integers (not bool: kind "b")
         raise TypeError(f"{name} must be integers, got dtype {array.dtype}")
-    smallest, largest = (1, MAX_STEP) if kind == "step" else (0, np.iinfo(np.int64).max)
-    checked = array if active is None else array[active]
-    if checked.size and not smallest <= checked.min() <= checked.max() <= largest:
-        raise ValueError(f"{name} must be in [{smallest}, {largest}], got values from {checked.min()} "
-                         f"to {checked.max()}")
+
+
+def check_mask(name: str, values: Any, count: int) -> np.ndarray:
+    """A 1-D host array of ``count`` booleans (e.g. ``has_grad``)."""
+    array = _per_tensor(name, values, count)
+    if count == 0:  # np.asarray([]) is float64: an empty list is fine
+        return np.zeros(0, dtype=np.bool_)
+    if array.dtype != np.bool_:
+        raise TypeError(f"{name} must be booleans, got dtype {array.dtype}")
+    return array
+
+
+def check_indices(name: str, values: Any, count: int) -> np.ndarray:
+    """A 1-D host int64 array of ``count`` indices >= 0 (e.g. ``group_index``)."""
+    array = _per_tensor(name, values, count)
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    _integers(name, array)
+    if array.min() < 0:
+        raise ValueError(f"{name} must be >= 0, got values from {array.min()} to {array.max()}")
     return array.astype(np.int64, copy=False)
+
+
+def check_steps(name: str, values: Any, count: int, active: np.ndarray | None = None,
+                all_active: bool = False) -> tuple[np.ndarray, int, int]:
+    """A 1-D host int64 array of ``count`` step numbers, each in [1, 2**53] where ``active`` (every
+    one with ``all_active``), and the smallest and largest active one (0, 0 when none is active)."""
+    array = _per_tensor(name, values, count)
+    if count == 0:
+        return np.zeros(0, dtype=np.int64), 0, 0
+    _integers(name, array)
+    checked = array if active is None or all_active else array[active]
+    if not checked.size:
+        return array.astype(np.int64, copy=False), 0, 0
+    smallest, largest = int(checked.min()), int(checked.max())
+    if not 1 <= smallest <= largest <= MAX_STEP:
+        raise ValueError(f"{name} must be in [1, {MAX_STEP}], got values from {smallest} to {largest}")
+    return array.astype(np.int64, copy=False), smallest, largest
 
 
 def check_buffers(buffers: Sequence[Any], names: Sequence[str] = BUFFER_NAMES,
