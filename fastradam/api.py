@@ -168,7 +168,7 @@ def fused_step_layout(
         The 1-based number of this update for each segment (torch keeps ``step`` per
         parameter); entries of segments with ``has_grad`` False are ignored.
     groups : sequence of dict, default ``({},)``
-        Options per group (``lr``, ``betas``, ``eps``, ``weight_decay``,
+        Options per group (``lr``, ``betas``, ``eps``, ``eps_root``, ``weight_decay``,
         ``decoupled_weight_decay``, ``maximize``, ``flavour``, ``schedule``); a missing key
         takes :func:`fused_step`'s default. Segment ``i`` uses ``groups[layout.segments[i].group]``.
     has_grad : array of bool, one per segment, optional

@@ -202,13 +202,19 @@ class CheckedGroups:
         self.checked = [check_group(groups[0])] if keywords else check_groups(groups)
         self.sources = [dict(g) for g in groups]
 
-    def update(self, groups: Sequence[Mapping[str, Any]]) -> list[GroupOptions]:
-        """The validated options of ``groups`` (as many as at construction), re-checking the changed ones."""
+    def check(self, groups: Sequence[Mapping[str, Any]]) -> list[GroupOptions]:
+        """The validated options of ``groups`` (as many as at construction), re-checking every group
+        but those whose values are the very immutable objects of the kept ones; keeps nothing
+        (:meth:`keep` does, once the caller's other checks passed too)."""
         if isinstance(groups, Mapping) or not isinstance(groups, Sequence) or len(groups) != len(self.checked):
             raise ValueError(f"groups must be a sequence of {len(self.checked)} option mappings, as bound")
         checked = []
         for i, (new, old) in enumerate(zip(groups, self.sources)):
-            same = isinstance(new, Mapping) and new.keys() == old.keys() and all(new[k] is old[k] for k in new)
+            same = (isinstance(new, Mapping) and new.keys() == old.keys() and all(new[k] is old[k] for k in new)
+                    and _cache_key(old, "") is not None)  # a list betas may have changed in place
             checked.append(self.checked[i] if same else check_group(new, "" if self.keywords else f"groups[{i}]."))
-        self.checked, self.sources = checked, [dict(g) for g in groups]
         return checked
+
+    def keep(self, groups: Sequence[Mapping[str, Any]], checked: list[GroupOptions]) -> None:
+        """Make ``groups`` (validated as ``checked``) the kept ones."""
+        self.checked, self.sources = checked, [dict(g) for g in groups]

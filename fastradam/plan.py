@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fastradam.backends import backend_for
+from fastradam.backends import backend_for, is_device_array
 from fastradam.layout import FlatLayout
 from fastradam.options import CheckedGroups, GroupOptions, check_flag, check_grad_scale, check_group, \
     check_step
@@ -35,16 +35,16 @@ _WRITTEN = {role.name: role.written for role in (*ROLES, MASTER)}
 
 
 def _fingerprint(obj: Any) -> tuple:
-    """What must not change under a bound buffer: its shape and where its data lives (a torch
-    tensor's or CuPy array's address; a NumPy array is passed to its kernel itself, so its
-    shape and writeability suffice)."""
+    """What must not change under a bound buffer: its shape, strides, dtype and writeability (a
+    NumPy array is passed to its kernel itself), or where its data lives (a torch tensor's or CuPy
+    array's address, besides its shape, strides and dtype)."""
     if isinstance(obj, np.ndarray):
-        return obj.shape, obj.flags.writeable
+        return obj.shape, obj.strides, obj.dtype, obj.flags.writeable
     data_ptr = getattr(obj, "data_ptr", None)
     if callable(data_ptr):
-        return tuple(obj.shape), data_ptr()
+        return tuple(obj.shape), tuple(obj.stride()), obj.dtype, data_ptr()
     data = getattr(obj, "data", None)
-    return tuple(obj.shape), getattr(data, "ptr", None)
+    return tuple(obj.shape), tuple(obj.strides), obj.dtype, getattr(data, "ptr", None)
 
 
 def _check_found_inf(found_inf: Any, backend: Any) -> Any:
@@ -108,6 +108,7 @@ class StepPlan:
         if groups is not None and options:
             raise TypeError(f"pass options either per group (groups=...) or as keywords, not both: {sorted(options)}")
         self.check_finite = check_flag("check_finite", check_finite)
+        self._pending: tuple | None = None  # groups a step was given, kept once all its checks passed
         self._groups = CheckedGroups([options] if groups is None else groups, keywords=groups is None)
         lists = (params, grads, exp_avg, exp_avg_sq)
         if type(params) is np.ndarray and layout is None:  # the common case, without the ABC checks below
@@ -170,6 +171,7 @@ class StepPlan:
         self.master = by_role.get(MASTER.name)
         self._objects, self._object_names = objects, names
         self._fingerprints = [_fingerprint(obj) for obj in objects]
+        self._order = backend.stream_order(objects)
 
     def _bind_flat(self, buffers: tuple, master: Any, layout: FlatLayout | None) -> None:
         if layout is not None and not isinstance(layout, FlatLayout):
@@ -210,6 +212,7 @@ class StepPlan:
         self.count = count
         if count == 0:
             self.backend, self.roles, self.master, self._objects, self._fingerprints = None, [[]] * 4, None, [], []
+            self._order = None
             return
         present = [(name, list(x)) for name, x in zip(BUFFER_NAMES, lists) if x is not None]
         present += [] if masters is None else [(MASTER.name, list(masters))]
@@ -241,12 +244,29 @@ class StepPlan:
                                  f"was {before}, now {_fingerprint(obj)}): build a new StepPlan")
 
     def _options(self, groups: Sequence[Mapping[str, Any]] | None, lr: Any) -> list[GroupOptions]:
-        """The groups of this step: the bound ones, re-checked where they were given anew, and with
-        ``lr`` (when given) as every group's learning rate."""
-        checked = self._groups.checked if groups is None else self._groups.update(groups)
+        """The groups of this step: the bound ones, or ``groups`` checked where they changed (kept by
+        :meth:`_keep` once every other check passed), with ``lr`` (when given) as every group's lr."""
+        checked = self._groups.checked if groups is None else self._groups.check(groups)
+        self._pending = None if groups is None else (groups, checked)
         if lr is None:
             return checked
-        return [check_group({**source, "lr": lr}) for source in self._groups.sources]
+        sources = self._groups.sources if groups is None else groups
+        return [check_group({**source, "lr": lr}) for source in sources]
+
+    def _ready(self, launch: Callable[[], None]) -> Callable[[], None]:
+        """``launch`` once every check of a step passed: new groups are kept, and the launch first
+        does what the backend asks of a bound launch (follow torch's CUDA stream)."""
+        if self._pending is not None:
+            self._groups.keep(*self._pending)
+            self._pending = None
+        order = self._order
+        if order is None:
+            return launch
+
+        def ordered() -> None:
+            order()
+            launch()
+        return ordered
 
     def step(self, step: Any = None, *, steps: Any = None, has_grad: Any = None, lr: Any = None,
              groups: Sequence[Mapping[str, Any]] | None = None, grads: Sequence[Any] | None = None,
@@ -287,20 +307,20 @@ class StepPlan:
         count = self.tensor_groups.size
         active = self._all_active if has_grad is None else check_mask("has_grad", has_grad, count)
         all_active = active is self._all_active or bool(active.all())
-        if self.kind == "layout" and steps is not None and not isinstance(steps, (np.ndarray, Sequence)):
+        if self.kind == "layout" and self.backend.CAPTURABLE and is_device_array(steps):
             return self._prepare_layout_capturable(steps, active, checked, lrs, grad_scale, found_inf)
         if lrs is not None:
             raise TypeError("lrs= goes with device step counts (a capturable layout step); pass lr= or groups=")
         steps, first_step, last_step = check_steps("steps", steps, count, active, all_active)
         if self.kind == "tensors" and count == 0:
-            return _nothing
+            return self._ready(_nothing)
         if grads is None and self.kind == "tensors" and self.roles[1] is None:
             raise TypeError("this plan was bound without gradients: pass grads= at each step")
         fresh = None if grads is None else self._fresh_grads(grads, active)
         self._check_bound()
         found_inf = _check_found_inf(found_inf, self.backend)
         if last_step == 0:  # no tensor is active: nothing to read or write
-            return _nothing
+            return self._ready(_nothing)
         if first_step == last_step:  # every active tensor at one step (the common case): a row per group
             rows = [group_step_scalars(checked[g], first_step) for g in self._group_ids]
             tensor_row = self._group_row if all_active else np.where(active, self._group_row, -1).astype(np.int32)
@@ -308,8 +328,9 @@ class StepPlan:
             rows, tensor_row = scalar_rows(checked, self.tensor_groups, steps, active)
         floats, ints = pack_rows(rows, self.math_dtype, grad_scale)
         if self.kind == "layout":
-            return functools.partial(self._launch, tensor_row, floats, ints, found_inf, self.check_finite)
-        return functools.partial(self._launch, tensor_row, floats, ints, found_inf, self.check_finite, grads=fresh)
+            return self._ready(functools.partial(self._launch, tensor_row, floats, ints, found_inf, self.check_finite))
+        return self._ready(functools.partial(self._launch, tensor_row, floats, ints, found_inf, self.check_finite,
+                                             grads=fresh))
 
     def _fresh_grads(self, grads: Sequence[Any], active: np.ndarray) -> list[Any]:
         """New gradients for the bound tensors (``None`` where inactive), checked as at binding: one
@@ -380,9 +401,9 @@ class StepPlan:
         found_inf = _check_found_inf(found_inf, self.backend)
         segment_group = np.where(active, self.tensor_groups, -1).astype(np.int32)
         self.backend.capturable_lrs(lrs, segment_group, [r for r in (*self.roles, self.master) if r is not None])
-        return functools.partial(self.backend.radam_step_segments_capturable, *self.roles, self.layout.arrays,
-                                 segment_group, steps, groups, lrs, master=self.master, grad_scale=grad_scale,
-                                 found_inf=found_inf, check_finite=self.check_finite)
+        return self._ready(functools.partial(
+            self.backend.radam_step_segments_capturable, *self.roles, self.layout.arrays, segment_group, steps, groups,
+            lrs, master=self.master, grad_scale=grad_scale, found_inf=found_inf, check_finite=self.check_finite))
 
     def _prepare_flat(self, step: Any, lr: Any, groups: Any, grad_scale: float, found_inf: Any) -> Callable[[], None]:
         device_step = step is not None and not isinstance(step, numbers.Number)
@@ -396,7 +417,7 @@ class StepPlan:
             def launch() -> None:
                 pack_row_into(self._floats, self._ints, scalars, grad_scale)
                 self._launch(self._floats, self._ints, found_inf, self.check_finite)
-            return launch
+            return self._ready(launch)
         device_lr = lr is not None and not isinstance(lr, numbers.Number)
         (group,) = self._options(groups, 0.0 if device_lr else lr)
         if not self.backend.CAPTURABLE:
@@ -405,9 +426,9 @@ class StepPlan:
             raise ValueError("schedule needs a host step: with a device step, pass the scheduled lr as a device array")
         self._check_bound()
         found_inf = _check_found_inf(found_inf, self.backend)
-        return functools.partial(self.backend.radam_step_capturable, *self.roles, step,
-                                 lr if device_lr else group.lr, group, master=self.master, grad_scale=grad_scale,
-                                 found_inf=found_inf, check_finite=self.check_finite)
+        return self._ready(functools.partial(
+            self.backend.radam_step_capturable, *self.roles, step, lr if device_lr else group.lr, group,
+            master=self.master, grad_scale=grad_scale, found_inf=found_inf, check_finite=self.check_finite))
 
 
 def _nothing() -> None:

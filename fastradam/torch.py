@@ -16,7 +16,7 @@ import torch
 from fastradam.flavours import PRESETS, Flavour, FlavourLike
 from fastradam.schedules import KerasWarmup
 from fastradam.torch_buffers import FlatBucket, check_parameter, is_dtensor
-from fastradam.options import DEFAULTS, check_group
+from fastradam.options import DEFAULTS, CheckedGroups, check_group
 
 __all__ = ["RAdam"]
 
@@ -167,6 +167,7 @@ class RAdam(torch.optim.Optimizer):
         self._check_group(defaults)
         self._capturable = bool(capturable)
         self._buckets: list[FlatBucket] = []
+        self._group_checks: CheckedGroups | None = None
         self._building = True
         super().__init__(params, defaults)
         self._building = False
@@ -243,6 +244,10 @@ class RAdam(torch.optim.Optimizer):
                 loss = closure()
         groups = [_options(group) for group in self.param_groups]
         checked = [_validatable(options) for options in groups]
+        if self._group_checks is None or len(self._group_checks.checked) != len(checked):
+            self._group_checks = CheckedGroups(checked)  # every group checked, with or without gradients
+        else:
+            self._group_checks.keep(checked, self._group_checks.check(checked))
         lrs = [options["lr"] for options in groups]
         gradients = [bucket.check_gradients() for bucket in self._buckets]
         steps = [bucket.prepare(active, grads, checked, lrs) for bucket, (active, grads) in zip(self._buckets, gradients)]

@@ -170,3 +170,43 @@ def test_fused_step_multi_is_a_one_shot_tensor_plan():
 
 def test_plan_is_exported():
     assert fastradam.StepPlan is StepPlan and "StepPlan" in fastradam.__all__
+
+
+def test_a_bound_buffer_reinterpreted_is_refused():
+    buffers = list(random_buffers(64, np.float32, seed=11))
+    plan = StepPlan(*buffers)
+    buffers[0].dtype = np.int32  # same bytes, another dtype
+    with pytest.raises(ValueError, match="params changed after the plan was bound"):
+        plan.step(step=1)
+
+
+def test_groups_of_a_failed_step_are_not_kept():
+    layout = FlatLayout([(8,)])
+    buffers = list(random_buffers(layout.size, np.float32, seed=12))
+    ours, theirs = buffers, _copies(buffers)
+    plan = StepPlan(*ours, layout=layout, groups=[{"lr": 1e-3}])
+    with pytest.raises(ValueError, match="steps must be in"):
+        plan.step(steps=[0], groups=[{"lr": 0.5}])
+    plan.step(steps=[1])
+    fused_step_layout(layout, *theirs, steps=[1], groups=[{"lr": 1e-3}])
+    assert _same(ours, theirs)
+
+
+def test_options_changed_in_place_are_checked_again():
+    layout = FlatLayout([(8,)])
+    buffers = list(random_buffers(layout.size, np.float32, seed=13))
+    groups = [{"betas": [0.9, 0.999]}]
+    plan = StepPlan(*buffers, layout=layout, groups=groups)
+    groups[0]["betas"][0] = 1.5
+    with pytest.raises(ValueError, match=r"betas\[0\] must be in \[0, 1\)"):
+        plan.step(steps=[1], groups=groups)
+
+
+def test_host_steps_of_any_array_type_take_the_host_path():
+    torch = pytest.importorskip("torch")
+    layout = FlatLayout([(5,), (7,)])
+    ours = list(random_buffers(layout.size, np.float32, seed=14))
+    theirs = _copies(ours)
+    fused_step_layout(layout, *ours, steps=torch.tensor([3, 3]))
+    fused_step_layout(layout, *theirs, steps=np.array([3, 3]))
+    assert _same(ours, theirs)

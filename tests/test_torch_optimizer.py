@@ -460,6 +460,15 @@ def test_bad_options_are_refused(kwargs, error, match):
         ft.RAdam([torch.nn.Parameter(torch.zeros(3))], **kwargs)
 
 
+def test_options_are_checked_at_every_step_even_without_gradients():
+    model = make_model()
+    optimizer = ft.RAdam(model.parameters(), lr=1e-2)
+    optimizer.step()  # no gradients yet: nothing to do
+    optimizer.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr must be finite and >= 0"):
+        optimizer.step()
+
+
 def test_foreach_is_accepted_and_kept_for_the_state_dict():
     optimizer = ft.RAdam([torch.nn.Parameter(torch.zeros(3))], foreach=True)
     assert optimizer.state_dict()["param_groups"][0]["foreach"] is True

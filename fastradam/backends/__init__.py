@@ -5,7 +5,8 @@ else needs to know:
 
 - ``storage_of(obj)`` (the storage format's name), ``as_arrays(objects)`` and ``as_array(obj)``
   (zero-copy conversion to the arrays its kernels take: 16-bit floats as bit views),
-  ``check_devices(arrays, names)``;
+  ``check_devices(arrays, names)``, ``stream_order(objects)`` (what a bound launch must do first
+  at every step, e.g. follow torch's CUDA stream; None when nothing);
 - the launchers a plan binds once: ``bind_flat(p, g, m, v, master=)``, ``bind_segments(p, g, m, v,
   segments, master=)`` and ``bind_tensors(ps, gs, ms, vs, master=)``, each returning
   ``launch(rows..., floats, ints, found_inf, check_finite)`` over the scalar tables of
@@ -105,6 +106,11 @@ BACKENDS = (
     Backend("numba", "fastradam.backends.numba_cpu", _is_numpy, _numba_available),
     Backend("cuda", "fastradam.backends.cuda", _is_cuda, _cuda_available),
 )
+
+
+def is_device_array(obj: Any) -> bool:
+    """Whether ``obj`` is an array on a CUDA device (the CUDA backend's), cheaply, importing nothing."""
+    return _is_cuda(obj)
 
 
 def available_backends() -> list[str]:

@@ -425,6 +425,10 @@ def as_arrays(objects: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [as_array(obj) for obj in objects]
 
 
+def stream_order(objects: Sequence[np.ndarray]) -> None:
+    """Host arrays need no ordering before a launch (the steps run synchronously)."""
+
+
 def check_devices(arrays: Sequence[np.ndarray], names: Sequence[str] = ()) -> None:
     """Host arrays all live in one memory space: nothing to check."""
 

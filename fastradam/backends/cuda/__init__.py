@@ -45,6 +45,7 @@ from fastradam.backends.cuda.interop import (
     as_arrays,
     check_devices,
     storage_of,
+    stream_order,
 )
 from fastradam.backends.cuda.module import (
     BLOCK,
@@ -79,7 +80,7 @@ __all__ = [
     "CAPTURABLE", "bind_flat", "bind_segments", "bind_tensors", "radam_step", "radam_step_segments",
     "radam_step_tensors", "radam_step_capturable", "radam_step_segments_capturable",
     # interop: what the registry's callers use
-    "BIT_VIEWS", "VIEW_STORAGE", "as_array", "as_arrays", "check_devices", "storage_of",
+    "BIT_VIEWS", "VIEW_STORAGE", "as_array", "as_arrays", "check_devices", "storage_of", "stream_order",
     # module
     "BLOCK", "BLOCKS_PER_SM", "COMPILE_OPTIONS", "KERNEL_FILE", "KERNEL_KINDS", "NAME_EXPRESSIONS",
     "STORAGE_COMBINATIONS", "STORAGE_TYPES", "TILE", "Storage", "compile_options", "cuda_include_dir",
@@ -241,10 +242,12 @@ def bind_tensors(params: list[cupy.ndarray], grads: list[cupy.ndarray] | None, e
                  exp_avg_sq: list[cupy.ndarray], master: list[cupy.ndarray] | None = None) -> Callable[..., None]:
     """A launcher of :func:`radam_step_tensors` over bound tensors:
     ``launch(tensor_row, floats, ints, found_inf, check_finite, grads=None)`` (``grads``: this step's)."""
+    bound = grads
+
     def launch_tensors(tensor_row: np.ndarray, floats: np.ndarray, ints: np.ndarray, found_inf: Any = False,
-                       check_finite: bool = False, grads: list[cupy.ndarray] | None = grads) -> None:
-        radam_step_tensors(params, grads, exp_avg, exp_avg_sq, tensor_row, floats, ints, master=master,
-                           found_inf=found_inf, check_finite=check_finite)
+                       check_finite: bool = False, grads: list[cupy.ndarray] | None = None) -> None:
+        radam_step_tensors(params, bound if grads is None else grads, exp_avg, exp_avg_sq, tensor_row, floats, ints,
+                           master=master, found_inf=found_inf, check_finite=check_finite)
     return launch_tensors
 
 

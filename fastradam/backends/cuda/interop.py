@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cupy
 import numpy as np
@@ -104,6 +104,16 @@ def _follow_torch_stream(device_id: int) -> None:
             event = cupy.cuda.Event(block=False, disable_timing=True)
             cupy.cuda.runtime.eventRecord(event.ptr, producer)
             consumer.wait_event(event)
+
+
+def stream_order(objects: Sequence[Any]) -> Callable[[], None] | None:
+    """What a bound launch over ``objects`` must do first, at every step: order CuPy's current
+    stream after torch's (as :func:`as_arrays` does once per conversion) when any is a torch CUDA
+    tensor; None otherwise."""
+    for obj in objects:
+        if _torch_storage(obj) is not None and getattr(obj, "is_cuda", False):
+            return functools.partial(_follow_torch_stream, obj.get_device())
+    return None
 
 
 def as_arrays(objects: Sequence[Any]) -> list[cupy.ndarray]:
