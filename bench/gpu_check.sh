@@ -28,6 +28,6 @@ echo "== gpu benchmark"
 "$python" -m pytest -q -p no:cacheprovider -m gpu bench/test_bench_gpu.py bench/test_bench_wrapper.py \
     --benchmark-json="$results/gpu-$slug.json" --benchmark-columns=median,rounds,iterations || status=1
 if [ -f "$results/gpu-$slug.json" ]; then
-    "$python" bench/report.py "$results/gpu-$slug.json" --markdown "$results/gpu-$slug.md" --no-plots || status=1
+    "$python" -m fastradam.bench.report "$results/gpu-$slug.json" --markdown "$results/gpu-$slug.md" --no-plots || status=1
 fi
 exit "$status"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+from fastradam.bench.results import PEERS
+
 #: Steps taken before timing, so every RAdam is past the threshold (rectified, the costly path).
 STEADY_STEP = 10
-#: The peers, by the implementation name the benchmarks record.
-PEERS = ("torch_radam_foreach", "torch_radam_loop", "torch_adam_fused")
 
 
 def torch_optimizer_step(kind: str, tensors: Sequence[Sequence[Any]],

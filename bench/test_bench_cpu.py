@@ -2,7 +2,7 @@
 
 ``pytest bench`` runs the default matrix (float32 at 1M, 16M, 64M; the torch peers up to 16M);
 ``--full`` adds float64, the peers at 64M and the slow torch loop at every size. Each case records the ``extra_info`` that
-``bench/report.py`` turns into GB/s, the share of the same-traffic kernel and speedups.
+:mod:`fastradam.bench.results` turns into GB/s, the share of the same-traffic kernel and speedups.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fastradam
-from conftest import cpu_model
+from fastradam.bench.machine import cpu_model
 from fastradam.reference import reference_step
 from peers import STEADY_STEP, torch_optimizer_step
 from roofline import same_traffic_step

@@ -10,7 +10,7 @@ device, then reads the clock), so the median is the time per step of a loop of c
 larger of the GPU time and the host time of one call (~0.1 ms of Python on the lent machine).
 ``fastradam_graph`` is the same step captured once in a CUDA graph and replayed: device time
 alone, what a graph-captured training step sees, and the kernel against the roofline where a
-plain call is host-bound (float32 at 1M-4M, 16-bit storage at 16M). ``extra_info`` follows ``bench/report.py`` (GB/s, share of the same-traffic
+plain call is host-bound (float32 at 1M-4M, 16-bit storage at 16M). ``extra_info`` follows :mod:`fastradam.bench.results` (GB/s, share of the same-traffic
 kernel and speedups are derived there). Run by ``bench/gpu_check.sh``.
 """
 

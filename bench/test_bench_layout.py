@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fastradam
-from conftest import cpu_model
+from fastradam.bench.machine import cpu_model
 from peers import STEADY_STEP, torch_optimizer_step
 
 SPLITS = ((16384, 1024), (1024, 16384))

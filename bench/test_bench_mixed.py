@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fastradam
-from conftest import cpu_model
+from fastradam.bench.machine import cpu_model
 from peers import STEADY_STEP
 from roofline import bytes_per_element, same_traffic_step
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import fastradam.torch as fastradam_torch
-from conftest import cpu_model
+from fastradam.bench.machine import cpu_model
 from peers import STEADY_STEP, torch_optimizer_step
 
 COUNT = 200

@@ -132,12 +132,12 @@ def fused_step(
     ``check_finite``, non-finite gradients propagate into the buffers, as in
     ``torch.optim.RAdam``.
     """
+    host_lr = type(lr) is float or isinstance(lr, numbers.Number)  # else a device lr, read at the launch
     StepPlan(params, grads, exp_avg, exp_avg_sq, master_params=master_params, check_finite=check_finite,
-             lr=0.0 if lr is not None and not isinstance(lr, numbers.Number) else lr, betas=betas, eps=eps,
-             eps_root=eps_root, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-             maximize=maximize, flavour=flavour, schedule=schedule,
-             ).step(step, lr=None if isinstance(lr, numbers.Number) else lr, grad_scale=grad_scale,
-                    found_inf=found_inf)
+             lr=lr if host_lr or lr is None else 0.0, betas=betas, eps=eps, eps_root=eps_root,
+             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+             flavour=flavour, schedule=schedule,
+             ).step(step, lr=None if host_lr else lr, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def fused_step_layout(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -182,39 +183,61 @@ def _check_group(options: Mapping[str, Any], where: str) -> GroupOptions:
     return GroupOptions(beta1=beta1, beta2=beta2, **values)
 
 
-def check_groups(groups: Any) -> list[GroupOptions]:
-    """Validate a non-empty sequence of group option mappings."""
-    if isinstance(groups, Mapping) or not isinstance(groups, Sequence) or len(groups) == 0:
-        raise TypeError("groups must be a non-empty sequence of option mappings (dicts)")
-    return [check_group(g, f"groups[{i}].") for i, g in enumerate(groups)]
-
-
 class CheckedGroups:
     """Validated options of a sequence of groups that callers hand over anew at every step (as
     torch's param groups are): a group whose values are the very objects of last time is not
-    checked again, so an unchanged step costs a few identity comparisons per option.
+    checked again, so an unchanged step costs a few identity comparisons per option. A group may
+    also be given as a :class:`GroupOptions` (validated already: taken as it is).
 
     ``keywords=True`` is one group given as keyword arguments: its messages name the options
     alone (``lr must be ...``), not ``groups[0].lr``."""
 
     def __init__(self, groups: Any, keywords: bool = False) -> None:
         self.keywords = keywords
-        self.checked = [check_group(groups[0])] if keywords else check_groups(groups)
-        self.sources = [dict(g) for g in groups]
+        self.checked: list[GroupOptions] = []
+        self.sources: list[Mapping[str, Any] | GroupOptions] = []
+        self._plain: list[bool | None] = []
+        if isinstance(groups, Mapping) or not isinstance(groups, Sequence) or len(groups) == 0:
+            raise TypeError("groups must be a non-empty sequence of option mappings (dicts)")
+        self.keep(groups, [group if type(group) is GroupOptions else check_group(group, self._where(i))
+                           for i, group in enumerate(groups)])
 
-    def check(self, groups: Sequence[Mapping[str, Any]]) -> list[GroupOptions]:
+    def _where(self, index: int) -> str:
+        return "" if self.keywords else f"groups[{index}]."
+
+    def check(self, groups: Sequence[Mapping[str, Any] | GroupOptions]) -> list[GroupOptions]:
         """The validated options of ``groups`` (as many as at construction), re-checking every group
         but those whose values are the very immutable objects of the kept ones; keeps nothing
         (:meth:`keep` does, once the caller's other checks passed too)."""
         if isinstance(groups, Mapping) or not isinstance(groups, Sequence) or len(groups) != len(self.checked):
             raise ValueError(f"groups must be a sequence of {len(self.checked)} option mappings, as bound")
         checked = []
-        for i, (new, old) in enumerate(zip(groups, self.sources)):
-            same = (isinstance(new, Mapping) and new.keys() == old.keys() and all(new[k] is old[k] for k in new)
-                    and _cache_key(old, "") is not None)  # a list betas may have changed in place
-            checked.append(self.checked[i] if same else check_group(new, "" if self.keywords else f"groups[{i}]."))
+        for i, (new, old, kept) in enumerate(zip(groups, self.sources, self.checked)):
+            if type(new) is GroupOptions:
+                checked.append(new)
+            elif (type(new) is dict and new.keys() == old.keys() and all(new[k] is old[k] for k in new)
+                  and self._is_plain(i)):  # (a list betas may change in place: not plain)
+                checked.append(kept)
+            else:
+                checked.append(check_group(new, self._where(i)))
         return checked
 
-    def keep(self, groups: Sequence[Mapping[str, Any]], checked: list[GroupOptions]) -> None:
+    def _is_plain(self, index: int) -> bool:
+        """Whether kept source ``index`` holds only immutable values of plain types (found on first use)."""
+        plain = self._plain[index]
+        if plain is None:
+            source = self.sources[index]
+            plain = self._plain[index] = type(source) is dict and _cache_key(source, "") is not None
+        return plain
+
+    def keep(self, groups: Sequence[Mapping[str, Any] | GroupOptions], checked: list[GroupOptions]) -> None:
         """Make ``groups`` (validated as ``checked``) the kept ones."""
-        self.checked, self.sources = checked, [dict(g) for g in groups]
+        if (len(checked) == len(self.checked) and all(map(operator.is_, checked, self.checked))
+                and all(map(operator.is_, groups, self.sources))):
+            return  # the kept ones themselves (validated options given as they are)
+        # a group whose check gave back the kept object is as plain as the kept source was
+        before = dict(zip(map(id, self.checked), self._plain))
+        self.checked = checked
+        self.sources = [group if type(group) is GroupOptions else dict(group) for group in groups]
+        self._plain = [before.get(id(group)) if type(source) is dict else False
+                       for source, group in zip(self.sources, checked)]

@@ -11,6 +11,7 @@ one-shot functions of :mod:`fastradam.api` and the torch drop-in are built on it
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import numbers
 from collections.abc import Mapping, Sequence
@@ -20,18 +21,38 @@ import numpy as np
 
 from fastradam.backends import backend_for, is_device_array
 from fastradam.layout import FlatLayout
-from fastradam.options import CheckedGroups, GroupOptions, check_flag, check_grad_scale, check_group, \
-    check_step
+from fastradam.options import CheckedGroups, GroupOptions, check_flag, check_grad_scale, check_step, \
+    non_negative
 from fastradam.scalars import group_step_scalars, pack_row_into, pack_rows, scalar_rows
 from fastradam.spec import SCALAR_FLOATS, SCALAR_INTS
-from fastradam.storage import BUFFER_NAMES, MASTER, ROLES, Storage, check_storage
+from fastradam.storage import BUFFER_NAMES, MASTER, WRITTEN, Storage, check_storage
 from fastradam.validation import (address_spans, check_buffers, check_disjoint, check_indices, check_mask,
                                   check_steps, own_their_memory)
 
 #: The module of the host backend, whose arrays are plain NumPy arrays.
-_NUMPY_BACKEND = "fastradam.backends.numba_cpu"
-#: Whether a step writes each role.
-_WRITTEN = {role.name: role.written for role in (*ROLES, MASTER)}
+_NUMPY_BACKEND = "fastradam.backends.numba"
+#: The outcome of a binding's checks (backend, storage, address spans), by what settles it: the
+#: roles and the objects' types and fingerprints. A fingerprint holds the address of a device array
+#: or torch tensor, so their spans are part of the key; NumPy arrays (no subclasses) qualify when
+#: each owns its memory (then no two overlap, whatever their addresses). Binding buffers like these again (a
+#: one-shot step in a loop) skips the checks. The cache holds no reference to any buffer.
+_CHECKED_BUFFERS: dict[tuple, tuple] = {}
+_CHECKED_BUFFERS_SIZE = 256
+
+
+def _checks_key(roles: Sequence[str], single: bool, objects: list[Any]) -> tuple[tuple | None, list[tuple] | None]:
+    """The :data:`_CHECKED_BUFFERS` key of a binding (None where its checks depend on more) and the
+    objects' fingerprints (None where an object is no array)."""
+    if all(type(obj) is np.ndarray for obj in objects):
+        fingerprints = [_fingerprint(obj) for obj in objects]
+        return ((tuple(roles), single, tuple(fingerprints)) if own_their_memory(objects) else None), fingerprints
+    try:
+        fingerprints = [_fingerprint(obj) for obj in objects]
+    except AttributeError:  # not an array the backends take: the checks say what it lacks
+        return None, None
+    if any(isinstance(obj, np.ndarray) or fingerprint[3] is None for obj, fingerprint in zip(objects, fingerprints)):
+        return None, fingerprints
+    return (tuple(roles), single, tuple(map(type, objects)), tuple(fingerprints)), fingerprints
 
 
 def _fingerprint(obj: Any) -> tuple:
@@ -42,7 +63,7 @@ def _fingerprint(obj: Any) -> tuple:
         return obj.shape, obj.strides, obj.dtype, obj.flags.writeable
     data_ptr = getattr(obj, "data_ptr", None)
     if callable(data_ptr):
-        return tuple(obj.shape), tuple(obj.stride()), obj.dtype, data_ptr()
+        return tuple(obj.shape), tuple(obj.stride()), obj.dtype, data_ptr(), obj.device
     data = getattr(obj, "data", None)
     return tuple(obj.shape), tuple(obj.strides), obj.dtype, getattr(data, "ptr", None)
 
@@ -61,6 +82,34 @@ def _check_found_inf(found_inf: Any, backend: Any) -> Any:
     if flag.shape != ():
         raise ValueError(f"found_inf must be a bool or a 0-d array, got shape {flag.shape}")
     return flag
+
+
+def _check_buffers(roles: Sequence[str], objects: list[Any], names: list[str], width: int,
+                   single: bool) -> tuple[Any, Storage, list[Any], list[tuple[int, int]] | None]:
+    """The checks of a binding (:meth:`StepPlan._bind`): the backend, the storage, the buffers' arrays,
+    and their address spans (None where distinct NumPy arrays own their memory)."""
+    backend = backend_for(names, objects).load()
+    storages = [backend.storage_of(obj) for obj in objects]
+    first = dict(zip(roles, storages))
+    storage = check_storage(
+        tuple(first.get(role, first["params"]) for role in BUFFER_NAMES),  # unbound grads: checked per step
+        tuple(role if single else f"{role}[0]" for role in BUFFER_NAMES), first.get(MASTER.name),
+        MASTER.name if single else f"{MASTER.name}[0]")
+    for index in range(width, len(objects)):
+        if storages[index] != storages[index % width]:
+            raise TypeError(f"{names[index]} has dtype {storages[index]} but {names[index % width]} has "
+                            f"{storages[index % width]}: all tensors must share one storage per role")
+    arrays = backend.as_arrays(objects)
+    written = [WRITTEN[role] for role in roles]
+    for start in range(0, len(arrays), width):
+        check_buffers(arrays[start:start + width], names[start:start + width], written)
+    if own_their_memory(objects):
+        spans = None  # distinct arrays owning their memory: disjoint (addresses only if grads come later)
+    else:
+        spans = address_spans(arrays)
+        check_disjoint(names, spans)
+    backend.check_devices(arrays, names)
+    return backend, storage, arrays, spans
 
 
 class StepPlan:
@@ -109,6 +158,7 @@ class StepPlan:
             raise TypeError(f"pass options either per group (groups=...) or as keywords, not both: {sorted(options)}")
         self.check_finite = check_flag("check_finite", check_finite)
         self._pending: tuple | None = None  # groups a step was given, kept once all its checks passed
+        self._written: tuple | None = None  # the written buffers' address spans (tensor lists), on first use
         self._groups = CheckedGroups([options] if groups is None else groups, keywords=groups is None)
         lists = (params, grads, exp_avg, exp_avg_sq)
         if type(params) is np.ndarray and layout is None:  # the common case, without the ABC checks below
@@ -142,27 +192,20 @@ class StepPlan:
         width = len(roles)
         objects = [column[i] for i in range(count) for column in columns]  # tensor by tensor
         names = list(roles) if single else [f"{role}[{i}]" for i in range(count) for role in roles]
-        backend = backend_for(names, objects).load()
-        storages = [backend.storage_of(obj) for obj in objects]
-        first = dict(zip(roles, storages))
-        self.storage: Storage = check_storage(
-            tuple(first.get(role, first["params"]) for role in BUFFER_NAMES),  # unbound grads: checked per step
-            tuple(role if single else f"{role}[0]" for role in BUFFER_NAMES), first.get(MASTER.name),
-            MASTER.name if single else f"{MASTER.name}[0]")
-        for index in range(width, len(objects)):
-            if storages[index] != storages[index % width]:
-                raise TypeError(f"{names[index]} has dtype {storages[index]} but {names[index % width]} has "
-                                f"{storages[index % width]}: all tensors must share one storage per role")
-        arrays = backend.as_arrays(objects)
-        written = [_WRITTEN[role] for role in roles]
-        for start in range(0, len(arrays), width):
-            check_buffers(arrays[start:start + width], names[start:start + width], written)
-        if own_their_memory(objects):
-            spans = None  # distinct arrays owning their memory: disjoint (addresses only if grads come later)
+        key, fingerprints = _checks_key(roles, single, objects)
+        seen = None if key is None else _CHECKED_BUFFERS.get(key)
+        if seen is not None:
+            backend, storage, spans = seen
+            arrays = backend.as_arrays(objects)
         else:
-            spans = address_spans(arrays)
-            check_disjoint(names, spans)
-        backend.check_devices(arrays, names)
+            backend, storage, arrays, spans = _check_buffers(roles, objects, names, width, single)
+            if key is not None:
+                if len(_CHECKED_BUFFERS) >= _CHECKED_BUFFERS_SIZE:
+                    _CHECKED_BUFFERS.clear()
+                _CHECKED_BUFFERS[key] = (backend, storage, spans)
+            if fingerprints is None:
+                fingerprints = [_fingerprint(obj) for obj in objects]
+        self.storage: Storage = storage
         self._spans = (names, arrays, spans)
         self.backend = backend
         self.math_dtype = self.storage.math_dtype
@@ -170,7 +213,7 @@ class StepPlan:
         self.roles = [by_role.get(role) for role in BUFFER_NAMES]
         self.master = by_role.get(MASTER.name)
         self._objects, self._object_names = objects, names
-        self._fingerprints = [_fingerprint(obj) for obj in objects]
+        self._fingerprints = fingerprints
         self._order = backend.stream_order(objects)
 
     def _bind_flat(self, buffers: tuple, master: Any, layout: FlatLayout | None) -> None:
@@ -238,6 +281,8 @@ class StepPlan:
 
     def _check_bound(self) -> None:
         """ValueError naming a bound buffer that was resized, re-pointed or made read-only since binding."""
+        if [_fingerprint(obj) for obj in self._objects] == self._fingerprints:
+            return
         for name, obj, before in zip(self._object_names, self._objects, self._fingerprints):
             if _fingerprint(obj) != before:
                 raise ValueError(f"{name} changed after the plan was bound (shape, memory or writeability: "
@@ -245,13 +290,13 @@ class StepPlan:
 
     def _options(self, groups: Sequence[Mapping[str, Any]] | None, lr: Any) -> list[GroupOptions]:
         """The groups of this step: the bound ones, or ``groups`` checked where they changed (kept by
-        :meth:`_keep` once every other check passed), with ``lr`` (when given) as every group's lr."""
+        :meth:`_ready` once every other check passed), with ``lr`` (when given) as every group's lr."""
         checked = self._groups.checked if groups is None else self._groups.check(groups)
         self._pending = None if groups is None else (groups, checked)
         if lr is None:
             return checked
-        sources = self._groups.sources if groups is None else groups
-        return [check_group({**source, "lr": lr}) for source in sources]
+        lr = non_negative("lr", lr)
+        return [dataclasses.replace(group, lr=lr) for group in checked]
 
     def _ready(self, launch: Callable[[], None]) -> Callable[[], None]:
         """``launch`` once every check of a step passed: new groups are kept, and the launch first
@@ -378,20 +423,18 @@ class StepPlan:
     def _written_spans(self) -> tuple[list[tuple[int, int, str]], list[int]]:
         """The bound written buffers' address spans ``(start, end, name)``, sorted, and their starts
         (what gradients given at a step must not overlap); computed on first use."""
-        if not hasattr(self, "_written"):
+        if self._written is None:
             names, arrays, spans = self._spans
             spans = address_spans(arrays) if spans is None else spans
-            self._written = sorted((start, end, name) for (start, end), name in zip(spans, names)
-                                   if end > start and not name.startswith("grads"))
-            self._written_starts = [start for start, _, _ in self._written]
-        return self._written, self._written_starts
+            written = sorted((start, end, name) for (start, end), name in zip(spans, names)
+                             if end > start and not name.startswith("grads"))
+            self._written = written, [start for start, _, _ in written]
+        return self._written
 
     def _prepare_layout_capturable(self, steps: Any, active: np.ndarray, groups: list[GroupOptions],
                                    lrs: Sequence[Any] | None, grad_scale: float,
                                    found_inf: Any) -> Callable[[], None]:
         """A layout step whose step counts live on the device (CUDA, capturable): one launch reads them."""
-        if not self.backend.CAPTURABLE:
-            raise TypeError("steps must be integers (one per tensor); device step counts need the CUDA backend")
         lrs = [group.lr for group in groups] if lrs is None else list(lrs)
         if len(lrs) != len(groups):
             raise ValueError(f"lrs has {len(lrs)} entries but there are {len(groups)} groups")

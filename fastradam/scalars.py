@@ -9,9 +9,7 @@ folded step size) is decided here, once per call for a flat buffer, or once per 
 from __future__ import annotations
 
 import math
-import operator
-from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -25,9 +23,11 @@ RECTIFIED = MODES["rectified"]  #: above it: p -= step_size * m / (sqrt(v) + eps
 HOLD = MODES["hold"]  #: below it, in flavours that skip the update: moments update, p is left alone
 
 
-@dataclass(frozen=True)
-class StepScalars:
+class StepScalars(NamedTuple):
     """Everything a kernel needs for one RAdam step, folded so the element loop is short.
+
+    Its fields are the kernel table's columns in order (:data:`fastradam.spec.SCALAR_FLOATS`
+    but the last, then :data:`~fastradam.spec.SCALAR_INTS`), so a row is a slice of it.
 
     The element update every backend implements, with ``g`` the gradient::
 
@@ -103,22 +103,21 @@ def step_scalars(
         step_size = lr / bias_correction1 if mode == MOMENTUM else 0.0
     decays = decoupled_weight_decay and mode != HOLD
     return StepScalars(
-        one_minus_beta1=1.0 - beta1,
-        beta2=beta2,
-        one_minus_beta2=1.0 - beta2,
-        eps=eps * math.sqrt(bias_correction2) if flavour.eps_on_v_hat else eps,
-        eps_root=eps_root * bias_correction2,
-        l2_weight_decay=0.0 if decoupled_weight_decay else weight_decay,
-        param_decay=1.0 - lr * weight_decay if decays else 1.0,
-        step_size=step_size,
-        negate_grad=maximize,
-        mode=mode,
+        1.0 - beta1,  # one_minus_beta1
+        beta2,
+        1.0 - beta2,  # one_minus_beta2
+        eps * math.sqrt(bias_correction2) if flavour.eps_on_v_hat else eps,  # eps
+        eps_root * bias_correction2,  # eps_root
+        0.0 if decoupled_weight_decay else weight_decay,  # l2_weight_decay
+        1.0 - lr * weight_decay if decays else 1.0,  # param_decay
+        step_size,
+        maximize,  # negate_grad
+        mode,
     )
 
 
-#: A row's reals but the last (``1 / grad_scale``, the same for every row) and its ints, by name.
-_ROW_REALS = operator.attrgetter(*SCALAR_FLOATS[:-1])
-_ROW_INTS = operator.attrgetter(*SCALAR_INTS)
+#: Where a row's reals (but the last, ``1 / grad_scale``, the same for every row) end in a StepScalars.
+_REALS = len(SCALAR_FLOATS) - 1
 
 
 def pack_rows(rows: Sequence[StepScalars], dtype: np.dtype, grad_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -129,15 +128,15 @@ def pack_rows(rows: Sequence[StepScalars], dtype: np.dtype, grad_scale: float = 
     once, here, exactly as a kernel argument ``np.float32(x)`` would be.
     """
     inv_grad_scale = 1.0 / grad_scale
-    floats = np.array([(*_ROW_REALS(r), inv_grad_scale) for r in rows], dtype=dtype).reshape(-1, len(SCALAR_FLOATS))
-    ints = np.array([_ROW_INTS(r) for r in rows], dtype=np.int32).reshape(-1, len(SCALAR_INTS))
+    floats = np.array([(*r[:_REALS], inv_grad_scale) for r in rows], dtype=dtype).reshape(-1, len(SCALAR_FLOATS))
+    ints = np.array([r[_REALS:] for r in rows], dtype=np.int32).reshape(-1, len(SCALAR_INTS))
     return floats, ints
 
 
 def pack_row_into(floats: np.ndarray, ints: np.ndarray, scalars: StepScalars, grad_scale: float = 1.0) -> None:
     """Row 0 of existing tables (as :func:`pack_rows` makes them) set to ``scalars``, in place."""
-    floats[0] = (*_ROW_REALS(scalars), 1.0 / grad_scale)
-    ints[0] = _ROW_INTS(scalars)
+    floats[0] = (*scalars[:_REALS], 1.0 / grad_scale)
+    ints[0] = scalars[_REALS:]
 
 
 def group_step_scalars(group: GroupOptions, step: int) -> StepScalars:

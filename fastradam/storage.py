@@ -63,6 +63,8 @@ ROLES: tuple[Role, ...] = (Role("params", True), Role("grads", False), Role("exp
 #: The optional fp32 master weights beside 16-bit params.
 MASTER = Role("master_params", True)
 BUFFER_NAMES = tuple(role.name for role in ROLES)
+#: Whether a step writes each role, by name.
+WRITTEN = {role.name: role.written for role in (*ROLES, MASTER)}
 
 SUPPORTED_STORAGE = (
     "float64 everywhere (math in float64); or params float32, bfloat16 or float16, grads float32, "

@@ -15,10 +15,7 @@ from typing import Any
 import numpy as np
 
 from fastradam.options import MAX_STEP
-from fastradam.storage import BUFFER_NAMES, ROLES
-
-#: Which of the four buffers a step writes; ``grads`` is only read.
-WRITTEN = tuple(role.written for role in ROLES)
+from fastradam.storage import BUFFER_NAMES, WRITTEN
 
 
 def _per_tensor(name: str, values: Any, count: int) -> np.ndarray:
@@ -72,9 +69,12 @@ def check_steps(name: str, values: Any, count: int, active: np.ndarray | None = 
 
 
 def check_buffers(buffers: Sequence[Any], names: Sequence[str] = BUFFER_NAMES,
-                  written: Sequence[bool] = WRITTEN) -> None:
+                  written: Sequence[bool] | None = None) -> None:
     """Check buffers a step will use before it writes any of them: they must share the first
-    one's shape and be C-contiguous, and the ``written`` ones writeable."""
+    one's shape and be C-contiguous, and the ``written`` ones writeable (default: the roles named,
+    as :data:`fastradam.storage.WRITTEN` says)."""
+    if written is None:
+        written = [WRITTEN[name] for name in names]
     shape = buffers[0].shape
     for name, array, writes in zip(names, buffers, written):
         if array.shape != shape:

@@ -45,14 +45,15 @@ STORAGES: tuple[Storage, ...] = (
     Storage("float64", "float64", "float64"),
 )
 assert set(STORAGES) <= set(SUPPORTED)
-_NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64),
+#: The NumPy dtype of each storage format.
+NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64),
                  "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 
 
 def numpy_dtypes(storage: Storage) -> tuple[np.dtype, np.dtype, np.dtype, np.dtype | None]:
     """The NumPy dtypes ``(params, grads, moments, master or None)`` of a storage combination."""
-    return (_NUMPY_DTYPES[storage.params], _NUMPY_DTYPES[storage.grads], _NUMPY_DTYPES[storage.moments],
-            _NUMPY_DTYPES["float32"] if storage.master else None)
+    return (NUMPY_DTYPES[storage.params], NUMPY_DTYPES[storage.grads], NUMPY_DTYPES[storage.moments],
+            NUMPY_DTYPES["float32"] if storage.master else None)
 
 
 def random_buffers(size: int, dtype: Any, seed: int) -> tuple[np.ndarray, ...]:

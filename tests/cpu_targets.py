@@ -5,7 +5,7 @@ CPUs in use, and the half conversions in integer arithmetic), AVX2 laptops and d
 two Intel server cores whose LLVM tuning prefers 256-bit vectors although they have AVX-512:
 Sapphire/Emerald Rapids (with AVX512-BF16), where the kernels ask for 512, and Skylake-SP,
 where they do not. The feature lists name what the kernels ask about (see
-:mod:`fastradam.backends.numba_target`); LLVM adds the rest of the named CPU's features.
+:mod:`fastradam.backends.numba.target`); LLVM adds the rest of the named CPU's features.
 
 ``python -m tests.cpu_targets`` runs the CPU kernels' suites once more, side by side, for each
 target whose vectors are narrower than this CPU's (its code runs here): on an AVX-512 machine
@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fastradam.backends import numba_target
+from fastradam.backends.numba import target as numba_target
 
 _AVX2 = "+avx,+avx2,+f16c,+fma"
 _AVX512 = _AVX2 + ",+avx512f,+avx512bw,+avx512dq,+avx512vl"

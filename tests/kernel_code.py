@@ -16,7 +16,7 @@ import sys
 import numba
 import numpy as np
 
-from fastradam.backends import numba_cpu, numba_lanes, numba_target
+from fastradam.backends.numba import bf16_lanes, kernels as numba_kernels, target as numba_target
 from fastradam.scalars import pack_rows, step_scalars
 
 #: Bit-view dtypes of (params, grads, moments, master) per storage the tests inspect.
@@ -32,14 +32,14 @@ REGISTER = {128: "x", 256: "y", 512: "z"}
 
 def compiled(storage: str) -> tuple[str, str]:
     """``(llvm_ir, asm)`` of the flat-buffer kernel compiled afresh for ``storage``."""
-    kernel = numba.njit(parallel=True)(numba_cpu._radam_blocks.py_func)
+    kernel = numba.njit(parallel=True)(numba_kernels._radam_blocks.py_func)
     scalars = step_scalars(step=6, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                            decoupled_weight_decay=False, maximize=False)
     floats, ints = pack_rows([scalars], np.dtype(np.float32))
     p, g, m, master = STORAGES[storage]
     args = (np.empty(8, p), np.empty(8, g), np.empty(8, m), np.empty(8, m),
             None if master is None else np.empty(8, master), np.array([0]), np.array([8]),
-            np.array([0], np.int32), floats, ints)
+            np.array([0], np.int32), floats, ints, False)
     signature = tuple(numba.typeof(a) for a in args)
     kernel.compile(signature)
     return kernel.inspect_llvm(signature), kernel.inspect_asm(signature)
@@ -63,7 +63,7 @@ def summary(storages: list[str] | None = None) -> dict:
     """For each storage (default: all): packed-sqrt lanes and registers, float64 promotion, the bf16 conversions
     (``vcvtne2ps2bf16``) and class tests (``vfpclassps``) of the explicit AVX-512 loop; and what
     the CPU compiled for offers."""
-    out = {"widest_vector_bits": numba_target.widest_vector_bits(), "lanes_available": numba_lanes.available()}
+    out = {"widest_vector_bits": numba_target.widest_vector_bits(), "lanes_available": bf16_lanes.available()}
     for storage in STORAGES if storages is None else storages:
         ir, asm = compiled(storage)
         lanes, registers = packed_sqrt_widths(ir, asm)

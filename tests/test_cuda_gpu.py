@@ -105,6 +105,19 @@ def test_determinism_bit_identical_reruns(cp):
             np.testing.assert_array_equal(got, want)
 
 
+def test_repeated_one_shot_steps_still_refuse_overlap(cp):
+    """The one-shot step keeps the outcome of its checks by the buffers' fingerprints (addresses
+    included): a view over another buffer's memory, with the very shapes of a checked call, is
+    checked again and refused before any write."""
+    host = host_buffers(np.random.default_rng(3), np.dtype(np.float32), 1000)
+    buffers = device_buffers(cp, host)
+    fastradam.fused_step(*buffers, **hyper_for(1))
+    before = [b.get() for b in buffers]
+    with pytest.raises(ValueError, match="share memory"):
+        fastradam.fused_step(buffers[0], buffers[1], buffers[2], buffers[2][:], **hyper_for(2))
+    assert all(np.array_equal(b.get(), a) for a, b in zip(before, buffers))
+
+
 def test_torch_cuda_tensors_updated_in_place(cp):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():

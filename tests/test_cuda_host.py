@@ -321,7 +321,7 @@ def check_counts(harness, dtype: np.dtype, sizes: list[int], bases: list[tuple])
 
 @pytest.fixture(scope="module")
 def numba_backend():
-    return pytest.importorskip("fastradam.backends.numba_cpu")
+    return pytest.importorskip("fastradam.backends.numba")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

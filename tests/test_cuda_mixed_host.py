@@ -9,7 +9,6 @@ weights; grad_scale; found_inf and check_finite skipping without a write.
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -20,13 +19,11 @@ from fastradam.layout import FlatLayout
 from fastradam.scalars import pack_rows, scalar_rows
 from fastradam.options import check_group
 from oracle_check import assert_matches_oracle
-from tests.cases import STORAGES
+from tests.cases import NUMPY_DTYPES as DTYPES, STORAGES
 from test_cuda_host import backend, harness, numba_backend  # noqa: F401  (shared fixtures)
 
 pytestmark = pytest.mark.skipif(cuda_harness.compiler() is None, reason="no host C++ compiler (g++ or $CXX)")
 
-DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64),
-          "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 COMBOS = [(DTYPES[s.params], DTYPES[s.grads], DTYPES[s.moments], s.master) for s in STORAGES]
 IDS = [s.short for s in STORAGES]
 SIXTEEN = [(c, i) for c, i in zip(COMBOS, IDS) if c[0].itemsize == 2 or c[2].itemsize == 2]

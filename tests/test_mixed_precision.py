@@ -230,7 +230,7 @@ def test_layout_with_bf16_storage_and_master_matches_the_oracle():
     assert flats[0].tobytes() == master.astype(BF16).tobytes()
 
 
-#: One hyperparameter set per loop variant of the explicit bfloat16 vector code (numba_lanes):
+#: One hyperparameter set per loop variant of the explicit bfloat16 vector code (fastradam.backends.numba.bf16_lanes):
 #: negated gradient (maximize) x coupled weight decay x update mode (rectified, momentum, hold).
 VARIANTS = [{"maximize": maximize, "weight_decay": 0.1, "decoupled_weight_decay": not coupled, **mode}
             for maximize in (False, True) for coupled in (False, True)

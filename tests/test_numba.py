@@ -15,8 +15,9 @@ import numba
 import numpy as np
 import pytest
 
-from fastradam import fused_step
-from fastradam.backends import numba_cpu, numba_lanes, numba_target
+from fastradam import fused_step, fused_step_multi
+from fastradam.backends import numba as numba_backend
+from fastradam.backends.numba import bf16_lanes, kernels as numba_kernels, target as numba_target
 from fastradam.flavours import PRESETS
 from fastradam.scalars import pack_rows, step_scalars
 from tests import cpu_targets, kernel_code
@@ -114,6 +115,29 @@ def test_bit_identical_reruns_and_thread_counts(dtype):
         assert a.tobytes() == b.tobytes() == c.tobytes()
 
 
+@pytest.mark.parametrize("size", [numba_kernels.SERIAL_UP_TO, numba_kernels.SERIAL_UP_TO + 1])
+@pytest.mark.parametrize("check_finite", [False, True])
+def test_small_steps_run_on_one_thread_and_leave_the_thread_count_alone(size, check_finite):
+    """A step of at most one block of work runs on the calling thread alone (the kernels set the
+    thread count to 1 inside, then restore it): the count the caller set survives every kind of
+    launch, and the results are the same bits as with any other count."""
+    previous = numba.get_num_threads()
+    results = []
+    try:
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            flat = list(random_buffers(size, np.float32, seed=12))
+            tensors = [list(random_buffers(n, np.float32, seed=n)) for n in (size // 2, size - size // 2)]
+            fused_step(*flat, step=7, check_finite=check_finite)
+            assert numba.get_num_threads() == threads
+            fused_step_multi(*([t[k] for t in tensors] for k in range(4)), steps=[7, 7], check_finite=check_finite)
+            assert numba.get_num_threads() == threads
+            results.append([b.tobytes() for b in flat + [b for t in tensors for b in t]])
+    finally:
+        numba.set_num_threads(previous)
+    assert all(r == results[0] for r in results)
+
+
 def _storage_buffers(storage, size, seed):
     """(params, grads, exp_avg, exp_avg_sq, master) bit views of ``storage`` (numpy dtypes; master
     None or float32), random, with zeros, signed zeros, infinities, NaNs and subnormals planted."""
@@ -126,12 +150,12 @@ def _storage_buffers(storage, size, seed):
     master = None if storage[3] is None else buffers[0].astype(storage[3])
     with np.errstate(over="ignore", invalid="ignore"):  # 3e38 in float16, NaN payloads
         out = [b.astype(d) for b, d in zip(buffers, storage[:3] + storage[2:3])] + [master]
-    return [numba_cpu.as_array(b) if b is not None else None for b in out]
+    return [numba_backend.as_array(b) if b is not None else None for b in out]
 
 
 @numba.njit
 def _takes_the_plain_loop(floats, ints):
-    return numba_cpu._is_plain(numba_cpu._row_scalars(floats, ints, 0))
+    return numba_kernels._is_plain(numba_kernels._row_scalars(floats, ints, 0))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -158,20 +182,20 @@ def test_the_plain_loop_is_taken_exactly_where_its_constants_hold(dtype, hyper, 
 
 @numba.njit
 def _element_loops(p, g, m, v, master, floats, ints, plain):
-    scalars = numba_cpu._row_scalars(floats, ints, 0)
+    scalars = numba_kernels._row_scalars(floats, ints, 0)
     if plain:
-        numba_cpu._radam_element_loop(p, g, m, v, master, numba_cpu._plain(scalars))
+        numba_kernels._radam_element_loop(p, g, m, v, master, numba_kernels._plain(scalars))
     else:
-        numba_cpu._radam_element_loop(p, g, m, v, master, scalars)
+        numba_kernels._radam_element_loop(p, g, m, v, master, scalars)
 
 
 @numba.njit
 def _word_pair_loops(p, g, m, v, floats, ints, plain):
-    scalars = numba_cpu._row_scalars(floats, ints, 0)
+    scalars = numba_kernels._row_scalars(floats, ints, 0)
     if plain:
-        numba_cpu._radam_word_pair_loop(p, g, m, v, numba_cpu._plain(scalars))
+        numba_kernels._radam_word_pair_loop(p, g, m, v, numba_kernels._plain(scalars))
     else:
-        numba_cpu._radam_word_pair_loop(p, g, m, v, scalars)
+        numba_kernels._radam_word_pair_loop(p, g, m, v, scalars)
 
 
 @pytest.mark.parametrize("storage", [(np.float32,) * 3 + (None,), (np.float64,) * 3 + (None,),
@@ -182,7 +206,7 @@ def _word_pair_loops(p, g, m, v, floats, ints, plain):
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_the_common_case_loop_equals_the_general_loop_bit_for_bit(storage, decoupled):
     """A rectified, unscaled, unnegated step without L2 decay takes a loop of its own, its flags
-    constants (``numba_cpu._plain``); it must give the general loop's bits, specials included
+    constants (``numba_kernels._plain``); it must give the general loop's bits, specials included
     (all-bfloat16: the word-pair loop). That the kernels take it only where it applies, the
     oracle tests of every option show."""
     math = np.float64 if storage[0] is np.float64 else np.float32
@@ -216,7 +240,7 @@ def test_float32_math_is_vectorised_and_stays_float32(storage):
     assert lanes, "no float32 vector sqrt: the loop did not vectorise"
     assert not kernel_code.promoted_to_float64(ir), "float32 math promoted to float64"
     if numba_target.is_x86():
-        chosen = numba_target.chosen_vector_bits(numba_cpu.VECTOR_BITS)
+        chosen = numba_target.chosen_vector_bits(numba_kernels.VECTOR_BITS)
         assert _widest_register(registers) == kernel_code.REGISTER[chosen], (registers, chosen)
 
 
@@ -233,7 +257,7 @@ def _assert_explicit_avx512_loop(code: dict) -> None:
     assert code["class_tests"] == 2 * code["bf16_conversions"], "every converted vector must be class-tested"
 
 
-@pytest.mark.skipif(not numba_lanes.available(), reason="no AVX512-F/BW/DQ/BF16 on this CPU: all words take the scalar loop")
+@pytest.mark.skipif(not bf16_lanes.available(), reason="no AVX512-F/BW/DQ/BF16 on this CPU: all words take the scalar loop")
 def test_all_bfloat16_buffers_get_the_explicit_avx512_loop():
     """Where the CPU has AVX512-BF16, the word loop's leading words take the explicit vector code:
     the hardware conversion, guarded by the NaN/subnormal class test, in each of the 12 variants."""
@@ -294,7 +318,7 @@ def test_every_x86_target_gets_the_vectors_the_kernels_choose(target, other_cpus
         _assert_explicit_avx512_loop(code["all-bfloat16"])
 
 
-@pytest.mark.skipif(not numba_lanes.available(), reason="no AVX512-BF16 here: this run already takes the scalar loop")
+@pytest.mark.skipif(not bf16_lanes.available(), reason="no AVX512-BF16 here: this run already takes the scalar loop")
 def test_cpus_without_avx512_bf16_step_every_bfloat16_word_in_the_scalar_loop(tmp_path):
     """Compiled for this CPU minus AVX512-BF16 (fresh processes, Numba told so), the explicit
     vector code is left out, and the all-bfloat16 bit-for-bit tests pass with every word in the
@@ -303,7 +327,7 @@ def test_cpus_without_avx512_bf16_step_every_bfloat16_word_in_the_scalar_loop(tm
     features["avx512bf16"] = False
     env = {**os.environ, "NUMBA_CPU_FEATURES": features.flatten(), "NUMBA_CACHE_DIR": str(tmp_path)}
     root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-c", "from fastradam.backends import numba_lanes; assert not numba_lanes.available()"],
+    subprocess.run([sys.executable, "-c", "from fastradam.backends.numba import bf16_lanes; assert not bf16_lanes.available()"],
                    env=env, cwd=root, check=True, timeout=60)
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_mixed_precision.py",
                     "-k", "vector_code or pairs_any_alignment"], env=env, cwd=root, check=True, timeout=900)

@@ -9,8 +9,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from fastradam.backends import numba_storage, numba_target
-from fastradam.backends.numba_storage import (
+from fastradam.backends.numba import storage as numba_storage, target as numba_target
+from fastradam.backends.numba.storage import (
     BFLOAT16_BITS,
     FLOAT16_BITS,
     bfloat16_pair,

@@ -210,3 +210,70 @@ def test_host_steps_of_any_array_type_take_the_host_path():
     fused_step_layout(layout, *ours, steps=torch.tensor([3, 3]))
     fused_step_layout(layout, *theirs, steps=np.array([3, 3]))
     assert _same(ours, theirs)
+
+
+# --- The outcome of a binding's checks, kept by the buffers' fingerprints -----------------------
+
+
+def test_buffers_checked_before_are_refused_once_they_changed():
+    """A repeated one-shot step skips the checks its buffers' fingerprints settle; whatever changed
+    is checked again, and refused before any write."""
+    buffers = list(random_buffers(257, np.float32, seed=21))
+    fused_step(*buffers, step=1)
+    buffers[2].flags.writeable = False
+    snapshot = _copies(buffers)
+    with pytest.raises(ValueError, match="exp_avg is read-only"):
+        fused_step(*buffers, step=2)
+    assert _same(buffers, snapshot)
+    buffers[2].flags.writeable = True
+    fused_step(*buffers, step=2)
+    with pytest.raises(TypeError, match="dtype"):
+        fused_step(buffers[0], buffers[1].astype(np.float64), buffers[2], buffers[3], step=3)
+
+
+def test_views_like_checked_arrays_are_checked_for_overlap():
+    """Arrays that own their memory cannot overlap, so their checks are kept by shape and dtype alone;
+    views of one buffer with those very shapes and dtypes are still checked for overlap."""
+    owned = list(random_buffers(100, np.float32, seed=22))
+    fused_step(*owned, step=1)
+    base = np.concatenate(owned)
+    views = [base[0:100], base[100:200], base[200:300], base[250:350]]  # exp_avg and exp_avg_sq overlap
+    snapshot = base.copy()
+    with pytest.raises(ValueError, match="exp_avg and exp_avg_sq share memory"):
+        fused_step(*views, step=2)
+    assert base.tobytes() == snapshot.tobytes()
+    fused_step(*(base[k * 100:(k + 1) * 100] for k in range(4)), step=2)  # disjoint views: fine
+
+
+def test_the_checks_kept_hold_no_buffer():
+    """Nothing the one-shot step keeps refers to a buffer: freed arrays are freed, and an array stepped
+    before can still be resized in place (NumPy refuses that while anything else refers to it)."""
+    import gc
+    import weakref
+
+    buffers = list(random_buffers(64, np.float32, seed=23))
+    fused_step(*buffers, step=1)
+    probe = weakref.ref(buffers[0])
+    del buffers[0]
+    gc.collect()
+    assert probe() is None
+    buffers = list(random_buffers(64, np.float32, seed=24))
+    fused_step(*buffers, step=1)
+    buffers[1].resize(32, refcheck=False)
+    assert buffers[1].shape == (32,)
+
+
+def test_the_checks_of_addressed_buffers_are_kept_by_their_addresses():
+    """Device arrays and torch tensors (here CPU tensors, standing in for CUDA ones) are kept by their
+    fingerprints, which hold their addresses: an object over another buffer's memory is another key,
+    so its overlap is checked; NumPy views are never kept."""
+    torch = pytest.importorskip("torch")
+    from fastradam import plan
+
+    tensors = [torch.from_numpy(b) for b in random_buffers(64, np.float32, seed=25)]
+    key, _ = plan._checks_key(plan.BUFFER_NAMES, True, tensors)
+    aliased, _ = plan._checks_key(plan.BUFFER_NAMES, True, tensors[:3] + [tensors[2].view(-1)])
+    assert key is not None and aliased is not None and key != aliased
+    assert key == plan._checks_key(plan.BUFFER_NAMES, True, list(tensors))[0]
+    views = list(np.zeros((4, 64), np.float32))
+    assert plan._checks_key(plan.BUFFER_NAMES, True, views)[0] is None

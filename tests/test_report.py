@@ -1,4 +1,4 @@
-"""The benchmark report builder (bench/report.py, bench/plots.py) on recorded JSON.
+"""The benchmark report builder (fastradam.bench.results, .report, .plots) on recorded JSON.
 
 ``data/bench_cpu_1m.json`` is a trimmed recording of ``pytest bench/test_bench_cpu.py -k "1M and
 not loop and not oracle"`` on the 2-vCPU development machine (a busy one: the torch figures
@@ -9,18 +9,15 @@ shape with round medians, standing for a committed ``bench/results/gpu-*.json``.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from fastradam.bench import plots, report, results
+
 DATA = Path(__file__).resolve().parent / "data"
 CPU = DATA / "bench_cpu_1m.json"
 GPU = DATA / "bench_gpu_h100_handwritten.json"
-
-sys.path.insert(0, str(BENCH))
-import report  # noqa: E402
 
 
 def _line(text: str, *needles: str) -> list[str]:
@@ -31,9 +28,9 @@ def _line(text: str, *needles: str) -> list[str]:
 
 
 def test_cpu_rows_match_hand_computed_figures():
-    rows = report.rows_from_json(json.loads(CPU.read_text()))
+    rows = results.rows_from_json(json.loads(CPU.read_text()))
     fast = next(r for r in rows if r.implementation == "fastradam")
-    d = report.derived(fast, rows)
+    d = results.derived(fast, rows)
     # 28 bytes x 1,048,576 elements / 0.000198246 s
     assert d["gb_per_s"] == pytest.approx(148.099, rel=1e-5)
     # same-traffic 0.000118557 s / 0.000198246 s
@@ -62,8 +59,8 @@ def test_this_machine_leads_and_other_machines_follow_in_their_units():
 
 
 def test_cases_carry_the_peers_shares_and_label_variants():
-    rows = report.rows_from_json(json.loads(CPU.read_text()))
-    rows.append(report.Row("fastradam_4_groups", 2**20, "float32", rows[0].device, 28, 0.0004, "1024x1024"))
+    rows = results.rows_from_json(json.loads(CPU.read_text()))
+    rows.append(results.Row("fastradam_4_groups", 2**20, "float32", rows[0].device, 28, 0.0004, "1024x1024"))
     first, split = report.cases(rows)
     assert first.label == "float32 1M" and split.label == "float32 1M as 1024x1024, 4 groups"
     # torch fused Adam 0.00683255 s: its share is same-traffic 0.000118557 / 0.00683255
@@ -72,8 +69,8 @@ def test_cases_carry_the_peers_shares_and_label_variants():
 
 
 def test_bandwidth_unit():
-    assert report.bandwidth_unit("gpu: NVIDIA H200") == ("TB/s", 1e12)
-    assert report.bandwidth_unit("cpu: AMD EPYC") == ("GB/s", 1e9)
+    assert results.bandwidth_unit("gpu: NVIDIA H200") == ("TB/s", 1e12)
+    assert results.bandwidth_unit("cpu: AMD EPYC") == ("GB/s", 1e9)
 
 
 def test_main_writes_markdown_and_a_figure_per_machine(tmp_path, capsys):
@@ -90,9 +87,7 @@ def test_main_writes_markdown_and_a_figure_per_machine(tmp_path, capsys):
 
 def test_no_figure_without_a_roofline_or_when_asked(tmp_path):
     pytest.importorskip("matplotlib")
-    import plots
-
-    rows = [r for r in report.rows_from_json(json.loads(CPU.read_text())) if r.implementation != "same_traffic"]
+    rows = [r for r in results.rows_from_json(json.loads(CPU.read_text())) if r.implementation != "same_traffic"]
     assert plots.summary_plot(report.cases(rows), "no roofline", tmp_path / "s.png") is None
     markdown = tmp_path / "plain" / "report.md"
     report.main([str(CPU), "--markdown", str(markdown), "--no-plots"])

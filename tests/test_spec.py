@@ -15,6 +15,7 @@ import fastradam.torch
 from fastradam import abi_header, api, options, spec
 from fastradam.backends.cuda import launch
 from fastradam.reference import reference_step
+from fastradam.scalars import StepScalars
 from fastradam.storage import FORMATS, SUPPORTED, Storage, check_storage
 
 
@@ -64,6 +65,12 @@ def test_signature_defaults_are_the_option_table(function):
     for option in options.OPTIONS:
         if option.name == "betas" or option.name in defaults:
             assert defaults[option.name] == option.default, option.name
+
+
+def test_step_scalars_are_the_table_columns_in_order():
+    """A kernel row is a slice of StepScalars (scalars.pack_rows): its fields must be the columns."""
+    assert StepScalars._fields == spec.SCALAR_FLOATS[:-1] + spec.SCALAR_INTS
+    assert spec.SCALAR_FLOATS[-1] == "inv_grad_scale"
 
 
 def test_every_option_is_a_group_field():

@@ -11,17 +11,18 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from fastradam import study  # noqa: E402
+from fastradam.study.__main__ import main  # noqa: E402
 
 
 def test_quick_study_writes_finite_results(tmp_path):
-    assert study.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
 
     for name in ("report.md", "lr_robustness.png", "early_steps.png", "results.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     results = json.loads((tmp_path / "results.json").read_text())
     config = study.Config.quick()
     runs = results["runs"]
-    assert len(runs) == len(study.OPTIMIZERS) * len(config.lrs) * len(config.seeds)
+    assert len(runs) == len(study.ARMS) * len(config.lrs) * len(config.seeds)
     for run in runs:
         assert not run["diverged"]
         assert len(run["test_accuracy"]) == config.epochs
@@ -31,11 +32,11 @@ def test_quick_study_writes_finite_results(tmp_path):
 
     report = (tmp_path / "report.md").read_text()
     assert "Where RAdam loses" in report and "nan" not in report
-    for label in study.LABELS.values():
-        assert label in report
+    for arm in study.ARMS:
+        assert arm.label in report
 
     (tmp_path / "report.md").unlink()
-    assert study.main(["--render-only", "--out", str(tmp_path)]) == 0
+    assert main(["--render-only", "--out", str(tmp_path)]) == 0
     assert "Where RAdam loses" in (tmp_path / "report.md").read_text()
 
 
@@ -45,9 +46,9 @@ def test_optimizers_take_the_intended_learning_rates():
 
     lr, total, proportion = 1e-2, 100, 0.1
     seen = {}
-    for name in study.OPTIMIZERS:
+    for arm in study.ARMS:
         parameter = torch.nn.Parameter(torch.zeros(3))
-        optimizer, scheduler = study.make_optimizer(name, [parameter], lr, total, proportion)
+        optimizer, scheduler = arm.build([parameter], lr, total, proportion)
         rates = []
         for _ in range(12):
             parameter.grad = torch.ones(3)
@@ -56,8 +57,8 @@ def test_optimizers_take_the_intended_learning_rates():
             if scheduler is not None:
                 scheduler.step()
             rates.append((before - parameter.detach()).abs().max().item())
-        seen[name] = rates
-    assert type(study.make_optimizer("radam", [torch.nn.Parameter(torch.zeros(1))], lr, total, proportion)[0]
+        seen[arm.name] = rates
+    assert type(study.arm("radam").build([torch.nn.Parameter(torch.zeros(1))], lr, total, proportion)[0]
                 ).__module__ == "fastradam.torch"
     # step 1 of Adam and RAdam (below the rectification threshold) moves by exactly lr_t
     assert seen["adam"][0] == pytest.approx(lr, rel=1e-4)

@@ -103,7 +103,7 @@ def _cuda_available() -> bool:
 
 
 BACKENDS = (
-    Backend("numba", "fastradam.backends.numba_cpu", _is_numpy, _numba_available),
+    Backend("numba", "fastradam.backends.numba", _is_numpy, _numba_available),
     Backend("cuda", "fastradam.backends.cuda", _is_cuda, _cuda_available),
 )
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from fastradam.backends import backend_for
 from fastradam.backends.cuda.interop import _device_id, as_array, storage_of
+from fastradam.backends.cuda.launch import NO_FLAG
 from fastradam.backends.cuda.module import BLOCK, Storage, _kernel, kernel_name
 from fastradam.spec import DTYPE_CODES
 
@@ -32,7 +33,7 @@ LR_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 def _flag_arguments(found_inf: Any, device_id: int) -> tuple[np.uint64, np.int32] | None:
     """The kernels' ``skip, skip_code`` for ``found_inf``; None when a host flag says skip."""
     if isinstance(found_inf, (bool, np.bool_)) or found_inf is None:
-        return None if found_inf else (np.uint64(0), np.int32(0))
+        return None if found_inf else NO_FLAG
     if found_inf.dtype not in VALUE_CODES:
         allowed = ", ".join(sorted({d.name for d in VALUE_CODES}))
         raise TypeError(f"found_inf must have dtype {allowed}, got {found_inf.dtype}")

@@ -2,10 +2,10 @@
 
 It runs the pytest-benchmark suite in the source tree's ``bench/`` folder (CPU by default;
 GPU cases run too where a CUDA device is present), with pytest's progress visible, then
-prints the report of ``bench/report.py`` (this machine first) and writes it as Markdown, with
-the figures of ``bench/plots.py``, beside the JSON. The other machines' results committed under
-``bench/results/*.json`` follow in their own section unless ``--no-committed-results`` (a
-committed device this run measured itself is left out).
+prints the report of :mod:`fastradam.bench.report` (this machine first) and writes it as
+Markdown, with the figures of :mod:`fastradam.bench.plots`, beside the JSON. The other
+machines' results committed under ``bench/results/*.json`` follow in their own section unless
+``--no-committed-results`` (a committed device this run measured itself is left out).
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+from fastradam.bench import report
+
 
 def suite_dir() -> Path:
     """The ``bench/`` folder of the source tree this package was imported from."""
-    folder = Path(__file__).resolve().parent.parent / "bench"
-    if not (folder / "report.py").is_file():
+    folder = Path(__file__).resolve().parents[2] / "bench"
+    if not (folder / "conftest.py").is_file():
         raise SystemExit(
             "fastradam.bench: the benchmark suites live in the source tree's bench/ folder, "
             f"not found at {folder}; install from a clone (pip install -e '.[bench]')"
@@ -77,9 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         return status
     print(f"benchmarks done in {time.perf_counter() - start:.0f} s; building the report", flush=True)
     sources = [json_path] + ([] if args.no_committed_results else committed_results(bench, json_path))
-    sys.path.insert(0, str(bench))
-    import report
-
     report_args = [*map(str, sources), "--markdown", str(args.out / "report.md")]
     report.main(report_args + (["--no-plots"] if args.no_plots else []))
     written = [json_path, args.out / "report.md"] + sorted(args.out.glob("*.png"))

@@ -24,7 +24,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-from fastradam.backends.numba_target import native_half_conversions
+from fastradam.backends.numba.target import native_half_conversions
 
 BFLOAT16_BITS = np.uint16  #: the view dtype bfloat16 buffers travel as
 FLOAT16_BITS = np.int16  #: the view dtype float16 buffers travel as

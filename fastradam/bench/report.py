@@ -1,17 +1,15 @@
 """Turn pytest-benchmark JSON into the fastradam report: roofline share and speedups per case.
 
-Every benchmark in the suites records ``extra_info`` with ``implementation``, ``n``,
-``dtype``, ``device``, ``bytes_per_element`` and, for multi-tensor cases, ``tensors`` (how
-the N elements are split, e.g. ``16384x1024``); the rest is derived here, in one place,
-for the JSON hook in ``bench/conftest.py`` and for ``python -m fastradam.bench``.
+The rows and the figures derived from them come from :mod:`fastradam.bench.results`; the
+figures, from :mod:`fastradam.bench.plots`.
 
 The report leads with the machine of the first JSON (this run's): one line per fastradam case
 with its share of the same-traffic roofline and its speedup over each peer, one figure of the
 same, then the full table. The devices of the other JSON files (committed results of other
 machines) follow in a section of their own, each with its summary and figure.
 
-Usage: ``python bench/report.py RESULTS.json [OTHER_MACHINES.json ...] [--markdown REPORT.md] [--no-plots]``
-(the figures, by ``bench/plots.py``, go beside the Markdown file).
+Usage: ``python -m fastradam.bench.report RESULTS.json [OTHER_MACHINES.json ...] [--markdown REPORT.md] [--no-plots]``
+(the figures go beside the Markdown file).
 """
 
 from __future__ import annotations
@@ -21,82 +19,10 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-ROOFLINE = "same_traffic"
-PEERS = ("torch_radam_foreach", "torch_adam_fused")
-
-
-@dataclass(frozen=True)
-class Row:
-    """One benchmark: an implementation at one size, dtype and device, and its median time."""
-
-    implementation: str
-    n: int
-    dtype: str
-    device: str
-    bytes_per_element: int
-    median_s: float
-    tensors: str = "flat"
-
-    @property
-    def machine_key(self) -> tuple[int, str, str]:
-        """What the roofline depends on: the element count, dtype and device."""
-        return self.n, self.dtype, self.device
-
-    @property
-    def key(self) -> tuple[int, str, str, str]:
-        """What peers are compared on: the machine key and the split into tensors."""
-        return self.n, self.dtype, self.device, self.tensors
-
-    @property
-    def bandwidth(self) -> float:
-        """Effective bandwidth in bytes per second: bytes moved per element x n / time."""
-        return self.bytes_per_element * self.n / self.median_s
-
-
-def rows_from_json(data: dict[str, Any]) -> list[Row]:
-    """Rows of a pytest-benchmark JSON document (benchmarks without our extra_info are skipped)."""
-    rows = []
-    for bench in data.get("benchmarks", []):
-        info = bench.get("extra_info", {})
-        if "implementation" not in info:
-            continue
-        rows.append(Row(info["implementation"], int(info["n"]), info["dtype"], info["device"],
-                        int(info["bytes_per_element"]), float(bench["stats"]["median"]),
-                        info.get("tensors", "flat")))
-    return rows
-
-
-def derived(row: Row, rows: Iterable[Row]) -> dict[str, float]:
-    """Bandwidth, share of the same-traffic kernel and speedup vs each peer, where measured.
-
-    Multi-tensor rows also get their share of fastradam's time on one flat buffer of the
-    same N (``share_of_flat``).
-    """
-    rows = list(rows)
-    same = {r.implementation: r for r in rows if r.key == row.key}
-    flat = {r.implementation: r for r in rows if r.machine_key == row.machine_key and r.tensors == "flat"}
-    out = {"gb_per_s": row.bandwidth / 1e9}
-    if ROOFLINE in flat:
-        out["share_of_same_traffic"] = flat[ROOFLINE].median_s / row.median_s
-    if row.tensors != "flat" and "fastradam" in flat:
-        out["share_of_flat"] = flat["fastradam"].median_s / row.median_s
-    for peer in PEERS:
-        if peer in same:
-            out[f"speedup_vs_{peer}"] = same[peer].median_s / row.median_s
-    return out
-
-
-def add_derived_to_json(data: dict[str, Any]) -> None:
-    """Write :func:`derived` figures into each benchmark's ``extra_info`` (in place)."""
-    rows = rows_from_json(data)
-    by_name = {(r.implementation, r.key): r for r in rows}
-    for bench in data.get("benchmarks", []):
-        info = bench.get("extra_info", {})
-        if "implementation" in info:
-            key = (int(info["n"]), info["dtype"], info["device"], info.get("tensors", "flat"))
-            info.update(derived(by_name[(info["implementation"], key)], rows))
+from fastradam.bench.plots import summary_plot
+from fastradam.bench.results import COMPARED_PEERS, Row, bandwidth_unit, derived, rows_from_json
 
 
 def _ratio(value: float | None) -> str:
@@ -177,7 +103,7 @@ def cases(rows: list[Row]) -> list[Case]:
             continue
         d = derived(row, rows)
         share = d.get("share_of_same_traffic")
-        speedups = {peer: d[f"speedup_vs_{peer}"] for peer in PEERS if f"speedup_vs_{peer}" in d}
+        speedups = {peer: d[f"speedup_vs_{peer}"] for peer in COMPARED_PEERS if f"speedup_vs_{peer}" in d}
         # a peer's share is roofline / peer time = (roofline / ours) / (peer / ours)
         peer_shares = {} if share is None else {peer: share / speedup for peer, speedup in speedups.items()}
         parts = [row.dtype, _size(row.n)] + ([] if row.tensors == "flat" else [f"as {row.tensors}"])
@@ -236,10 +162,9 @@ def _figure(device_cases: list[Case], title: str, path: Path | None, relative_to
     if path is None:
         return []
     try:
-        from plots import summary_plot
+        written = summary_plot([c for c in device_cases if c.row.implementation in HEADLINE], title, path)
     except ImportError as error:  # matplotlib missing
         return [f"(no figure: {error})", ""]
-    written = summary_plot([c for c in device_cases if c.row.implementation in HEADLINE], title, path)
     if written is None:
         return []
     link = written.relative_to(relative_to) if relative_to else written
@@ -250,9 +175,9 @@ def render(paths: list[Path], plots: Path | None = None, relative_to: Path | Non
     """The Markdown report: the first JSON document's devices (this machine) first, each with its
     summary, figure and full table; the other documents' devices after, under "Other machines".
 
-    With ``plots`` (a folder), each device's figure (``bench/plots.py``) is written there and
-    linked, relative to ``relative_to`` (the Markdown file's folder) when given. Without
-    matplotlib the report says so and has no figures.
+    With ``plots`` (a folder), each device's figure (:mod:`fastradam.bench.plots`) is written
+    there and linked, relative to ``relative_to`` (the Markdown file's folder) when given.
+    Without matplotlib the report says so and has no figures.
     """
     documents = [(Path(p), json.loads(Path(p).read_text())) for p in paths]
     lines = ["# fastradam benchmark report", "", LEGEND, ""]

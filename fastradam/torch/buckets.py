@@ -10,6 +10,7 @@ param groups beyond each segment's group index, nor of ``state_dict``.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 from fastradam import backends
 from fastradam.layout import FlatLayout
+from fastradam.options import GroupOptions
 from fastradam.plan import StepPlan
 
 #: Parameter dtypes the kernels implement.
@@ -57,6 +59,81 @@ def check_parameter(p: torch.Tensor, where: str) -> None:
         raise TypeError(f"{where} has layout {p.layout}; only dense (strided) parameters are supported")
     if p.device.type not in SUPPORTED_DEVICES:
         raise TypeError(f"{where} is on device {p.device}; supported devices are CPU and CUDA")
+
+
+class Changes:
+    """How many changes were made by hand to the containers that count them (:class:`StateEntry`,
+    and the optimizer's parameter lists), of any optimizer: a step that finds the count moved
+    looks at what changed; an unchanged step compares one number."""
+
+    count = 0
+
+
+def counts_changes(*names: str) -> Callable[[type], type]:
+    """A class decorator: each of the base class's mutating methods ``names`` also adds one to
+    :attr:`Changes.count` (constructing, reading and copying are not counted)."""
+    def counted(method: Callable) -> Callable:
+        def mutate(self: Any, *args: Any, **kwargs: Any) -> Any:
+            Changes.count += 1
+            return method(self, *args, **kwargs)
+        mutate.__name__, mutate.__qualname__, mutate.__doc__ = method.__name__, method.__qualname__, method.__doc__
+        return mutate
+
+    def decorate(cls: type) -> type:
+        for name in names:
+            setattr(cls, name, counted(getattr(cls.__mro__[1], name)))
+        return cls
+    return decorate
+
+
+@counts_changes("__setitem__", "__delitem__", "__ior__", "clear", "pop", "popitem", "setdefault", "update")
+class StateEntry(dict):
+    """One parameter's entry in ``optimizer.state`` (``step``, ``exp_avg``, ``exp_avg_sq``): a dict
+    that counts its changes, so a step notices a tensor replaced by hand without looking at it."""
+
+
+def scalar_dtype() -> torch.dtype:
+    """The dtype of the ``step`` counts, torch.optim.RAdam's rule (``_get_scalar_dtype``): float64 under
+    ``torch.set_default_dtype(torch.float64)``, float32 otherwise."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def check_state_entry(entry: Any, shape: Sequence[int], where: str) -> None:
+    """ValueError unless ``entry`` is torch.optim.RAdam's state of a parameter of ``shape``: a dict whose
+    ``exp_avg`` and ``exp_avg_sq`` are tensors of that shape and whose ``step`` is a number or a
+    one-element tensor. ``where`` names the entry in the message."""
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where} must be a dict of step, exp_avg and exp_avg_sq, got {type(entry).__name__}")
+    for name in ("exp_avg", "exp_avg_sq"):
+        value = entry.get(name)
+        if not isinstance(value, torch.Tensor) or value.shape != tuple(shape):
+            raise ValueError(f"{where}: {name} must be a tensor of shape {tuple(shape)}, "
+                             f"got {getattr(value, 'shape', type(value).__name__)}")
+    step = entry.get("step")
+    if not (isinstance(step, (torch.Tensor, numbers.Real)) and torch.as_tensor(step).numel() == 1):
+        raise ValueError(f"{where}: step must be a number or a one-element tensor")
+
+
+def memory_overlap(tensors: Sequence[torch.Tensor]) -> tuple[int, int] | None:
+    """The positions (in order) of two of ``tensors`` whose memory overlaps (e.g. two Parameter
+    objects over one storage, or views of one tensor), or None. Each tensor counts as the span from
+    its first to its last element; DTensors (their local shards live in their engine's storage) and
+    empty tensors are left out."""
+    spans = []
+    for k, t in enumerate(tensors):
+        if t.numel() == 0 or t.layout is not torch.strided or is_dtensor(t):
+            continue
+        start = t.data_ptr()
+        extent = (1 + sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))) * t.element_size()
+        spans.append((t.device.type, t.device.index if t.device.index is not None else -1, start, start + extent, k))
+    spans.sort()
+    previous = None
+    for device_type, index, start, end, k in spans:
+        if previous is not None and previous[:2] == (device_type, index) and start < previous[2]:
+            return min(previous[3], k), max(previous[3], k)
+        if previous is None or previous[:2] != (device_type, index) or end > previous[2]:
+            previous = (device_type, index, end, k)
+    return None
 
 
 def _stream(device: torch.device) -> Any:
@@ -120,8 +197,7 @@ class FlatBucket:
         self.exp_avg_flat = torch.zeros(self.layout.size, **kwargs)
         self.exp_avg_sq_flat = torch.zeros(self.layout.size, **kwargs)
         self.grad_flat: torch.Tensor | None = None
-        self.steps = torch.zeros(len(self.params), dtype=torch.float32,
-                                 device=self.device if capturable else "cpu")
+        self.steps = torch.zeros(len(self.params), dtype=scalar_dtype(), device=self.device if capturable else "cpu")
         #: Whether the optimizer's state holds an entry (views into these buffers) for each parameter.
         self.has_state = np.zeros(len(self.params), dtype=bool)
         self.param_views = [local_tensor(p) for p in self.params] if sharded else self.layout.unpack(self.param_flat)
@@ -153,8 +229,9 @@ class FlatBucket:
 
     # -- moving in ---------------------------------------------------------------------------
 
-    def adopt(self, state: Mapping[torch.Tensor, dict], grad_views: bool) -> None:
-        """Copy each parameter (and its state, if any) into the buffers and point ``p.data`` there.
+    def adopt(self, state: dict, entries: list, grad_views: bool) -> None:
+        """Copy each parameter (and its state, as :meth:`read_state` checked ``entries``) into the buffers
+        and point ``p.data`` there.
 
         ``state`` entries are replaced by views into the buffers. With ``grad_views``, existing
         gradients are copied into a flat gradient buffer too and ``p.grad`` become its views.
@@ -163,33 +240,71 @@ class FlatBucket:
             for i, p in enumerate(self.params):
                 self.param_views[i].copy_(p.data)
                 p.data = self.param_views[i]
-        self.load_state(state)
+        self.write_state(state, entries)
         if self.sharded:
             return
         if grad_views:
             self.adopt_grads(copy=True)
 
-    def load_state(self, state: Mapping[torch.Tensor, dict]) -> None:
-        """Refill moments and steps from ``state`` (copies, never aliases) and re-point its entries.
-
-        A parameter without state gets zero moments and step 0, as a fresh torch optimizer.
-        """
-        for i, p in enumerate(self.params):
+    def read_state(self, state: Mapping[torch.Tensor, Any]) -> list[Mapping | None]:
+        """Each parameter's entry in ``state``, checked (nothing written): None where it has none or
+        an empty one (it starts from fresh state at its next step, as torch's lazy initialisation)."""
+        entries = []
+        for p in self.params:
             entry = state.get(p)
-            if entry:
-                self.exp_avg_views[i].copy_(local_tensor(entry["exp_avg"]))
-                self.exp_avg_sq_views[i].copy_(local_tensor(entry["exp_avg_sq"]))
-                self.steps[i].copy_(torch.as_tensor(entry["step"]).reshape(()))
-                self.has_state[i] = True
+            if entry is not None and not (isinstance(entry, Mapping) and len(entry) == 0):
+                check_state_entry(entry, p.shape, f"optimizer state of {self.describe(p)}")
+                entries.append(entry)
             else:
+                entries.append(None)
+        return entries
+
+    def write_state(self, state: dict, entries: list[Mapping | None]) -> None:
+        """Copy the :meth:`read_state` ``entries`` into the moments and steps (zero moments and step 0
+        where None) and point each entry of ``state`` at views of them (other keys are kept): a
+        :class:`StateEntry` in place, any other dict through a new :class:`StateEntry` (an empty
+        entry too, so that filling it later counts as a change).
+
+        A value that already is the parameter's own view is not copied; one that views another part
+        of these buffers is read before anything is written.
+        """
+        ours = {t.untyped_storage().data_ptr() for t in (self.exp_avg_flat, self.exp_avg_sq_flat, self.steps)}
+
+        def source(value: Any, target: torch.Tensor) -> torch.Tensor | None:
+            value = local_tensor(value) if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+            value = value.reshape(target.shape)
+            if value.device == target.device and value.numel():
+                if (value.data_ptr(), value.stride(), value.dtype) == (target.data_ptr(), target.stride(),
+                                                                       target.dtype):
+                    return None  # this parameter's own view: nothing to copy
+                if value.untyped_storage().data_ptr() in ours:
+                    return value.clone()  # another parameter's view: read before any write
+            return value
+
+        copies = [(target, source(entry[name], target))
+                  for i, entry in enumerate(entries) if entry is not None
+                  for name, target in (("exp_avg", self.exp_avg_views[i]), ("exp_avg_sq", self.exp_avg_sq_views[i]),
+                                       ("step", self.steps[i]))]
+        for target, value in copies:
+            if value is not None:
+                target.copy_(value)
+        kept = set()
+        for i, (p, entry) in enumerate(zip(self.params, entries)):
+            self.has_state[i] = entry is not None
+            if entry is None:
                 self.exp_avg_views[i].zero_()
                 self.exp_avg_sq_views[i].zero_()
                 self.steps[i] = 0.0
-                self.has_state[i] = False
-        for i in np.flatnonzero(self.has_state):
-            state[self.params[i]] = self.state_entry(i)
+                empty = state.get(p)
+                if empty is not None and type(empty) is not StateEntry:
+                    state[p] = StateEntry()
+            elif type(entry) is StateEntry and id(entry) not in kept:  # (an entry shared by two: copied)
+                dict.update(entry, self.state_entry(i))  # in place, uncounted
+                kept.add(id(entry))
+            else:
+                state[p] = StateEntry({**entry, **self.state_entry(i)})
 
-    def state_entry(self, i: int) -> dict:
+    def state_entry(self, i: int) -> StateEntry:
         """Parameter ``i``'s optimizer state, in torch.optim.RAdam's format, as views into the buffers.
 
         For a DTensor parameter the moments are DTensors of its mesh and placements over the local
@@ -202,8 +317,8 @@ class FlatBucket:
             moments = [DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                           stride=p.stride())
                        for view in (self.exp_avg_views[i], self.exp_avg_sq_views[i])]
-            return {"step": self.steps[i], "exp_avg": moments[0], "exp_avg_sq": moments[1]}
-        return {"step": self.steps[i], "exp_avg": self.exp_avg_views[i], "exp_avg_sq": self.exp_avg_sq_views[i]}
+            return StateEntry(step=self.steps[i], exp_avg=moments[0], exp_avg_sq=moments[1])
+        return StateEntry(step=self.steps[i], exp_avg=self.exp_avg_views[i], exp_avg_sq=self.exp_avg_sq_views[i])
 
     def adopt_grads(self, copy: bool) -> None:
         """Point every existing ``p.grad`` at a view of the flat gradient buffer (allocated here).
@@ -316,14 +431,17 @@ class FlatBucket:
                 self.param_ptrs[i] = local.data_ptr()
                 self._tensors = None  # bound to the old shard
 
-    def prepare(self, active: np.ndarray, grads: list | None, groups: list[dict],
+    def prepare(self, active: np.ndarray, grads: list | None, groups: list[GroupOptions],
                 lrs: list[Any]) -> Callable[[], None]:
         """Every check of one fused step of the parameters in ``active`` (a checked
         :meth:`check_gradients`), and the step itself, not yet taken: calling it writes the
-        parameters and moments and advances the step counts. ``groups`` are the options of every
+        parameters and moments and advances the step counts. ``groups`` are the validated options of every
         param group (host lrs), ``lrs`` their learning rates as given (tensors where capturable)."""
-        if not active.any():
+        count = int(np.count_nonzero(active))
+        if count == 0:
             return _nothing
+        every = count == active.size
+        has_grad = None if every else active  # (the plan's own all-active mask)
         with _stream(self.device):
             if self.capturable:
                 return self._prepare_capturable(active, grads, groups, lrs)
@@ -334,10 +452,10 @@ class FlatBucket:
                 self.on_cpu and any(grad is not None and grad._base is not None for grad in grads))
             if grads is not None and not gather:
                 launch = self._tensor_plan(groups).prepare(
-                    steps=steps, has_grad=active, groups=groups,
+                    steps=steps, has_grad=has_grad, groups=groups,
                     grads=[None if grad is None else self._array(self._grad_tensor(grad)) for grad in grads])
             else:
-                launch = self._layout_plan(groups).prepare(steps=steps, has_grad=active, groups=groups)
+                launch = self._layout_plan(groups).prepare(steps=steps, has_grad=has_grad, groups=groups)
 
         def step() -> None:
             with _stream(self.device):
@@ -348,10 +466,9 @@ class FlatBucket:
                 self.steps_host += 1
             else:
                 self.steps_host[active] += 1
-        every = bool(active.all())
         return step
 
-    def _layout_plan(self, groups: list[dict]) -> StepPlan:
+    def _layout_plan(self, groups: list[GroupOptions]) -> StepPlan:
         """The plan over the flat buffers (gradients: the flat gradient buffer), bound once."""
         if self._plan is None:
             self._allocate_grad_flat()
@@ -359,7 +476,7 @@ class FlatBucket:
             self._plan = StepPlan(params, self.grad_array, exp_avg, exp_avg_sq, layout=self.layout, groups=groups)
         return self._plan
 
-    def _tensor_plan(self, groups: list[dict]) -> StepPlan:
+    def _tensor_plan(self, groups: list[GroupOptions]) -> StepPlan:
         """The plan over the parameter and moment views (the local shards for DTensors), gradients
         given at each step as they are (no copy); bound again when a local shard moved."""
         if self._tensors is None:
@@ -385,7 +502,7 @@ class FlatBucket:
         if pairs:
             torch._foreach_copy_([view for view, _ in pairs], [grad for _, grad in pairs])
 
-    def _prepare_capturable(self, active: np.ndarray, grads: list | None, groups: list[dict],
+    def _prepare_capturable(self, active: np.ndarray, grads: list | None, groups: list[GroupOptions],
                             lrs: list[Any]) -> Callable[[], None]:
         """capturable: the step counts advance on the device, then one launch over the flat buffers
         reads them (and any tensor lr) there; fresh gradients are gathered into the flat gradient

@@ -1,7 +1,7 @@
 """Explicit 16-lane AVX-512 code for the all-bfloat16 word loop, traced from the one element update.
 
 In the all-bfloat16 step the three exact roundings to bfloat16 (integer arithmetic, see
-:mod:`fastradam.backends.numba_storage`) are about 40 % of the arithmetic, and that storage is
+:mod:`fastradam.backends.numba.storage`) are about 40 % of the arithmetic, and that storage is
 the one whose arithmetic can fall behind the memory. CPUs with AVX512-BF16 round 32 floats in
 one instruction (``vcvtne2ps2bf16``), bit-exact for every value except two kinds: float32
 subnormals (flushed to zero) and NaNs (payload kept, not the canonical quiet NaN). LLVM's loop
@@ -33,8 +33,8 @@ import numpy as np
 from llvmlite import ir
 from numba.core import cgutils
 
-from fastradam.backends.numba_storage import pack_bfloat16_words, unpack_bfloat16_words
-from fastradam.backends.numba_target import compiled_features
+from fastradam.backends.numba.storage import pack_bfloat16_words, unpack_bfloat16_words
+from fastradam.backends.numba.target import compiled_features
 from fastradam.scalars import HOLD, MOMENTUM, RECTIFIED
 from fastradam.spec import SCALAR_FLOATS, SCALAR_INDEX
 

@@ -3,8 +3,9 @@
 One horizontal bar group per case (fastradam's, and each peer's measured in the same run), the
 roofline drawn at 1.0, and fastradam's share and speedups written beside its bar, so a reader
 sees at a glance how close to the memory roofline each case runs and by how much it beats the
-peers. It takes the report's :class:`report.Case` objects (anything with ``label``, ``share``,
-``peer_shares`` and ``speedups``); matplotlib (Agg) is imported only when a figure is drawn.
+peers. It takes the report's :class:`fastradam.bench.report.Case` objects (anything with
+``label``, ``share``, ``peer_shares`` and ``speedups``); matplotlib (Agg) is imported only when
+a figure is drawn.
 """
 
 from __future__ import annotations

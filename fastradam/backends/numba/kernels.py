@@ -1,4 +1,4 @@
-"""Numba CPU backend: one parallel, vectorised, in-place pass over NumPy buffers.
+"""The Numba backend's kernels: one parallel, vectorised, in-place pass over NumPy buffers.
 
 One kernel source serves every storage format and every entry point. Work is cut into blocks
 (``start, stop, row``): a flat buffer is one segment cut into :data:`BLOCK`-element blocks; a
@@ -10,11 +10,11 @@ step (rectified, no gradient scale, no ``maximize``, no L2 decay) runs a loop of
 those flags as constants: the same results with fewer instructions per element, which even a
 memory-bound step feels (fp32 16M: 0.87 -> 0.96 of the same-traffic kernel on a Zen 3 VM,
 paired). Each kernel asks LLVM for :data:`VECTOR_BITS`-wide vectors
-(:mod:`fastradam.backends.numba_target`): the CPU's widest, also on Intel server cores whose
+(:mod:`fastradam.backends.numba.target`): the CPU's widest, also on Intel server cores whose
 tuning alone would take 256 bits.
 
 Storage: float32/float64 buffers are used as they are; bfloat16 and float16 buffers arrive as
-``uint16``/``int16`` bit views (see :mod:`fastradam.backends.numba_storage`) and are widened
+``uint16``/``int16`` bit views (see :mod:`fastradam.backends.numba.storage`) and are widened
 to float32 for the math and rounded back (nearest-even) on store. With fp32 master weights the
 step reads and writes the master and writes the rounded 16-bit copy in the same pass. Numba
 specialises the kernel on the buffers' types (and on ``master`` being None), so each storage
@@ -23,22 +23,23 @@ elements per 32-bit word (same arithmetic, same roundings, bit for bit): widenin
 16-bit lanes costs about as much as the step's arithmetic, and that storage is the one where
 the arithmetic, not the memory, can set the pace (8 % faster on cache-resident buffers). On
 CPUs with AVX512-BF16 its words go 16 at a time through explicit vector code traced from
-:func:`_radam_element` (:mod:`fastradam.backends.numba_lanes`: the hardware rounding where it
+:func:`_radam_element` (:mod:`fastradam.backends.numba.bf16_lanes`: the hardware rounding where it
 is exact, 1.40x faster again on cache-resident buffers); the last few words take the loop here.
 """
 
 from __future__ import annotations
 
-import functools
 import sys
-from typing import Callable, Sequence
 
 import numpy as np
+import numba
+from llvmlite import ir
 from numba import carray, njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from fastradam.backends import numba_lanes
-from fastradam.backends.numba_storage import (
+from fastradam.backends.numba import bf16_lanes
+from fastradam.backends.numba.storage import (
     BFLOAT16_BITS,
     FLOAT16_BITS,
     bfloat16_pair,
@@ -47,18 +48,21 @@ from fastradam.backends.numba_storage import (
     load,
     store,
 )
-from fastradam.backends.numba_target import prefer_vector_width
-from fastradam.layout import SegmentArrays, tiles
+from fastradam.backends.numba.target import prefer_vector_width
 from fastradam.scalars import HOLD, RECTIFIED
 from fastradam.spec import SCALAR_FLOATS, SCALAR_INDEX, SCALAR_INTS
 
 #: Elements per block: 64K float32 is 256 KiB per buffer, enough work to amortise a block's
 #: setup and small enough to balance two or more threads on a 1M-element buffer.
 BLOCK = 1 << 16
+#: Launches of at most this many elements run on the calling thread alone: one block of work, which
+#: no second thread could share, so waking the pool (and waiting at its barrier for a thread the OS
+#: has descheduled, milliseconds on a busy machine) buys nothing.
+SERIAL_UP_TO = BLOCK
 #: The vector width the kernels ask LLVM for (:func:`prefer_vector_width`): 512 bits where the
 #: CPU has them, also where LLVM's tuning prefers 256 (Sapphire/Emerald Rapids; the in-cache
 #: float32 step ran 1.2x faster with 512 on Emerald Rapids), the CPU's widest elsewhere, and
-#: LLVM's 256 on the cores that downclock under 512-bit work (``numba_target.DOWNCLOCKING_CORES``).
+#: LLVM's 256 on the cores that downclock under 512-bit work (``target.DOWNCLOCKING_CORES``).
 VECTOR_BITS = 512
 #: The bit-view dtype each 16-bit storage format travels as.
 BIT_VIEWS = {"bfloat16": BFLOAT16_BITS, "float16": FLOAT16_BITS}
@@ -73,7 +77,7 @@ _ONE_MINUS_BETA1, _BETA2, _ONE_MINUS_BETA2, _EPS, _EPS_ROOT, _L2_WEIGHT_DECAY, _
 def _radam_element(p, g, m, v, scalars):
     """One element of the RAdam update (see ``StepScalars``); returns the new ``(p, m, v)``.
 
-    Also traced on vector lanes by :mod:`fastradam.backends.numba_lanes`: use only ``+ - * /``,
+    Also traced on vector lanes by :mod:`fastradam.backends.numba.bf16_lanes`: use only ``+ - * /``,
     unary minus, ``np.sqrt`` and branches on the flags or on ``scalar != 0``."""
     g = g * scalars[_INV_GRAD_SCALE]
     if scalars[_NEGATE_GRAD]:
@@ -191,22 +195,22 @@ def _radam_element_loop(p_view, g_view, m_view, v_view, master_view, scalars):
 
 @intrinsic
 def _radam_word_vectors(typingctx, p_words, g_words, m_words, v_words, scalars):
-    """The explicit AVX-512 loop of :mod:`fastradam.backends.numba_lanes` over the leading words,
+    """The explicit AVX-512 loop of :mod:`fastradam.backends.numba.bf16_lanes` over the leading words,
     :func:`_radam_element` traced into it; returns how many words it stepped."""
     def codegen(context, builder, signature, args):
-        return numba_lanes.emit_word_vectors(context, builder, signature, args, _radam_element.py_func)
+        return bf16_lanes.emit_word_vectors(context, builder, signature, args, _radam_element.py_func)
 
     return types.intp(p_words, g_words, m_words, v_words, scalars), codegen
 
 
 def _leading_word_vectors(p_words, g_words, m_words, v_words, scalars):
-    """Step the leading words 16 at a time where the CPU can (see ``numba_lanes``; not with an
+    """Step the leading words 16 at a time where the CPU can (see ``bf16_lanes``; not with an
     eps_root); return how many."""
 
 
 @overload(_leading_word_vectors, inline="always")
 def _leading_word_vectors_impl(p_words, g_words, m_words, v_words, scalars):
-    if numba_lanes.available() and all(a.layout == "C" for a in (p_words, g_words, m_words, v_words)):
+    if bf16_lanes.available() and all(a.layout == "C" for a in (p_words, g_words, m_words, v_words)):
         def vectors(p_words, g_words, m_words, v_words, scalars):
             if scalars[_EPS_ROOT] != 0:  # the traced variants leave eps_root out
                 return 0
@@ -300,29 +304,77 @@ def _radam_range(params, grads, exp_avg, exp_avg_sq, master, start, stop, floats
                  _window(master, start, stop), _row_scalars(floats, ints, row))
 
 
+numba.get_num_threads()  # starts the threading layer, which defines the symbols called below
+
+
+@intrinsic
+def get_num_threads(typingctx):
+    """``numba.get_num_threads()`` by the threading layer's symbol, not Numba's ctypes global
+    (which would keep the kernels out of the disk cache)."""
+    def codegen(context, builder, signature, args):  # declared as Numba's parallel loops declare it
+        function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(cgutils.intp_t, []),
+                                                  "get_num_threads")
+        return builder.call(function, [])
+    return types.intp(), codegen
+
+
+@intrinsic
+def set_num_threads(typingctx, count):
+    """``numba.set_num_threads(count)`` for this thread's next parallel loops, by the threading
+    layer's symbol (as :func:`get_num_threads`)."""
+    def codegen(context, builder, signature, args):  # the C function takes an int
+        function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(32)]),
+                                                  "set_num_threads")
+        builder.call(function, [builder.trunc(args[0], ir.IntType(32))])
+        return context.get_dummy_value()
+    if not isinstance(count, types.Integer) or count.bitwidth < 32:
+        return None
+    return types.void(count), codegen
+
+
+@njit(inline="always")
+def _threads(serial):
+    """The thread count so far, and from here on one thread alone when ``serial``
+    (:data:`SERIAL_UP_TO`); the caller restores the count after its loop."""
+    threads = get_num_threads()
+    if serial:
+        set_num_threads(1)
+    return threads
+
+
 @njit(parallel=True, cache=True, fastmath=False)
-def _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, block_start, block_stop, block_row, floats, ints):
+def _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, block_start, block_stop, block_row, floats, ints,
+                  serial):
+    threads = _threads(serial)
     for b in prange(block_start.size):
         prefer_vector_width(VECTOR_BITS)
         row = block_row[b]
         if row >= 0:
             _radam_range(params, grads, exp_avg, exp_avg_sq, master, block_start[b], block_stop[b],
                          floats, ints, row)
+    set_num_threads(threads)
+
+
+@njit(inline="always")
+def _non_finite_count(view):
+    """How many elements of ``view`` are NaN or infinite."""
+    found = 0
+    for i in range(view.size):
+        if not is_finite(view[i]):
+            found += 1
+    return found
 
 
 @njit(parallel=True, cache=True)
-def _non_finite_blocks(grads, block_start, block_stop, block_row):
+def _non_finite_blocks(grads, block_start, block_stop, block_row, serial):
     """How many gradient elements of the active blocks are NaN or infinite (a read-only pass)."""
+    threads = _threads(serial)
     count = 0
     for b in prange(block_start.size):
         prefer_vector_width(VECTOR_BITS)
-        found = 0
         if block_row[b] >= 0:
-            view = grads[block_start[b]:block_stop[b]]
-            for i in range(view.size):
-                if not is_finite(view[i]):
-                    found += 1
-        count += found
+            count += _non_finite_count(grads[block_start[b]:block_stop[b]])
+    set_num_threads(threads)
     return count
 
 
@@ -349,25 +401,24 @@ def _tensor_impl(addresses, t, column, n, like):
 
 
 @njit(parallel=True, cache=True)
-def _non_finite_tensor_blocks(addresses, block_start, block_stop, block_tensor, tensor_row, g_like):
+def _non_finite_tensor_blocks(addresses, block_start, block_stop, block_tensor, tensor_row, g_like, serial):
     """How many gradient elements of the active tensors' blocks are NaN or infinite (read only)."""
+    threads = _threads(serial)
     count = 0
     for b in prange(block_start.size):
         prefer_vector_width(VECTOR_BITS)
-        found = 0
         t = block_tensor[b]
         if tensor_row[t] >= 0:
-            view = carray(_array_at(addresses[t, 1], block_stop[b], g_like), block_stop[b])[block_start[b]:]
-            for i in range(view.size):
-                if not is_finite(view[i]):
-                    found += 1
-        count += found
+            count += _non_finite_count(carray(_array_at(addresses[t, 1], block_stop[b], g_like),
+                                              block_stop[b])[block_start[b]:])
+    set_num_threads(threads)
     return count
 
 
 @njit(parallel=True, cache=True, fastmath=False)
 def _radam_tensor_blocks(addresses, sizes, block_start, block_stop, block_tensor, tensor_row, floats, ints,
-                         p_like, g_like, m_like, master_like):
+                         p_like, g_like, m_like, master_like, serial):
+    threads = _threads(serial)
     for b in prange(block_start.size):
         prefer_vector_width(VECTOR_BITS)
         t = block_tensor[b]
@@ -378,136 +429,4 @@ def _radam_tensor_blocks(addresses, sizes, block_start, block_stop, block_tensor
                          _tensor(addresses, t, 2, n, m_like), _tensor(addresses, t, 3, n, m_like),
                          _tensor(addresses, t, 4, n, master_like), block_start[b], block_stop[b],
                          floats, ints, row)
-
-
-def blocks(offsets: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(start, stop, segment)`` columns of the :data:`BLOCK`-element tiles of the given ranges."""
-    table = tiles(offsets, sizes, BLOCK)
-    return tuple(np.ascontiguousarray(table[:, k]) for k in range(3))
-
-
-@functools.lru_cache(maxsize=16)
-def _flat_blocks(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    start, stop, segment = blocks(np.zeros(1, np.int64), np.array([size]))
-    for a in (start, stop, segment):
-        a.flags.writeable = False
-    return start, stop, segment.astype(np.int32)
-
-
-@functools.lru_cache(maxsize=64)
-def _storage_name(dtype: np.dtype) -> str:
-    name = dtype.name
-    return name if dtype.isnative else f"{name} (non-native byte order)"
-
-
-def storage_of(obj: np.ndarray) -> str:
-    """The storage format of a NumPy array: its dtype's name (``bfloat16`` for ml_dtypes'), marked
-    when the byte order is not the machine's (the kernels read native values only)."""
-    return _storage_name(obj.dtype)
-
-
-@functools.lru_cache(maxsize=64)
-def _bit_view(dtype: np.dtype) -> np.dtype | None:
-    view = BIT_VIEWS.get(dtype.name)
-    return None if view is None else np.dtype(view)
-
-
-def as_array(obj: np.ndarray) -> np.ndarray:
-    """The array the kernels take, zero-copy: a plain ndarray (a subclass such as ``np.matrix``
-    or ``np.memmap`` is viewed as one), as the bit view of a 16-bit float array."""
-    plain = obj if type(obj) is np.ndarray else obj.view(np.ndarray)
-    view = _bit_view(obj.dtype)
-    return plain if view is None else plain.view(view)
-
-
-def as_arrays(objects: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """:func:`as_array` of each object."""
-    return [as_array(obj) for obj in objects]
-
-
-def stream_order(objects: Sequence[np.ndarray]) -> None:
-    """Host arrays need no ordering before a launch (the steps run synchronously)."""
-
-
-def check_devices(arrays: Sequence[np.ndarray], names: Sequence[str] = ()) -> None:
-    """Host arrays all live in one memory space: nothing to check."""
-
-
-def _flat(array: np.ndarray | None) -> np.ndarray | None:
-    return array if array is None or array.ndim == 1 else array.reshape(-1)
-
-
-def _skipped(found_inf: bool, check_finite: bool, grads: np.ndarray, start: np.ndarray, stop: np.ndarray,
-             rows: np.ndarray) -> bool:
-    """A step is skipped when ``found_inf`` is set, or when asked to check and an active
-    gradient element is NaN/inf (one read-only pass, before anything is written)."""
-    return bool(found_inf) or (check_finite and _non_finite_blocks(grads, start, stop, rows) > 0)
-
-
-#: This backend steps with host scalars only: no device step counts (torch's ``capturable``).
-CAPTURABLE = False
-
-
-def bind_flat(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
-              master: np.ndarray | None = None) -> Callable[..., None]:
-    """A launcher of steps over validated buffers (any shape, flat in memory):
-    ``launch(floats, ints, found_inf, check_finite)`` with one-row tables. Everything that
-    depends only on the buffers (flat views, the block table) is settled here, once."""
-    start, stop, row = _flat_blocks(params.size)
-    params, grads, exp_avg, exp_avg_sq, master = (_flat(a) for a in (params, grads, exp_avg, exp_avg_sq, master))
-
-    def launch(floats: np.ndarray, ints: np.ndarray, found_inf: bool = False, check_finite: bool = False) -> None:
-        if not _skipped(found_inf, check_finite, grads, start, stop, row):
-            _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, start, stop, row, floats, ints)
-    return launch
-
-
-def bind_segments(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
-                  segments: SegmentArrays, master: np.ndarray | None = None) -> Callable[..., None]:
-    """A launcher of steps over the segments of flat buffers:
-    ``launch(segment_row, floats, ints, found_inf, check_finite)``, segment ``i`` with row
-    ``segment_row[i]`` (< 0: skipped). The block table is cut here, once."""
-    start, stop, segment = blocks(segments.offsets, segments.sizes)
-
-    def launch(segment_row: np.ndarray, floats: np.ndarray, ints: np.ndarray, found_inf: bool = False,
-               check_finite: bool = False) -> None:
-        rows = segment_row[segment]
-        if not _skipped(found_inf, check_finite, grads, start, stop, rows):
-            _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, start, stop, rows, floats, ints)
-    return launch
-
-
-def _address(array: np.ndarray) -> int:
-    return array.__array_interface__["data"][0]
-
-
-def bind_tensors(params: list[np.ndarray], grads: list[np.ndarray] | None, exp_avg: list[np.ndarray],
-                 exp_avg_sq: list[np.ndarray], master: list[np.ndarray] | None = None) -> Callable[..., None]:
-    """A launcher of steps over lists of separate tensors, through one table of their addresses:
-    ``launch(tensor_row, floats, ints, found_inf, check_finite, grads=None)``, tensor ``i`` with
-    row ``tensor_row[i]`` (< 0: skipped); ``grads`` (validated arrays) replaces the bound
-    gradients for one step (needed when none were bound). The address, size and block tables
-    are built here, once."""
-    roles = [params, grads or [None] * len(params), exp_avg, exp_avg_sq] + ([] if master is None else [master])
-    addresses = np.array([[0 if a is None else _address(a) for a in tensor] for tensor in zip(*roles)],
-                         dtype=np.int64).reshape(-1, len(roles))
-    sizes = np.array([a.size for a in params], dtype=np.int64)
-    start, stop, tensor = blocks(np.zeros_like(sizes), sizes)
-    p_like, m_like = (np.empty(0, dtype=x[0].dtype) for x in (params, exp_avg))
-    bound_g_like = None if grads is None else np.empty(0, dtype=grads[0].dtype)
-    master_like = None if master is None else np.empty(0, dtype=master[0].dtype)
-
-    def launch(tensor_row: np.ndarray, floats: np.ndarray, ints: np.ndarray, found_inf: bool = False,
-               check_finite: bool = False, grads: list[np.ndarray] | None = None) -> None:
-        if not params or found_inf:
-            return
-        table, g_like = addresses, bound_g_like
-        if grads is not None:
-            table = addresses.copy()
-            table[:, 1] = [0 if g is None else _address(g) for g in grads]
-            g_like = np.empty(0, dtype=next(g for g in grads if g is not None).dtype)
-        if check_finite and _non_finite_tensor_blocks(table, start, stop, tensor, tensor_row, g_like) > 0:
-            return
-        _radam_tensor_blocks(table, sizes, start, stop, tensor, tensor_row, floats, ints, p_like, g_like, m_like,
-                             master_like)
-    return launch
+    set_num_threads(threads)

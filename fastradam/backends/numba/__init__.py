@@ -1,0 +1,162 @@
+"""The Numba backend: NumPy buffers on the CPU (:mod:`fastradam.backends` describes the protocol).
+
+Its rooms: :mod:`.kernels` (the element update, the block loops, the address-table loops, the
+non-finite passes), :mod:`.storage` (16-bit bit conversions), :mod:`.bf16_lanes` (the explicit
+AVX-512 all-bfloat16 loop), :mod:`.target` (the CPU compiled for and the vector width asked).
+This face binds validated buffers into launchers: everything that depends only on the buffers
+(flat views, block and address tables) is settled once, at bind time.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import numpy as np
+
+from fastradam.backends.numba.kernels import (
+    BIT_VIEWS,
+    BLOCK,
+    SERIAL_UP_TO,
+    _non_finite_blocks,
+    _non_finite_tensor_blocks,
+    _radam_blocks,
+    _radam_tensor_blocks,
+)
+from fastradam.layout import SegmentArrays, tiles
+
+
+def blocks(offsets: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(start, stop, segment)`` columns of the :data:`BLOCK`-element tiles of the given ranges."""
+    table = tiles(offsets, sizes, BLOCK)
+    return tuple(np.ascontiguousarray(table[:, k]) for k in range(3))
+
+
+@functools.lru_cache(maxsize=16)
+def _flat_blocks(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    start, stop, segment = blocks(np.zeros(1, np.int64), np.array([size]))
+    for a in (start, stop, segment):
+        a.flags.writeable = False
+    return start, stop, segment.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _storage_name(dtype: np.dtype) -> str:
+    name = dtype.name
+    return name if dtype.isnative else f"{name} (non-native byte order)"
+
+
+def storage_of(obj: np.ndarray) -> str:
+    """The storage format of a NumPy array: its dtype's name (``bfloat16`` for ml_dtypes'), marked
+    when the byte order is not the machine's (the kernels read native values only)."""
+    return _storage_name(obj.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _bit_view(dtype: np.dtype) -> np.dtype | None:
+    view = BIT_VIEWS.get(dtype.name)
+    return None if view is None else np.dtype(view)
+
+
+def as_array(obj: np.ndarray) -> np.ndarray:
+    """The array the kernels take, zero-copy: a plain ndarray (a subclass such as ``np.matrix``
+    or ``np.memmap`` is viewed as one), as the bit view of a 16-bit float array."""
+    plain = obj if type(obj) is np.ndarray else obj.view(np.ndarray)
+    view = _bit_view(obj.dtype)
+    return plain if view is None else plain.view(view)
+
+
+def as_arrays(objects: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """:func:`as_array` of each object."""
+    return [as_array(obj) for obj in objects]
+
+
+def stream_order(objects: Sequence[np.ndarray]) -> None:
+    """Host arrays need no ordering before a launch (the steps run synchronously)."""
+
+
+def check_devices(arrays: Sequence[np.ndarray], names: Sequence[str] = ()) -> None:
+    """Host arrays all live in one memory space: nothing to check."""
+
+
+def _flat(array: np.ndarray | None) -> np.ndarray | None:
+    return array if array is None or array.ndim == 1 else array.reshape(-1)
+
+
+def _skipped(found_inf: bool, check_finite: bool, grads: np.ndarray, start: np.ndarray, stop: np.ndarray,
+             rows: np.ndarray, serial: bool) -> bool:
+    """A step is skipped when ``found_inf`` is set, or when asked to check and an active
+    gradient element is NaN/inf (one read-only pass, before anything is written)."""
+    return bool(found_inf) or (check_finite and _non_finite_blocks(grads, start, stop, rows, serial) > 0)
+
+
+#: This backend steps with host scalars only: no device step counts (torch's ``capturable``).
+CAPTURABLE = False
+
+
+def bind_flat(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
+              master: np.ndarray | None = None) -> Callable[..., None]:
+    """A launcher of steps over validated buffers (any shape, flat in memory):
+    ``launch(floats, ints, found_inf, check_finite)`` with one-row tables. Everything that
+    depends only on the buffers (flat views, the block table) is settled here, once."""
+    start, stop, row = _flat_blocks(params.size)
+    serial = params.size <= SERIAL_UP_TO
+    params, grads, exp_avg, exp_avg_sq, master = (_flat(a) for a in (params, grads, exp_avg, exp_avg_sq, master))
+
+    def launch(floats: np.ndarray, ints: np.ndarray, found_inf: bool = False, check_finite: bool = False) -> None:
+        if not _skipped(found_inf, check_finite, grads, start, stop, row, serial):
+            _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, start, stop, row, floats, ints, serial)
+    return launch
+
+
+def bind_segments(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
+                  segments: SegmentArrays, master: np.ndarray | None = None) -> Callable[..., None]:
+    """A launcher of steps over the segments of flat buffers:
+    ``launch(segment_row, floats, ints, found_inf, check_finite)``, segment ``i`` with row
+    ``segment_row[i]`` (< 0: skipped). The block table is cut here, once."""
+    start, stop, segment = blocks(segments.offsets, segments.sizes)
+    serial = int(segments.sizes.sum()) <= SERIAL_UP_TO
+
+    def launch(segment_row: np.ndarray, floats: np.ndarray, ints: np.ndarray, found_inf: bool = False,
+               check_finite: bool = False) -> None:
+        rows = segment_row[segment]
+        if not _skipped(found_inf, check_finite, grads, start, stop, rows, serial):
+            _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, start, stop, rows, floats, ints, serial)
+    return launch
+
+
+def _address(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
+
+
+def bind_tensors(params: list[np.ndarray], grads: list[np.ndarray] | None, exp_avg: list[np.ndarray],
+                 exp_avg_sq: list[np.ndarray], master: list[np.ndarray] | None = None) -> Callable[..., None]:
+    """A launcher of steps over lists of separate tensors, through one table of their addresses:
+    ``launch(tensor_row, floats, ints, found_inf, check_finite, grads=None)``, tensor ``i`` with
+    row ``tensor_row[i]`` (< 0: skipped); ``grads`` (validated arrays) replaces the bound
+    gradients for one step (needed when none were bound). The address, size and block tables
+    are built here, once."""
+    roles = [params, grads or [None] * len(params), exp_avg, exp_avg_sq] + ([] if master is None else [master])
+    addresses = np.array([[0 if a is None else _address(a) for a in tensor] for tensor in zip(*roles)],
+                         dtype=np.int64).reshape(-1, len(roles))
+    sizes = np.array([a.size for a in params], dtype=np.int64)
+    start, stop, tensor = blocks(np.zeros_like(sizes), sizes)
+    serial = int(sizes.sum()) <= SERIAL_UP_TO
+    p_like, m_like = (np.empty(0, dtype=x[0].dtype) for x in (params, exp_avg))
+    bound_g_like = None if grads is None else np.empty(0, dtype=grads[0].dtype)
+    master_like = None if master is None else np.empty(0, dtype=master[0].dtype)
+
+    def launch(tensor_row: np.ndarray, floats: np.ndarray, ints: np.ndarray, found_inf: bool = False,
+               check_finite: bool = False, grads: list[np.ndarray] | None = None) -> None:
+        if not params or found_inf:
+            return
+        table, g_like = addresses, bound_g_like
+        if grads is not None:
+            table = addresses.copy()
+            table[:, 1] = [0 if g is None else _address(g) for g in grads]
+            g_like = np.empty(0, dtype=next(g for g in grads if g is not None).dtype)
+        if check_finite and _non_finite_tensor_blocks(table, start, stop, tensor, tensor_row, g_like, serial) > 0:
+            return
+        _radam_tensor_blocks(table, sizes, start, stop, tensor, tensor_row, floats, ints, p_like, g_like, m_like,
+                             master_like, serial)
+    return launch
