@@ -11,7 +11,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from fastradam.storage import FORMAT_OF_VIEW, check_storage
+
 _BITS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _format(array: np.ndarray) -> str:
+    """The storage format of an array or of its kernel bit view."""
+    return FORMAT_OF_VIEW.get(array.dtype, array.dtype.name)
 
 
 def _bits(array: np.ndarray) -> np.ndarray:
@@ -48,9 +55,6 @@ def same_traffic_step(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray
 
 def bytes_per_element(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
                       master: np.ndarray | None = None) -> int:
-    """Bytes one step moves per element: read g, m, v and p (or the master instead of p), write p, m, v
-    (and the master)."""
-    moments = 2 * 2 * exp_avg.itemsize
-    if master is None:
-        return 2 * params.itemsize + grads.itemsize + moments
-    return params.itemsize + 2 * master.itemsize + grads.itemsize + moments
+    """Bytes one step moves per element (:attr:`fastradam.storage.Storage.step_bytes`)."""
+    return check_storage(tuple(_format(a) for a in (params, grads, exp_avg, exp_avg_sq)),
+                         master=None if master is None else _format(master)).step_bytes

@@ -14,7 +14,7 @@ import fastradam
 from fastradam.bench.machine import cpu_model
 from fastradam.reference import reference_step
 from peers import STEADY_STEP, torch_optimizer_step
-from roofline import same_traffic_step
+from roofline import bytes_per_element, same_traffic_step
 
 MEBI = 2**20
 SIZES = (1 * MEBI, 16 * MEBI, 64 * MEBI)
@@ -61,7 +61,7 @@ def test_step(benchmark, implementation, n, dtype):
     benchmark.group = f"{np.dtype(dtype).name} N={n // MEBI}M"
     benchmark.extra_info.update(
         implementation=implementation, n=n, dtype=np.dtype(dtype).name, device=f"cpu: {cpu_model()}",
-        bytes_per_element=7 * np.dtype(dtype).itemsize,
+        bytes_per_element=bytes_per_element(*buffers[:4]),
     )
     benchmark.pedantic(step, rounds=_rounds(implementation, n), warmup_rounds=1)
 

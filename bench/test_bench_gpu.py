@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import fastradam
+from fastradam.storage import Storage
 from peers import STEADY_STEP, torch_optimizer_step
 
 pytestmark = pytest.mark.gpu  # skipped without a device by the root conftest.py
@@ -211,9 +212,8 @@ def mixed_label(combo) -> str:
 
 
 def mixed_bytes_per_element(combo) -> int:
-    """Read g, m, v and p (or the master instead of p); write p, m, v (and the master)."""
-    params, grads, moments = (_ITEMSIZE[name] for name in combo[:3])
-    return params + (8 if combo[3] else params) + grads + 4 * moments
+    """Bytes one step moves per element (:attr:`fastradam.storage.Storage.step_bytes`)."""
+    return Storage(*combo[:3], bool(combo[3])).step_bytes
 
 
 def mixed_buffers(n: int, combo):

@@ -88,6 +88,14 @@ class Storage:
         return np.dtype(np.float64 if self.params == "float64" else np.float32)
 
     @property
+    def step_bytes(self) -> int:
+        """Bytes one step moves per element (the benchmarks' traffic): it reads g, m, v and p (the
+        master instead of p when there is one) and writes p, m, v (and the master)."""
+        params, grads, moments = (FORMATS[f].itemsize for f in (self.params, self.grads, self.moments))
+        master = FORMATS["float32"].itemsize
+        return params + (2 * master if self.master else params) + grads + 4 * moments
+
+    @property
     def short(self) -> str:
         """An id such as ``bf16_bf16_f32_master``."""
         names = "_".join(FORMATS[f].short for f in (self.params, self.grads, self.moments))

@@ -73,6 +73,16 @@ def test_step_scalars_are_the_table_columns_in_order():
     assert spec.SCALAR_FLOATS[-1] == "inv_grad_scale"
 
 
+def test_step_bytes_count_each_buffer_read_and_written():
+    """The traffic the benchmarks divide by: fp32 28 B per element, float64 56, the fp32-master
+    path over bf16 params 28 (the compact-master issue's baseline), all-bfloat16 14."""
+    assert Storage("float32", "float32", "float32").step_bytes == 28
+    assert Storage("float64", "float64", "float64").step_bytes == 56
+    assert Storage("bfloat16", "bfloat16", "float32", True).step_bytes == 28
+    assert Storage("bfloat16", "bfloat16", "bfloat16").step_bytes == 14
+    assert Storage("float16", "float32", "bfloat16", True).step_bytes == 2 + 8 + 4 + 8
+
+
 def test_every_option_is_a_group_field():
     fields = set(options.GroupOptions.__dataclass_fields__)
     for option in options.OPTIONS:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import collections
 import copy
+import gc
 import io
 import pickle
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -181,6 +183,23 @@ def test_swapped_state_tensors_of_two_parameters_are_read_before_written():
     assert_same_state(torch_opt, fused_opt)
 
 
+def test_state_tensors_swapped_between_two_buffers_are_read_before_written():
+    """float32 and float64 parameters live in two buckets: the swap is read from both before either writes."""
+    a, b = torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    optimizer = ft.RAdam([a, b])
+    for _ in range(2):
+        a.grad, b.grad = torch.ones_like(a), torch.full_like(b, -2.0)
+        optimizer.step()
+    assert len(optimizer._buckets) == 2
+    first, second = (optimizer.state[p] for p in (a, b))
+    before = first["exp_avg"].clone(), second["exp_avg"].clone()
+    first["exp_avg"], second["exp_avg"] = second["exp_avg"], first["exp_avg"]
+    a.grad = b.grad = None
+    optimizer.step()  # follows the swap (no gradient: nothing stepped)
+    assert torch.equal(optimizer.state[a]["exp_avg"], before[1].float())
+    assert torch.equal(optimizer.state[b]["exp_avg"], before[0].double())
+
+
 def test_an_assigned_state_tensor_of_the_wrong_shape_is_refused_before_any_write():
     model = make_model()
     optimizer = build(ft.RAdam, model)
@@ -191,6 +210,57 @@ def test_an_assigned_state_tensor_of_the_wrong_shape_is_refused_before_any_write
                                          r"a tensor of shape \(8, 4\)"):
         train(model, optimizer, 1)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def snapshot(optimizer):
+    return [t.clone() for b in optimizer._buckets for t in (b.param_flat, b.exp_avg_flat, b.exp_avg_sq_flat, b.steps)]
+
+
+def test_a_refused_option_or_gradient_leaves_a_change_made_by_hand_unfollowed():
+    model = make_model()
+    optimizer = build(ft.RAdam, model)
+    train(model, optimizer, 2)
+    buckets, before = optimizer._buckets, snapshot(optimizer)
+    assigned = torch.full((8, 4), 0.5, dtype=torch.float64)
+    optimizer.state[model[0].weight]["exp_avg"] = assigned
+    optimizer.param_groups[1]["lr"] = -1.0
+    with pytest.raises(ValueError, match=r"groups\[1\]\.lr must be finite and >= 0"):
+        optimizer.step()
+    optimizer.param_groups[1]["lr"] = 3e-3
+    model[2].bias.grad = torch.ones(1, dtype=torch.float64).to_sparse()
+    with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['params'\]\[1\] has a sparse gradient"):
+        optimizer.step()
+    assert optimizer.state[model[0].weight]["exp_avg"] is assigned  # not copied in yet
+    extra = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    optimizer.param_groups[0]["params"].append(extra)
+    with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['params'\]\[1\] has a sparse gradient"):
+        optimizer.step()
+    assert optimizer._buckets is buckets and extra not in optimizer.state  # not repacked
+    assert all(map(torch.equal, before, snapshot(optimizer)))
+    optimizer.zero_grad()
+    optimizer.step()  # fixed: the changes are followed (no gradient: nothing stepped)
+    assert torch.equal(optimizer.state[model[0].weight]["exp_avg"], assigned) and optimizer._buckets is not buckets
+
+
+def test_a_change_by_hand_to_one_optimizer_leaves_another_alone(monkeypatch):
+    """Each optimizer counts its own changes; an entry of one assigned into another is copied, not re-pointed."""
+    models = make_model(), make_model(seed=1)
+    first, second = (build(ft.RAdam, model) for model in models)
+    for model, optimizer in zip(models, (first, second)):
+        train(model, optimizer, 1)
+    calls = []
+    follow = second._follow
+    monkeypatch.setattr(second, "_follow", lambda *args, **kwargs: (calls.append(args), follow(*args, **kwargs)))
+    first.state[models[0][0].bias]["exp_avg"] = torch.zeros(8, dtype=torch.float64)
+    first.param_groups[0]["params"].append(models[0][2].weight)
+    train(models[1], second, 1)
+    assert calls == []
+    entry = first.state[models[0][0].weight]
+    second.state[models[1][0].weight] = entry
+    train(models[1], second, 1)
+    assert len(calls) == 1 and second.state[models[1][0].weight] is not entry
+    storage = first._buckets[0].exp_avg_flat.untyped_storage().data_ptr()
+    assert entry["exp_avg"].untyped_storage().data_ptr() == storage  # still the first optimizer's
 
 
 # -- copies ------------------------------------------------------------------------------------
@@ -256,6 +326,23 @@ def test_saved_or_pickled_optimizer_resumes_identically(how):
     assert loaded.state_dict()["state"][0]["step"].item() == 7
 
 
+def test_a_pickled_optimizer_writes_its_state_tensors_once():
+    """pickle writes a view's whole storage for each view: the state goes as compact copies."""
+    params = [torch.nn.Parameter(torch.randn(1024, dtype=torch.float64)) for _ in range(8)]
+    optimizer = ft.RAdam(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    moments = 2 * sum(p.numel() * p.element_size() for p in params)
+    # (the parameters are pickled as they are: each one's .data views the whole flat parameter buffer)
+    state = len(pickle.dumps(optimizer)) - len(pickle.dumps(params))
+    assert state < 1.5 * moments
+    loaded = pickle.loads(pickle.dumps(optimizer))
+    assert all(torch.equal(a, b) for entries in zip(optimizer.state_dict()["state"].values(),
+                                                    loaded.state_dict()["state"].values())
+               for a, b in zip(*(entry.values() for entry in entries)))
+
+
 def test_shallow_copy_shares_groups_state_and_buffers_as_torch():
     model = make_model()
     optimizer = build(ft.RAdam, model)
@@ -265,6 +352,20 @@ def test_shallow_copy_shares_groups_state_and_buffers_as_torch():
     train(model, shallow, 2)
     train(model, optimizer, 2)  # the original still steps the same parameters
     assert optimizer.state[model[0].weight]["step"].item() == 6
+
+
+def test_a_shallow_copy_and_its_original_follow_a_repack_made_through_either():
+    reference, fused = make_model(), make_model()
+    torch_opt = build(torch.optim.RAdam, reference, [reference[0].weight, reference[0].bias])
+    fused_opt = build(ft.RAdam, fused, [fused[0].weight, fused[0].bias])
+    torch_copy, fused_copy = copy.copy(torch_opt), copy.copy(fused_opt)
+    for model, optimizer in ((reference, torch_opt), (fused, fused_opt)):
+        optimizer.param_groups[0]["params"].append(model[2].weight)
+    for model, optimizers in ((reference, (torch_opt, torch_copy)), (fused, (fused_opt, fused_copy))):
+        for optimizer in optimizers + optimizers[:1]:  # the original repacks, then both step
+            train(model, optimizer, 1)
+    assert_close(reference, fused, TOLERANCE)
+    assert_same_state(torch_opt, fused_opt)
 
 
 # -- parameters added by hand, listed twice, sharing memory ---------------------------------------
@@ -291,6 +392,29 @@ def test_a_parameter_appended_to_a_group_by_hand_is_trained_as_torch():
     both(reference, torch_opt, fused, fused_opt, 2)
     assert torch.equal(fused[0].bias, frozen) and torch.equal(reference[0].bias, frozen)
     assert_close(reference, fused, TOLERANCE)
+
+
+def test_a_parameter_removed_by_hand_keeps_no_buffer_alive():
+    """Its values, gradient (a view of the flat gradient buffer) and state (torch keeps it) become its own."""
+    model = make_model()
+    optimizer = build(ft.RAdam, model)
+    x, y = DATA
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=False)  # the gradients become views of the flat gradient buffer
+        ((model(x) - y) ** 2).mean().backward()
+        optimizer.step()
+    removed = model[0].bias
+    values = [t.clone() for t in (removed.detach(), removed.grad, *optimizer.state[removed].values())]
+    (bucket,) = optimizer._buckets
+    storages = [weakref.ref(t.untyped_storage()) for t in (bucket.param_flat, bucket.grad_flat, bucket.exp_avg_flat,
+                                                            bucket.exp_avg_sq_flat, bucket.steps)]
+    del bucket
+    optimizer.param_groups[0]["params"].pop(1)
+    optimizer.step()  # repacks the others
+    gc.collect()
+    assert all(storage() is None for storage in storages)
+    kept = [removed.detach(), removed.grad, *optimizer.state[removed].values()]
+    assert all(map(torch.equal, kept, values))
 
 
 def test_a_group_appended_by_hand_is_trained():
@@ -378,7 +502,10 @@ def test_tensor_lr_messages_say_what_is_wrong_as_torch():
         ft.RAdam([p], lr=torch.tensor(1e-3 + 0j))
     optimizer = ft.RAdam([{"params": [p]}, {"params": [torch.nn.Parameter(torch.zeros(2))]}])
     optimizer.param_groups[1]["lr"] = torch.tensor([1e-3, 1e-3])
-    with pytest.raises(ValueError, match=r"groups\[1\]\.lr: Tensor lr must be 1-element, got shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"Tensor groups\[1\]\.lr must be 1-element, got shape \(2,\)"):
+        optimizer.step()
+    optimizer.param_groups[1]["lr"] = torch.tensor(1e-3 + 0j)
+    with pytest.raises(TypeError, match=r"groups\[1\]\.lr must be a real number"):
         optimizer.step()
     optimizer.param_groups[1]["lr"] = torch.tensor([1e-3])  # one element, as torch takes it
     p.grad = torch.ones(3)

@@ -7,17 +7,18 @@ groups, ``state_dict`` format and training trajectory; the flat buffers live in
 
 from __future__ import annotations
 
+import collections
 from operator import is_, itemgetter
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 
 from fastradam.flavours import PRESETS, Flavour, FlavourLike
 from fastradam.schedules import KerasWarmup
-from fastradam.torch.buckets import (Changes, FlatBucket, StateEntry, check_parameter, check_state_entry,
-                                     counts_changes, is_dtensor, memory_overlap)
-from fastradam.options import DEFAULTS, CheckedGroups, check_group
+from fastradam.torch.buckets import (Changes, FlatBucket, ParamList, StateEntry, check_parameter, check_state_entry,
+                                     checked_gradient, is_dtensor, local_tensor, memory_overlap, storage_of)
+from fastradam.options import DEFAULTS, CheckedGroups, GroupOptions, check_group
 
 __all__ = ["RAdam"]
 
@@ -35,7 +36,7 @@ def _options(group: dict, where: str = "") -> dict:
     lr = options["lr"]
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
-            raise ValueError(f"{where and where + 'lr: '}Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+            raise ValueError(f"Tensor {where}lr must be 1-element, got shape {tuple(lr.shape)}")  # (torch's words)
         if lr.is_complex():
             raise TypeError(f"{where}lr must be a real number, got a {lr.dtype} tensor")
         if not group["capturable"]:
@@ -43,22 +44,32 @@ def _options(group: dict, where: str = "") -> dict:
     return options
 
 
-@counts_changes("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert", "remove", "pop",
-                "clear", "sort", "reverse")
-class ParamList(list):
-    """A param group's ``params``: a list that counts its changes, so a step notices a parameter
-    appended (removed, replaced) by hand without looking at every parameter."""
-
-
-def _validatable(options: dict) -> dict:
+def _validatable(options: dict, where: str = "") -> dict:
     """Options as ``check_group`` takes them: a capturable group's lr may be a 0-d floating tensor
     (read on the device at each step), checked here and validated through a placeholder."""
     lr = options["lr"]
     if not isinstance(lr, torch.Tensor):
         return options
     if lr.dim() != 0 or not lr.is_floating_point():
-        raise ValueError(f"a tensor lr must be a 0-d floating tensor, got shape {tuple(lr.shape)} and {lr.dtype}")
+        raise ValueError(f"a tensor {where}lr must be a 0-d floating tensor, got shape {tuple(lr.shape)} "
+                         f"and {lr.dtype}")
     return {**options, "lr": 0.0}
+
+
+class _Packing:
+    """An optimizer's flat buckets, its count of changes made by hand, and what its last look at the
+    groups and the state saw (:meth:`RAdam._watch`). Shallow copies of the optimizer share it, as
+    they share the groups and the state, so a repack through one is seen by the others."""
+
+    __slots__ = ("buckets", "changes", "seen", "group_lists", "group_params", "state_entries")
+
+    def __init__(self) -> None:
+        self.buckets: list[FlatBucket] = []
+        self.changes = Changes()
+        self.seen = 0
+        self.group_lists: list[list] = []  # the groups' ``params`` objects
+        self.group_params: list[list] = []  # their parameters then (held: compared by identity)
+        self.state_entries: list = []
 
 
 def _encode_extras(group: dict) -> None:
@@ -113,8 +124,9 @@ class RAdam(torch.optim.Optimizer):
         CPU buffers reach Numba as zero-copy NumPy views; CUDA buffers reach the CUDA backend as
         CuPy views made once, and every launch runs on torch's current stream.
 
-    Changed by hand (state entries and group parameter lists count their changes, and each step
-    compares the identities of the state's entries and the groups' lists: C loops, no tensor work)
+    Changed by hand (state entries and group parameter lists count their changes, each optimizer
+    in its own count, and each step compares the identities of the state's entries and the groups'
+    lists: C loops, no tensor work)
         * ``optimizer.state`` cleared, replaced (``= defaultdict(dict)``) or an entry deleted: those
           parameters start again from zero moments and step 0 at their next gradient, as torch's.
         * A state entry or tensor replaced (``state[p] = {...}``, ``state[p]["exp_avg"] = t``;
@@ -124,17 +136,25 @@ class RAdam(torch.optim.Optimizer):
           updated afterwards (torch's would be, in place). Copying in rather than refusing keeps
           torch's own code that assigns state working. The entries are :class:`StateEntry` and the
           groups' ``params`` :class:`ParamList` (a dict and a list that count their changes);
-          :meth:`state_dict` gives plain dicts.
+          :meth:`state_dict` gives plain dicts, and so do copies and pickles of them. Values of
+          entries swapped between parameters (of one buffer or of two) are all read before any is
+          written.
         * Parameters appended to (removed from, replaced in) ``param_groups[i]["params"]``: checked,
           then every parameter is repacked at the next :meth:`step` or :meth:`zero_grad`, as
-          :meth:`add_param_group` does, and trained as torch trains them. A parameter listed twice
-          is refused (``some parameters appear in more than one parameter group``; twice in one
-          group, which torch warns about and steps twice: ``... duplicate parameters``).
+          :meth:`add_param_group` does, and trained as torch trains them. A parameter removed gets
+          its own copies of its values, of a gradient that viewed the flat gradient buffer and of
+          its state tensors (torch keeps its state entry), so it keeps no buffer alive. A parameter
+          listed twice is refused (``some parameters appear in more than one parameter group``;
+          twice in one group, which torch warns about and steps twice: ``... duplicate parameters``).
         * ``copy.deepcopy(optimizer)``, pickling, ``torch.save(optimizer)`` + ``torch.load``: the
           copy repacks its copies of the parameters into buffers of its own, so
           ``copy.deepcopy((model, optimizer))`` gives an optimizer of the copied model, and an
-          optimizer copied alone trains its own copies, as torch's. ``copy.copy`` shares the groups,
-          state and buffers, as torch's shares the groups and state.
+          optimizer copied alone trains its own copies, as torch's. The state tensors are pickled
+          as compact copies (not as views of the whole flat buffers); the parameters as they are
+          (plain pickle writes the whole flat parameter buffer for each one, as for any views of one
+          tensor; ``torch.save`` writes it once). ``copy.copy`` shares the groups, state, buffers and
+          count of changes, as torch's shares the groups and state: a repack through either copy is
+          seen by both.
 
     Gradients
         * Each (device, dtype) buffer is stepped through :class:`fastradam.StepPlan` objects bound
@@ -208,7 +228,7 @@ class RAdam(torch.optim.Optimizer):
                     "eps_root": eps_root, "flavour": flavour, "schedule": schedule}
         self._check_group(defaults)
         self._capturable = bool(capturable)
-        self._buckets: list[FlatBucket] = []
+        self._packing = _Packing()
         self._group_checks: CheckedGroups | None = None
         self._building = True
         super().__init__(params, defaults)
@@ -240,9 +260,15 @@ class RAdam(torch.optim.Optimizer):
         if not self._building:
             self._rebuild()
 
-    def _check_params(self) -> None:
+    @property
+    def _buckets(self) -> list[FlatBucket]:
+        """The flat buckets, one per (device, dtype)."""
+        return self._packing.buckets
+
+    def _check_params(self, gradients: bool = False) -> None:
         """Every parameter of every group, checked before any is packed: a supported leaf tensor,
-        listed once, sharing no memory with another (packing would stop them sharing it)."""
+        listed once, sharing no memory with another (packing would stop them sharing it); with
+        ``gradients``, its gradient too (as a step checks it)."""
         seen: dict[torch.Tensor, tuple[int, int]] = {}
         for g, group in enumerate(self.param_groups):
             if bool(group["capturable"]) != self._capturable:
@@ -260,6 +286,8 @@ class RAdam(torch.optim.Optimizer):
                 check_parameter(p, where)
                 if self._capturable and p.device.type != "cuda":
                     raise ValueError(f"capturable=True needs CUDA parameters; {where} is on {p.device}")
+                if gradients and p.grad is not None:
+                    checked_gradient(p.grad, where, p.dtype, p.device, local_tensor(p).shape if is_dtensor(p) else None)
                 first = seen.setdefault(p, (g, j))
                 if first[0] == g and first != (g, j):
                     raise ValueError(f"optimizer contains a parameter group with duplicate parameters: {where} is "
@@ -286,8 +314,10 @@ class RAdam(torch.optim.Optimizer):
         return f"param_groups[{group_index}]['params'][{position}]"
 
     def _rebuild(self) -> None:
-        """(Re)pack every parameter into one bucket per (device, dtype), carrying values and state over."""
-        grad_views = any(bucket.grads_adopted for bucket in self._buckets)
+        """(Re)pack every parameter into one bucket per (device, dtype), carrying values and state over;
+        parameters of the old buckets no longer in any group get their own copies (:meth:`FlatBucket.release`)."""
+        packing = self._packing
+        grad_views = any(bucket.grads_adopted for bucket in packing.buckets)
         members: dict[tuple, tuple[list, list]] = {}
         names = {}
         for g, group in enumerate(self.param_groups):
@@ -297,58 +327,83 @@ class RAdam(torch.optim.Optimizer):
                 groups.append(g)
                 names[p] = self._name(g, j)
         describe = names.__getitem__
-        buckets = [FlatBucket(params, groups, capturable=self._capturable, describe=describe, sharded=key[2])
-                   for key, (params, groups) in members.items()]
-        entries = [bucket.read_state(self.state) for bucket in buckets]  # all checked before any parameter moves
+        buckets = [FlatBucket(params, groups, capturable=self._capturable, describe=describe, changes=packing.changes,
+                              sharded=key[2]) for key, (params, groups) in members.items()]
+        incoming = self._read_state(buckets)  # all checked before any parameter moves
         with torch.no_grad():
-            for bucket, checked in zip(buckets, entries):
-                bucket.adopt(self.state, checked, grad_views)
-        self._buckets = buckets
+            for bucket, entries in zip(buckets, incoming):
+                bucket.adopt(self.state, entries, grad_views)
+            kept = set(map(id, names))
+            for bucket in packing.buckets:
+                bucket.release([p for p in bucket.params if id(p) not in kept], self.state)
+        packing.buckets = buckets
         self._watch()
+
+    def _read_state(self, buckets: list[FlatBucket]) -> list[list]:
+        """Every bucket's state as :meth:`FlatBucket.read_state` reads it, values over any of these
+        buckets' storages copied: read for all before any of them is written."""
+        written = set().union(*(bucket.storages() for bucket in buckets))
+        return [bucket.read_state(self.state, written) for bucket in buckets]
 
     # -- following changes made by hand --------------------------------------------------------
 
     def _watch(self) -> None:
         """Remember the groups' parameter lists and the state entries as they are now: each step
         compares their identities (and :class:`Changes`) and follows what changed (:meth:`_follow`)."""
+        packing = self._packing
+        changes = packing.changes
         for group in self.param_groups:
-            if type(group["params"]) is not ParamList:
-                group["params"] = ParamList(group["params"])
-        self._group_lists = list(map(_PARAMS, self.param_groups))
-        self._group_params = [list(params) for params in self._group_lists]  # held: their ids stay theirs
-        self._group_ids = [list(map(id, params)) for params in self._group_params]
-        self._state_entries = list(self.state.values())
-        self._changes = Changes.count
+            params = group["params"]
+            if type(params) is not ParamList or params._changes is not changes:
+                group["params"] = ParamList(changes, params)
+        packing.group_lists = list(map(_PARAMS, self.param_groups))
+        packing.group_params = [list(params) for params in packing.group_lists]
+        packing.state_entries = list(self.state.values())
+        packing.seen = changes.count
 
     def _changed(self, state: bool = True) -> bool:
         """Whether anything :meth:`_watch` remembered (the groups, and with ``state`` the state) may
         have changed: identities and lengths only, compared in C loops."""
-        if (Changes.count != self._changes or len(self.param_groups) != len(self._group_lists)
-                or not all(map(is_, map(_PARAMS, self.param_groups), self._group_lists))):
+        packing = self._packing
+        if (packing.changes.count != packing.seen or len(self.param_groups) != len(packing.group_lists)
+                or not all(map(is_, map(_PARAMS, self.param_groups), packing.group_lists))):
             return True
-        return state and (len(self.state) != len(self._state_entries)
-                          or not all(map(is_, self.state.values(), self._state_entries)))
+        return state and (len(self.state) != len(packing.state_entries)
+                          or not all(map(is_, self.state.values(), packing.state_entries)))
 
-    def _follow(self, state: bool = True) -> None:
-        """Follow changes made by hand (torch's step uses whatever the groups and state hold).
+    def _same_params(self) -> bool:
+        """Whether every group holds the very parameters it held at :meth:`_watch`, in that order."""
+        known = self._packing.group_params
+        return len(known) == len(self.param_groups) and all(
+            len(params) == len(group["params"]) and all(map(is_, params, group["params"]))
+            for params, group in zip(known, self.param_groups))
 
-        Parameters appended to, removed from or replaced in the groups: checked, then every
-        parameter repacked, as :meth:`add_param_group` does. With ``state``, ``optimizer.state``
-        cleared, replaced, entries deleted or given new tensors: every entry checked, then the
-        buffers follow it (a parameter without an entry gets zero moments and step 0, torch's
-        fresh state)."""
-        if [list(map(id, group["params"])) for group in self.param_groups] != self._group_ids:
+    def _follow(self, state: bool = True, gradients: bool = False) -> None:
+        """Follow changes made by hand (torch's step uses whatever the groups and state hold); every
+        check of them passes before anything is written.
+
+        Parameters appended to, removed from or replaced in the groups: the groups and parameters
+        (with ``gradients``, their gradients too) checked, then every parameter repacked, as
+        :meth:`add_param_group` does. Otherwise, with ``state``: ``optimizer.state`` cleared,
+        replaced, entries deleted or given new tensors: every entry (with ``gradients``, every
+        bucket's gradients) checked, then the buffers follow it (a parameter without an entry gets
+        zero moments and step 0, torch's fresh state)."""
+        if not self._same_params():
             for group in self.param_groups:
                 self._check_group(group)
-            self._check_params()
+            self._check_params(gradients)
             self._rebuild()
             return
         if not state:
             return
-        entries = [bucket.read_state(self.state) for bucket in self._buckets]
+        buckets = self._packing.buckets
+        if gradients:
+            for bucket in buckets:
+                bucket.check_gradients()
+        incoming = self._read_state(buckets)
         with torch.no_grad():
-            for bucket, checked in zip(self._buckets, entries):
-                bucket.write_state(self.state, checked)
+            for bucket, entries in zip(buckets, incoming):
+                bucket.write_state(self.state, entries)
         self._watch()
 
     # -- the step ----------------------------------------------------------------------------
@@ -357,33 +412,26 @@ class RAdam(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One RAdam step of every parameter with a gradient; returns ``closure()``'s loss, if given.
 
-        Changes made by hand to the groups' parameters or to ``optimizer.state`` are followed
-        first (checked, then repacked or copied in); then every check (hyperparameters,
-        parameters still in place, gradients) runs before any buffer or step count is written.
+        First every group's options are checked. Then changes made by hand to the groups'
+        parameters or to ``optimizer.state`` are followed: the groups, parameters, state entries
+        and gradients are checked, then the parameters repacked or the state copied in. Then the
+        step's own checks (parameters still in place, gradients, the plans' checks of their
+        buffers) run before any parameter, moment or step count is written. So a bad option, a
+        refused state entry or a refused gradient leaves the buffers and the state as they were;
+        a hand change followed stays followed (the buffers then hold what the groups and state say).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        checked, lrs = self._check_options()
         if self._changed():
-            self._follow()
-        try:
-            groups = [_options(group) for group in self.param_groups]
-        except (TypeError, ValueError):
-            for g, group in enumerate(self.param_groups):
-                _options(group, f"groups[{g}].")  # raises again, naming the group
-            raise
-        checked = [_validatable(options) for options in groups]
-        if self._group_checks is None or len(self._group_checks.checked) != len(checked):
-            self._group_checks = CheckedGroups(checked)  # every group checked, with or without gradients
-        else:
-            self._group_checks.keep(checked, self._group_checks.check(checked))
-        lrs = [options["lr"] for options in groups]
-        checked = self._group_checks.checked  # validated: the plans take them as they are
-        gradients = [bucket.check_gradients() for bucket in self._buckets]
-        steps = [bucket.prepare(active, grads, checked, lrs) for bucket, (active, grads) in zip(self._buckets, gradients)]
+            self._follow(gradients=True)
+        buckets = self._packing.buckets
+        gradients = [bucket.check_gradients() for bucket in buckets]
+        steps = [bucket.prepare(active, grads, checked, lrs) for bucket, (active, grads) in zip(buckets, gradients)]
         installed = False
-        for bucket, (active, _), step in zip(self._buckets, gradients, steps):
+        for bucket, (active, _), step in zip(buckets, gradients, steps):
             new = active & ~bucket.has_state
             if new.any():
                 for i in np.flatnonzero(new):
@@ -395,13 +443,31 @@ class RAdam(torch.optim.Optimizer):
             self._watch()
         return loss
 
+    def _check_options(self) -> tuple[list[GroupOptions], list[Any]]:
+        """Every group's options checked (every group, with or without gradients; nothing written):
+        the validated options, which the plans take as they are, and the lrs as given (tensors
+        where capturable)."""
+        try:
+            groups = [_options(group) for group in self.param_groups]
+            checked = [_validatable(options) for options in groups]
+        except (TypeError, ValueError):
+            for g, group in enumerate(self.param_groups):
+                where = f"groups[{g}]."
+                _validatable(_options(group, where), where)  # raises again, naming the group
+            raise
+        if self._group_checks is None or len(self._group_checks.checked) != len(checked):
+            self._group_checks = CheckedGroups(checked)
+        else:
+            self._group_checks.keep(checked, self._group_checks.check(checked))
+        return self._group_checks.checked, [options["lr"] for options in groups]
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; ``set_to_none=False`` zeroes one flat gradient buffer per device/dtype
         (and makes the gradients views of it, so the next step copies nothing)."""
         if self._changed(state=False):
             self._follow(state=False)  # parameters added by hand are zeroed too; the state waits for the step
         with torch.no_grad():
-            for bucket in self._buckets:
+            for bucket in self._packing.buckets:
                 bucket.zero_grad(set_to_none)
 
     # -- state -------------------------------------------------------------------------------
@@ -442,18 +508,39 @@ class RAdam(torch.optim.Optimizer):
         """torch's ``__setstate__``; an optimizer unpickled or deep-copied (its groups and state hold
         copies of the parameters and tensors) packs its parameters into buffers of its own."""
         super().__setstate__(state)
-        if "_buckets" in self.__dict__:
+        if "_packing" in self.__dict__:
             return  # load_state_dict: it refills the buffers itself
         self.param_groups = [_decode_extras(group) for group in self.param_groups]
         self._capturable = bool(self.param_groups[0]["capturable"])
-        self._buckets = []
+        self._packing = _Packing()
         self._group_checks = None
         self._building = False
         self._check_params()
         self._rebuild()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's ``__getstate__`` (what pickling and ``copy.deepcopy`` copy), the state's tensors that
+        view the flat buffers as compact copies: pickle writes a view's whole storage, once per
+        view. (The parameters are pickled as they are: each one's ``.data`` views the flat
+        parameter buffer, which plain pickle writes whole for each; ``torch.save`` writes it once.)"""
+        buffers = set().union(*(bucket.storages() for bucket in self._packing.buckets))
+        copies: dict[int, torch.Tensor] = {}
+
+        def compact(value: Any) -> Any:
+            if storage_of(value) not in buffers:
+                return value
+            if id(value) not in copies:  # a tensor in two entries stays one tensor
+                copies[id(value)] = value.clone()
+            return copies[id(value)]
+
+        state = collections.defaultdict(dict, {
+            p: {name: compact(value) for name, value in entry.items()} if isinstance(entry, Mapping) else entry
+            for p, entry in self.state.items()})
+        return {**super().__getstate__(), "state": state}
+
     def __copy__(self) -> "RAdam":
-        """A shallow copy, as torch's: the same param groups and state (and here the same buffers)."""
+        """A shallow copy, as torch's: the same param groups and state, and here the same buffers and
+        record of changes made by hand (one :class:`_Packing`), so a repack through either is seen by both."""
         copied = type(self).__new__(type(self))
         torch.optim.Optimizer.__setstate__(copied, {key: value for key, value in self.__dict__.items()
                                                     if not key.startswith("_optimizer_")})

@@ -4,7 +4,9 @@
 parameters of one (device, dtype) into a :class:`~fastradam.layout.FlatLayout`, points each
 ``p.data`` at its segment, keeps the moment buffers, the per-parameter step counts and
 (optionally) a flat gradient buffer, and runs one fused step over them. It knows nothing of
-param groups beyond each segment's group index, nor of ``state_dict``.
+param groups beyond each segment's group index, nor of ``state_dict``. The containers that count
+the changes made to the optimizer by hand (:class:`StateEntry`, :class:`ParamList`, each counting
+in its optimizer's :class:`Changes`) live here too.
 """
 
 from __future__ import annotations
@@ -62,19 +64,23 @@ def check_parameter(p: torch.Tensor, where: str) -> None:
 
 
 class Changes:
-    """How many changes were made by hand to the containers that count them (:class:`StateEntry`,
-    and the optimizer's parameter lists), of any optimizer: a step that finds the count moved
-    looks at what changed; an unchanged step compares one number."""
+    """How many changes were made by hand to one optimizer's counting containers (its
+    :class:`StateEntry` and :class:`ParamList` objects hold it): a step that finds the count moved
+    looks at what changed; an unchanged step compares one number. Each optimizer has its own
+    (shallow copies share it, as they share the groups and the state)."""
 
-    count = 0
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
 
 
 def counts_changes(*names: str) -> Callable[[type], type]:
-    """A class decorator: each of the base class's mutating methods ``names`` also adds one to
-    :attr:`Changes.count` (constructing, reading and copying are not counted)."""
+    """A class decorator: each of the base class's mutating methods ``names`` also adds one to the
+    instance's :class:`Changes` (``self._changes``; constructing, reading and copying are not counted)."""
     def counted(method: Callable) -> Callable:
         def mutate(self: Any, *args: Any, **kwargs: Any) -> Any:
-            Changes.count += 1
+            self._changes.count += 1
             return method(self, *args, **kwargs)
         mutate.__name__, mutate.__qualname__, mutate.__doc__ = method.__name__, method.__qualname__, method.__doc__
         return mutate
@@ -89,7 +95,34 @@ def counts_changes(*names: str) -> Callable[[type], type]:
 @counts_changes("__setitem__", "__delitem__", "__ior__", "clear", "pop", "popitem", "setdefault", "update")
 class StateEntry(dict):
     """One parameter's entry in ``optimizer.state`` (``step``, ``exp_avg``, ``exp_avg_sq``): a dict
-    that counts its changes, so a step notices a tensor replaced by hand without looking at it."""
+    that counts its changes in its optimizer's :class:`Changes`, so a step notices a tensor
+    replaced by hand without looking at it. Copied or pickled, it is a plain dict."""
+
+    __slots__ = ("_changes",)
+
+    def __init__(self, changes: Changes, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._changes = changes
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        return dict, (dict(self),)
+
+
+@counts_changes("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert", "remove", "pop",
+                "clear", "sort", "reverse")
+class ParamList(list):
+    """A param group's ``params``: a list that counts its changes in its optimizer's
+    :class:`Changes`, so a step notices a parameter appended (removed, replaced) by hand without
+    looking at every parameter. Copied or pickled, it is a plain list."""
+
+    __slots__ = ("_changes",)
+
+    def __init__(self, changes: Changes, params: Any = ()) -> None:
+        super().__init__(params)
+        self._changes = changes
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        return list, (list(self),)
 
 
 def scalar_dtype() -> torch.dtype:
@@ -112,6 +145,34 @@ def check_state_entry(entry: Any, shape: Sequence[int], where: str) -> None:
     step = entry.get("step")
     if not (isinstance(step, (torch.Tensor, numbers.Real)) and torch.as_tensor(step).numel() == 1):
         raise ValueError(f"{where}: step must be a number or a one-element tensor")
+
+
+def checked_gradient(grad: torch.Tensor, where: str, dtype: torch.dtype, device: torch.device,
+                     local_shape: torch.Size | None = None) -> torch.Tensor:
+    """``grad`` checked as the gradient of a parameter of ``dtype`` on ``device`` (named ``where``):
+    RuntimeError if it is sparse or of another dtype or device. With ``local_shape`` (a DTensor
+    parameter's local shard) its local shard is checked against that shape and returned."""
+    if local_shape is not None:
+        grad = local_tensor(grad)
+        if grad.shape != local_shape:
+            raise RuntimeError(f"{where}: local gradient shard of shape {tuple(grad.shape)} does not match the "
+                               f"local parameter shard {tuple(local_shape)}")
+    if grad.layout is not torch.strided:
+        raise RuntimeError(f"{where} has a sparse gradient; RAdam does not support sparse gradients")
+    if grad.dtype != dtype or grad.device != device:
+        # the tensor-list step reads the gradient through its address, as this bucket's dtype
+        raise RuntimeError(f"{where} has a {grad.dtype} gradient on {grad.device}; its buffer holds {dtype} "
+                           f"on {device}")
+    return grad
+
+
+def storage_of(t: Any) -> int | None:
+    """The address of the storage under tensor ``t`` (a DTensor's local shard's), None for anything
+    else and for empty tensors."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    t = local_tensor(t)
+    return t.untyped_storage().data_ptr() if t.numel() and t.layout is torch.strided else None
 
 
 def memory_overlap(tensors: Sequence[torch.Tensor]) -> tuple[int, int] | None:
@@ -172,6 +233,8 @@ class FlatBucket:
         Keep the step counts on the parameters' device (CUDA) instead of the CPU.
     describe : callable
         ``describe(p)`` names a parameter in error messages.
+    changes : Changes
+        The optimizer's count of changes made by hand, held by the state entries made here.
     sharded : bool
         The parameters are DTensors (FSDP2): the buffers cover their *local* shards, the
         parameters stay where their engine keeps them (FSDP2 all-gathers from its own padded
@@ -182,11 +245,12 @@ class FlatBucket:
     """
 
     def __init__(self, params: Sequence[torch.Tensor], groups: Sequence[int], *, capturable: bool,
-                 describe: Callable[[torch.Tensor], str], sharded: bool = False) -> None:
+                 describe: Callable[[torch.Tensor], str], changes: Changes, sharded: bool = False) -> None:
         self.params = list(params)
         self.device, self.dtype = self.params[0].device, self.params[0].dtype
         self.capturable = capturable
         self.describe = describe
+        self.changes = changes
         self.sharded = sharded
         if sharded and capturable:
             raise ValueError("capturable=True is not supported for DTensor (FSDP2) parameters")
@@ -229,83 +293,99 @@ class FlatBucket:
 
     # -- moving in ---------------------------------------------------------------------------
 
-    def adopt(self, state: dict, entries: list, grad_views: bool) -> None:
-        """Copy each parameter (and its state, as :meth:`read_state` checked ``entries``) into the buffers
-        and point ``p.data`` there.
+    def adopt(self, state: dict, incoming: list, grad_views: bool) -> None:
+        """Copy each parameter (and its state, as :meth:`read_state` read it into ``incoming``) into the
+        buffers and point ``p.data`` there.
 
-        ``state`` entries are replaced by views into the buffers. With ``grad_views``, existing
-        gradients are copied into a flat gradient buffer too and ``p.grad`` become its views.
+        The entries of ``state`` come to view the buffers (as :meth:`write_state`). With
+        ``grad_views``, existing gradients are copied into a flat gradient buffer too and ``p.grad``
+        become its views.
         """
         if not self.sharded:
             for i, p in enumerate(self.params):
                 self.param_views[i].copy_(p.data)
                 p.data = self.param_views[i]
-        self.write_state(state, entries)
+        self.write_state(state, incoming)
         if self.sharded:
             return
         if grad_views:
             self.adopt_grads(copy=True)
 
-    def read_state(self, state: Mapping[torch.Tensor, Any]) -> list[Mapping | None]:
-        """Each parameter's entry in ``state``, checked (nothing written): None where it has none or
-        an empty one (it starts from fresh state at its next step, as torch's lazy initialisation)."""
-        entries = []
-        for p in self.params:
+    def storages(self) -> set[int]:
+        """The addresses of the storages that :meth:`write_state` writes (moments and step counts)."""
+        return {storage_of(t) for t in (self.exp_avg_flat, self.exp_avg_sq_flat, self.steps)} - {None}
+
+    def read_state(self, state: Mapping[torch.Tensor, Any], written: set[int]) -> list[tuple | None]:
+        """Each parameter's entry in ``state``, checked, with the values to copy in (nothing written):
+        None where it has none or an empty one (it starts from fresh state at its next step, as
+        torch's lazy initialisation), else ``(entry, (exp_avg, exp_avg_sq, step))``, a value None
+        where it is the parameter's own view already. A value over one of the storages ``written``
+        (those of every bucket about to be written, :meth:`storages`), e.g. another parameter's
+        view, is copied here, so that no bucket's writes change what another one then reads."""
+        incoming = []
+        for i, p in enumerate(self.params):
             entry = state.get(p)
             if entry is not None and not (isinstance(entry, Mapping) and len(entry) == 0):
                 check_state_entry(entry, p.shape, f"optimizer state of {self.describe(p)}")
-                entries.append(entry)
+                targets = (self.exp_avg_views[i], self.exp_avg_sq_views[i], self.steps[i])
+                incoming.append((entry, tuple(_source(entry[name], target, written)
+                                              for name, target in zip(("exp_avg", "exp_avg_sq", "step"), targets))))
             else:
-                entries.append(None)
-        return entries
+                incoming.append(None)
+        return incoming
 
-    def write_state(self, state: dict, entries: list[Mapping | None]) -> None:
-        """Copy the :meth:`read_state` ``entries`` into the moments and steps (zero moments and step 0
-        where None) and point each entry of ``state`` at views of them (other keys are kept): a
-        :class:`StateEntry` in place, any other dict through a new :class:`StateEntry` (an empty
-        entry too, so that filling it later counts as a change).
-
-        A value that already is the parameter's own view is not copied; one that views another part
-        of these buffers is read before anything is written.
-        """
-        ours = {t.untyped_storage().data_ptr() for t in (self.exp_avg_flat, self.exp_avg_sq_flat, self.steps)}
-
-        def source(value: Any, target: torch.Tensor) -> torch.Tensor | None:
-            value = local_tensor(value) if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-            value = value.reshape(target.shape)
-            if value.device == target.device and value.numel():
-                if (value.data_ptr(), value.stride(), value.dtype) == (target.data_ptr(), target.stride(),
-                                                                       target.dtype):
-                    return None  # this parameter's own view: nothing to copy
-                if value.untyped_storage().data_ptr() in ours:
-                    return value.clone()  # another parameter's view: read before any write
-            return value
-
-        copies = [(target, source(entry[name], target))
-                  for i, entry in enumerate(entries) if entry is not None
-                  for name, target in (("exp_avg", self.exp_avg_views[i]), ("exp_avg_sq", self.exp_avg_sq_views[i]),
-                                       ("step", self.steps[i]))]
-        for target, value in copies:
-            if value is not None:
-                target.copy_(value)
+    def write_state(self, state: dict, incoming: list[tuple | None]) -> None:
+        """Copy the :meth:`read_state` ``incoming`` values into the moments and steps (zero moments and
+        step 0 where None) and point each entry of ``state`` at views of them (other keys are kept):
+        this optimizer's :class:`StateEntry` in place, any other dict through a new
+        :class:`StateEntry` (an empty entry too, so that filling it later counts as a change)."""
         kept = set()
-        for i, (p, entry) in enumerate(zip(self.params, entries)):
-            self.has_state[i] = entry is not None
-            if entry is None:
+        for i, (p, item) in enumerate(zip(self.params, incoming)):
+            self.has_state[i] = item is not None
+            if item is None:
                 self.exp_avg_views[i].zero_()
                 self.exp_avg_sq_views[i].zero_()
                 self.steps[i] = 0.0
                 empty = state.get(p)
-                if empty is not None and type(empty) is not StateEntry:
-                    state[p] = StateEntry()
-            elif type(entry) is StateEntry and id(entry) not in kept:  # (an entry shared by two: copied)
-                dict.update(entry, self.state_entry(i))  # in place, uncounted
+                if empty is not None and not self._owns(empty):
+                    state[p] = StateEntry(self.changes)
+                continue
+            entry, values = item
+            for target, value in zip((self.exp_avg_views[i], self.exp_avg_sq_views[i], self.steps[i]), values):
+                if value is not None:
+                    target.copy_(value)
+            if self._owns(entry) and id(entry) not in kept:  # (an entry shared by two: copied)
+                dict.update(entry, self._views(i))  # in place, uncounted
                 kept.add(id(entry))
             else:
-                state[p] = StateEntry({**entry, **self.state_entry(i)})
+                state[p] = StateEntry(self.changes, {**entry, **self._views(i)})
+
+    def _owns(self, entry: Any) -> bool:
+        """Whether ``entry`` is a :class:`StateEntry` of this optimizer (counting in its :class:`Changes`)."""
+        return type(entry) is StateEntry and entry._changes is self.changes
+
+    def release(self, params: Sequence[torch.Tensor], state: Mapping[torch.Tensor, Any]) -> None:
+        """Parameters of this bucket that left the optimizer (removed from their group by hand) get
+        their own copies of what views these buffers: ``p.data``, a ``p.grad`` viewing the flat
+        gradient buffer, and the tensors of their ``state`` entry (in place in the entry, which
+        torch keeps), so that nothing keeps the buffers alive."""
+        ours = {storage_of(t) for t in (self.param_flat, self.exp_avg_flat, self.exp_avg_sq_flat, self.steps,
+                                        self.grad_flat)} - {None}
+        for p in params:
+            if not self.sharded and storage_of(p.data) in ours:
+                p.data = p.data.clone()
+            if storage_of(p.grad) in ours:
+                p.grad = p.grad.clone()
+            entry = state.get(p)
+            if isinstance(entry, dict):
+                dict.update(entry, {name: value.clone() for name, value in entry.items() if storage_of(value) in ours})
 
     def state_entry(self, i: int) -> StateEntry:
-        """Parameter ``i``'s optimizer state, in torch.optim.RAdam's format, as views into the buffers.
+        """Parameter ``i``'s optimizer state, in torch.optim.RAdam's format, as views into the buffers."""
+        return StateEntry(self.changes, self._views(i))
+
+    def _views(self, i: int) -> dict[str, torch.Tensor]:
+        """Parameter ``i``'s ``step``, ``exp_avg`` and ``exp_avg_sq``: views into the buffers.
 
         For a DTensor parameter the moments are DTensors of its mesh and placements over the local
         views (no copy), as torch.optim.RAdam's ``zeros_like(p)`` state is.
@@ -317,8 +397,8 @@ class FlatBucket:
             moments = [DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                           stride=p.stride())
                        for view in (self.exp_avg_views[i], self.exp_avg_sq_views[i])]
-            return StateEntry(step=self.steps[i], exp_avg=moments[0], exp_avg_sq=moments[1])
-        return StateEntry(step=self.steps[i], exp_avg=self.exp_avg_views[i], exp_avg_sq=self.exp_avg_sq_views[i])
+            return {"step": self.steps[i], "exp_avg": moments[0], "exp_avg_sq": moments[1]}
+        return {"step": self.steps[i], "exp_avg": self.exp_avg_views[i], "exp_avg_sq": self.exp_avg_sq_views[i]}
 
     def adopt_grads(self, copy: bool) -> None:
         """Point every existing ``p.grad`` at a view of the flat gradient buffer (allocated here).
@@ -400,20 +480,9 @@ class FlatBucket:
         if not self.sharded and all(grad is None or self._is_grad_view(i, grad) for i, grad in enumerate(grads)):
             return active, None  # views of the flat gradient buffer: this buffer's dtype and device
         for i, (p, grad) in enumerate(zip(self.params, grads)):
-            if grad is None:
-                continue
-            if self.sharded:
-                grads[i] = grad = local_tensor(grad)
-                if grad.shape != self.param_views[i].shape:
-                    raise RuntimeError(f"{self.describe(p)}: local gradient shard of shape {tuple(grad.shape)} "
-                                       f"does not match the local parameter shard {tuple(self.param_views[i].shape)}")
-            if grad.layout is not torch.strided:
-                raise RuntimeError(f"{self.describe(p)} has a sparse gradient; RAdam does not support "
-                                   "sparse gradients")
-            if grad.dtype != self.dtype or grad.device != self.device:
-                # the tensor-list step reads the gradient through its address, as this bucket's dtype
-                raise RuntimeError(f"{self.describe(p)} has a {grad.dtype} gradient on {grad.device}; "
-                                   f"its buffer holds {self.dtype} on {self.device}")
+            if grad is not None:
+                grads[i] = checked_gradient(grad, self.describe(p), self.dtype, self.device,
+                                            self.param_views[i].shape if self.sharded else None)
         return active, grads
 
     def _follow_local_shards(self) -> None:
@@ -441,10 +510,10 @@ class FlatBucket:
         if count == 0:
             return _nothing
         every = count == active.size
-        has_grad = None if every else active  # (the plan's own all-active mask)
         with _stream(self.device):
             if self.capturable:
-                return self._prepare_capturable(active, grads, groups, lrs)
+                return self._prepare_capturable(active, every, grads, groups, lrs)
+            has_grad = None if every else active  # (the plan's own all-active mask)
             steps = self.steps_host.astype(np.int64) + active
             # gradients that view an engine's buffers (DDP's gradient_as_bucket_view) are stepped where they
             # are on the CPU, never copied; fresh ones of a small bucket are gathered
@@ -502,11 +571,11 @@ class FlatBucket:
         if pairs:
             torch._foreach_copy_([view for view, _ in pairs], [grad for _, grad in pairs])
 
-    def _prepare_capturable(self, active: np.ndarray, grads: list | None, groups: list[GroupOptions],
+    def _prepare_capturable(self, active: np.ndarray, every: bool, grads: list | None, groups: list[GroupOptions],
                             lrs: list[Any]) -> Callable[[], None]:
         """capturable: the step counts advance on the device, then one launch over the flat buffers
         reads them (and any tensor lr) there; fresh gradients are gathered into the flat gradient
-        buffer first, gradient views are read in place."""
+        buffer first, gradient views are read in place. ``every``: all of ``active`` is set."""
         plan = self._layout_plan(groups)
         launch = plan.prepare(steps=self.steps_array, has_grad=active, groups=groups, lrs=lrs)
 
@@ -514,12 +583,24 @@ class FlatBucket:
             with _stream(self.device):
                 if grads is not None:
                     self._gather_grads(active, grads)
-                if active.all():
+                if every:
                     self.steps.add_(1.0)
                 else:
                     torch._foreach_add_([self.steps[i] for i in np.flatnonzero(active)], 1.0)
                 launch()
         return step
+
+
+def _source(value: Any, target: torch.Tensor, written: set[int]) -> torch.Tensor | None:
+    """What :meth:`FlatBucket.write_state` copies into ``target`` from a state ``value``: None when it is
+    ``target`` itself (nothing to copy), a copy when it lies in one of the storages ``written``
+    (read before any write), else the value as a tensor of ``target``'s shape."""
+    value = local_tensor(value) if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    value = value.reshape(target.shape)
+    if value.device == target.device and value.numel() and (value.data_ptr(), value.stride(), value.dtype) == (
+            target.data_ptr(), target.stride(), target.dtype):
+        return None  # this parameter's own view: nothing to copy
+    return value.clone() if storage_of(value) in written else value
 
 
 def _nothing() -> None:
