@@ -100,6 +100,21 @@ def _decode_extras(group: dict) -> dict:
     return group
 
 
+def _as_torch_moments(state: dict, params: list[torch.Tensor]) -> None:
+    """In a ``state_dict``'s ``state`` (keyed by position in ``params``, as torch numbers them), moments of
+    another dtype than their parameter's (float16 parameters' float32 moments) as copies in the
+    parameter's dtype, as torch.optim.RAdam holds them."""
+    for key, entry in state.items():
+        p = params[key] if isinstance(key, int) and key < len(params) else None
+        if p is None or not isinstance(entry, dict):
+            continue
+        cast = {name: value.to(p.dtype) for name in ("exp_avg", "exp_avg_sq")
+                if isinstance(value := entry.get(name), torch.Tensor) and value.is_floating_point()
+                and value.dtype != p.dtype}
+        if cast:
+            state[key] = {**entry, **cast}  # a new dict: the optimizer's own entry keeps its views
+
+
 class RAdam(torch.optim.Optimizer):
     r"""``torch.optim.RAdam`` with one fused, in-place step per device and dtype.
 
@@ -196,9 +211,25 @@ class RAdam(torch.optim.Optimizer):
         * DDP ``gradient_as_bucket_view=True``: gradients that view another buffer are zeroed in
           place by ``zero_grad(set_to_none=False)``, never re-pointed, and stepped as they are.
 
-    Not supported: sparse gradients (RuntimeError at the step), complex or other non-float
-    dtypes (TypeError), ``differentiable=True`` (NotImplementedError), ``capturable`` on the
-    CPU (ValueError), a parameter listed twice or two over overlapping memory (ValueError).
+    Dtypes
+        float32, float64, bfloat16, float16, complex64 and complex128 parameters, each (device,
+        dtype) in its own buffers. The math is float32 (float64 for float64/complex128) with one
+        rounding per stored value and step; torch computes 16-bit steps op by op in the parameter
+        dtype. Moments: torch keeps them in the parameter's dtype (``zeros_like(p)``); here
+        bfloat16 parameters keep bfloat16 moments (torch's choice), float16 parameters get float32
+        moments (fastradam stores moments as float32 or bfloat16 only, and float32 is strictly more
+        accurate: a first step's ``(1 - beta2) * grad**2`` underflows float16 for gradients below
+        ~5e-3). ``optimizer.state`` holds those float32 views; :meth:`state_dict` saves them as
+        float16 copies (torch's state dtype, so a checkpoint of either optimizer loads into the
+        other; a save and load rounds the moments to float16, as torch's always are) and
+        :meth:`load_state_dict` casts float16 ones back up. Complex parameters are stepped as their
+        real views (``torch.view_as_real``), as torch steps them: the buffers hold float32/float64
+        pairs; ``p.data``, gradient views and the state's ``exp_avg``/``exp_avg_sq`` are complex
+        views of them (complex, as torch's state).
+
+    Not supported: sparse gradients (RuntimeError at the step), complex32 and other dtypes,
+    complex DTensors (TypeError), ``differentiable=True`` (NotImplementedError), ``capturable``
+    on the CPU (ValueError), a parameter listed twice or two over overlapping memory (ValueError).
     ``foreach`` is accepted and ignored. ``capturable=True`` keeps the step counts on the device
     (CUDA graphs): one launch per buffer reads them, and any tensor lr, there; fresh gradients are
     first copied into the flat gradient buffer (one ``_foreach_copy_``).
@@ -473,10 +504,13 @@ class RAdam(torch.optim.Optimizer):
     # -- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim.RAdam's ``state_dict`` (tensors are live views, as torch's are live tensors)."""
+        """torch.optim.RAdam's ``state_dict`` (tensors are live views, as torch's are live tensors; the
+        float32 moments of float16 parameters are saved as float16 copies, torch's state dtype)."""
         state_dict = super().state_dict()
         state_dict["state"] = {key: dict(entry) if type(entry) is StateEntry else entry  # plain: weights_only loads
                                for key, entry in state_dict["state"].items()}
+        if any(bucket.moment_dtype != bucket.storage_dtype for bucket in self._packing.buckets):
+            _as_torch_moments(state_dict["state"], [p for group in self.param_groups for p in group["params"]])
         for group in state_dict["param_groups"]:
             _encode_extras(group)
         return state_dict

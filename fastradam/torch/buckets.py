@@ -23,8 +23,17 @@ from fastradam.layout import FlatLayout
 from fastradam.options import GroupOptions
 from fastradam.plan import StepPlan
 
-#: Parameter dtypes the kernels implement.
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
+#: Parameter dtypes the drop-in steps (complex ones as their real views, as torch does).
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128)
+#: The dtype a bucket's flat buffers store its parameters (and gradients) in: complex parameters as
+#: their real views (``torch.view_as_real``: each element as two reals), the others as they are.
+STORAGE_DTYPE = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+#: The dtype of the flat moment buffers where it is not the storage dtype. torch keeps the moments in
+#: the parameter's dtype (``zeros_like(p)``); fastradam's storage rule (:mod:`fastradam.storage`) has
+#: no float16 moments (float32 or bfloat16 only), so float16 parameters get float32 moments, strictly
+#: more accurate than torch's float16 ones. bfloat16 parameters keep bfloat16 moments (torch's choice).
+MOMENT_DTYPE = {torch.float16: torch.float32}
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 #: Devices the backends run on.
 SUPPORTED_DEVICES = ("cpu", "cuda")
 #: Below this many elements a CPU bucket copies fresh gradients into its flat gradient buffer (one
@@ -51,12 +60,14 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_parameter(p: torch.Tensor, where: str) -> None:
-    """TypeError unless ``p`` is a dense float32/float64 tensor on a CPU or CUDA device."""
-    if p.is_complex():
-        raise TypeError(f"{where} is complex ({p.dtype}); fastradam.torch.RAdam supports float32 and "
-                        "float64 parameters only (optimize torch.view_as_real(p) as its own parameter instead)")
+    """TypeError unless ``p`` is a dense float32/float64/bfloat16/float16/complex64/complex128 tensor
+    on a CPU or CUDA device (a complex DTensor is refused)."""
     if p.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{where} has dtype {p.dtype}; supported dtypes are torch.float32 and torch.float64")
+        raise TypeError(f"{where} has dtype {p.dtype}; supported dtypes are torch.float32, torch.float64, "
+                        "torch.bfloat16, torch.float16, torch.complex64 and torch.complex128")
+    if p.is_complex() and is_dtensor(p):
+        raise TypeError(f"{where} is a complex DTensor; fastradam.torch.RAdam steps complex parameters only "
+                        "as plain tensors (optimize torch.view_as_real of it instead)")
     if p.layout is not torch.strided:
         raise TypeError(f"{where} has layout {p.layout}; only dense (strided) parameters are supported")
     if p.device.type not in SUPPORTED_DEVICES:
@@ -254,31 +265,43 @@ class FlatBucket:
         self.sharded = sharded
         if sharded and capturable:
             raise ValueError("capturable=True is not supported for DTensor (FSDP2) parameters")
-        self.layout = FlatLayout([tuple(local_tensor(p).shape) for p in self.params], groups=groups)
-        kwargs = {"dtype": self.dtype, "device": self.device}
+        #: complex parameters: the buffers hold their real views (a trailing axis of 2), ``p.data``,
+        #: the gradient views and the state's moments are complex views of them (:meth:`_unpack`)
+        self.complex = self.dtype.is_complex
+        self.storage_dtype = STORAGE_DTYPE.get(self.dtype, self.dtype)
+        self.moment_dtype = MOMENT_DTYPE.get(self.dtype, self.storage_dtype)
+        extra = (2,) if self.complex else ()
+        self.layout = FlatLayout([tuple(local_tensor(p).shape) + extra for p in self.params], groups=groups)
+        kwargs = {"dtype": self.storage_dtype, "device": self.device}
+        moments = {"dtype": self.moment_dtype, "device": self.device}
         # Sharded: the parameters are not copied in; a zero-length stand-in keeps the attributes uniform.
         self.param_flat = torch.zeros(0 if sharded else self.layout.size, **kwargs)
-        self.exp_avg_flat = torch.zeros(self.layout.size, **kwargs)
-        self.exp_avg_sq_flat = torch.zeros(self.layout.size, **kwargs)
+        self.exp_avg_flat = torch.zeros(self.layout.size, **moments)
+        self.exp_avg_sq_flat = torch.zeros(self.layout.size, **moments)
         self.grad_flat: torch.Tensor | None = None
         self.steps = torch.zeros(len(self.params), dtype=scalar_dtype(), device=self.device if capturable else "cpu")
         #: Whether the optimizer's state holds an entry (views into these buffers) for each parameter.
         self.has_state = np.zeros(len(self.params), dtype=bool)
-        self.param_views = [local_tensor(p) for p in self.params] if sharded else self.layout.unpack(self.param_flat)
-        self.exp_avg_views = self.layout.unpack(self.exp_avg_flat)
-        self.exp_avg_sq_views = self.layout.unpack(self.exp_avg_sq_flat)
+        self.param_views = [local_tensor(p) for p in self.params] if sharded else self._unpack(self.param_flat)
+        self.exp_avg_views = self._unpack(self.exp_avg_flat)
+        self.exp_avg_sq_views = self._unpack(self.exp_avg_sq_flat)
         self.grad_views: list[torch.Tensor] | None = None
         #: Whether ``zero_grad(set_to_none=False)`` made the gradients views of ``grad_flat``.
         self.grads_adopted = False
         self.param_ptrs = [v.data_ptr() for v in self.param_views]
         self.grad_ptrs: list[int] | None = None
         self.on_cpu = self.device.type == "cpu"
+        #: tensor -> what the backend takes (chosen once: a step's conversions do no dtype dispatch)
+        self._array = _array_maker(self.on_cpu, self.complex, self.storage_dtype == torch.bfloat16)
         self.backend = _backend(self.device)
         flats = (self.param_flat, self.exp_avg_flat, self.exp_avg_sq_flat)
         # the backend's arrays over the flat buffers, made once (a step converts nothing of its own),
-        # on torch's stream: the steps run there, so no cross-stream ordering is needed or made
+        # on torch's stream: the steps run there, so no cross-stream ordering is needed or made.
+        # 16-bit buffers go to the plans as they are (ml_dtypes/torch dtypes): the backends' arrays of
+        # them are bit views, which no longer say their format; the plans convert them once, at binding.
+        self._kernel_arrays = self.backend.as_arrays if self.storage_dtype not in SIXTEEN_BIT else list
         with _stream(self.device):
-            self.arrays = self.backend.as_arrays([self._array(t) for t in flats])
+            self.arrays = self._kernel_arrays([self._array(t) for t in flats])
             self.steps_array = self.backend.as_array(self.steps) if capturable else None
         self.grad_array: Any = None
         self.segment_arrays = [None if sharded and k == 0 else self.layout.unpack(a) for k, a in enumerate(self.arrays)]
@@ -417,15 +440,16 @@ class FlatBucket:
     def _allocate_grad_flat(self) -> None:
         """The flat gradient buffer, its per-parameter views and the backend's array of it (once)."""
         if self.grad_flat is None:
-            self.grad_flat = torch.zeros(self.layout.size, dtype=self.dtype, device=self.device)
-            self.grad_views = self.layout.unpack(self.grad_flat)
+            self.grad_flat = torch.zeros(self.layout.size, dtype=self.storage_dtype, device=self.device)
+            self.grad_views = self._unpack(self.grad_flat)
             self.grad_ptrs = [v.data_ptr() for v in self.grad_views]
             with _stream(self.device):
-                self.grad_array = self.backend.as_array(self._array(self.grad_flat))
+                self.grad_array = self._kernel_arrays([self._array(self.grad_flat)])[0]
 
-    def _array(self, tensor: torch.Tensor) -> Any:
-        """What the backends take: a zero-copy NumPy view on the CPU, the torch tensor itself on CUDA."""
-        return tensor.numpy() if self.on_cpu else tensor
+    def _unpack(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The per-parameter views of a flat buffer, complex views of the real segments for complex parameters."""
+        views = self.layout.unpack(flat)
+        return list(map(torch.view_as_complex, views)) if self.complex else views
 
     def _foreign_view(self, grad: torch.Tensor | None) -> bool:
         """A gradient that views some other buffer than ours (e.g. a DDP bucket with gradient_as_bucket_view)."""
@@ -589,6 +613,29 @@ class FlatBucket:
                     torch._foreach_add_([self.steps[i] for i in np.flatnonzero(active)], 1.0)
                 launch()
         return step
+
+
+def _array_maker(on_cpu: bool, complex_: bool, bfloat16: bool) -> Callable[[torch.Tensor], Any]:
+    """The conversion of a bucket's tensors to what the backends take, zero-copy: a NumPy view on the
+    CPU (bfloat16 tensors, which have no ``.numpy()``, as their 16-bit integers viewed as
+    ``ml_dtypes.bfloat16``), the torch tensor itself on CUDA; complex tensors as their real views."""
+    if on_cpu and bfloat16:
+        try:
+            import ml_dtypes
+        except ImportError as error:
+            raise ImportError(f"bfloat16 parameters on the CPU need ml_dtypes (pip install ml_dtypes): "
+                              f"{error}") from error
+
+        def convert(tensor: torch.Tensor) -> Any:
+            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    elif on_cpu:
+        convert = torch.Tensor.numpy
+    else:
+        def convert(tensor: torch.Tensor) -> Any:
+            return tensor
+    if not complex_:
+        return convert
+    return lambda tensor: convert(torch.view_as_real(tensor) if tensor.is_complex() else tensor)
 
 
 def _source(value: Any, target: torch.Tensor, written: set[int]) -> torch.Tensor | None:
