@@ -56,6 +56,22 @@ def _validatable(options: dict, where: str = "") -> dict:
     return {**options, "lr": 0.0}
 
 
+def _torch_refusal(group: dict) -> str | None:
+    """torch.optim.RAdam's constructor's message for a value it refuses (its checks, its words), or
+    None where it takes the group's values: a refusal of either optimizer then starts with torch's words."""
+    try:
+        lr, eps, (beta1, beta2), weight_decay = group["lr"], group["eps"], group["betas"], group["weight_decay"]
+        for ok, words in ((0.0 <= lr, f"Invalid learning rate: {lr}"), (0.0 <= eps, f"Invalid epsilon value: {eps}"),
+                          (0.0 <= beta1 < 1.0, f"Invalid beta parameter at index 0: {beta1}"),
+                          (0.0 <= beta2 < 1.0, f"Invalid beta parameter at index 1: {beta2}"),
+                          (0.0 <= weight_decay, f"Invalid weight_decay value: {weight_decay}")):
+            if not ok:
+                return words
+    except (TypeError, ValueError, RuntimeError):
+        return None  # not torch's kind of value at all: fastradam's message says what is wrong
+    return None
+
+
 class _Packing:
     """An optimizer's flat buckets, its count of changes made by hand, and what its last look at the
     groups and the state saw (:meth:`RAdam._watch`). Shallow copies of the optimizer share it, as
@@ -276,7 +292,13 @@ class RAdam(torch.optim.Optimizer):
                                       "(use torch.optim.RAdam for a differentiable step)")
         if group["capturable"] and group["schedule"] is not None:
             raise ValueError("schedule needs a host step; with capturable=True pass the scheduled lr instead")
-        check_group(_validatable(_options(group)))
+        try:
+            check_group(_validatable(_options(group)))
+        except ValueError as error:
+            words = _torch_refusal(group)
+            if words is None:
+                raise
+            raise ValueError(f"{words} ({error})") from None
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's ``add_param_group``, then the parameters move into the flat buffers."""
@@ -316,7 +338,8 @@ class RAdam(torch.optim.Optimizer):
                     raise ValueError(f"can't optimize a non-leaf Tensor ({where})")
                 check_parameter(p, where)
                 if self._capturable and p.device.type != "cuda":
-                    raise ValueError(f"capturable=True needs CUDA parameters; {where} is on {p.device}")
+                    raise ValueError(f"capturable=True needs CUDA parameters; {where} is on {p.device} (move the "
+                                     "parameters to CUDA first, or leave capturable=False off CUDA)")
                 if gradients and p.grad is not None:
                     checked_gradient(p.grad, where, p.dtype, p.device, local_tensor(p).shape if is_dtensor(p) else None)
                 first = seen.setdefault(p, (g, j))
