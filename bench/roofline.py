@@ -1,7 +1,7 @@
 """The same-traffic memory kernel: this machine's roofline for an in-place optimizer step.
 
-It reads params, grads, exp_avg, exp_avg_sq (and fp32 master weights, when given) and writes
-params, exp_avg, exp_avg_sq (and the master) in place, with trivial integer arithmetic on the
+It reads params, grads, exp_avg, exp_avg_sq (and fp32 master weights or int16 remainders, when
+given) and writes params, exp_avg, exp_avg_sq (and the master or remainders) in place, with trivial integer arithmetic on the
 raw bits, in the same parallel loop shape as the Numba backend: the bytes of the step, none of
 its math. A write-allocating triad (a = b + s*c) would understate in-place bandwidth on this CPU.
 """
@@ -44,17 +44,31 @@ def _same_traffic_master(params, grads, exp_avg, exp_avg_sq, master):
         exp_avg_sq[i] ^= flip
 
 
+@njit(parallel=True, cache=True)
+def _same_traffic_remainders(params, grads, exp_avg, exp_avg_sq, remainders):
+    for i in prange(params.size):
+        flip = grads[i] & 1
+        params[i] ^= flip  # read and written, as the step reads and writes both halves of the master
+        remainders[i] ^= flip
+        exp_avg[i] ^= flip
+        exp_avg_sq[i] ^= flip
+
+
 def same_traffic_step(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
-                      master: np.ndarray | None = None) -> None:
+                      master: np.ndarray | None = None, remainders: np.ndarray | None = None) -> None:
     """Move exactly the bytes of one RAdam step of these buffers (their storage, any dtype)."""
-    if master is None:
-        _same_traffic(_bits(params), _bits(grads), _bits(exp_avg), _bits(exp_avg_sq))
+    buffers = [_bits(a) for a in (params, grads, exp_avg, exp_avg_sq)]
+    if master is not None:
+        _same_traffic_master(*buffers, _bits(master))
+    elif remainders is not None:
+        _same_traffic_remainders(*buffers, _bits(remainders))
     else:
-        _same_traffic_master(_bits(params), _bits(grads), _bits(exp_avg), _bits(exp_avg_sq), _bits(master))
+        _same_traffic(*buffers)
 
 
 def bytes_per_element(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
-                      master: np.ndarray | None = None) -> int:
+                      master: np.ndarray | None = None, remainders: np.ndarray | None = None) -> int:
     """Bytes one step moves per element (:attr:`fastradam.storage.Storage.step_bytes`)."""
     return check_storage(tuple(_format(a) for a in (params, grads, exp_avg, exp_avg_sq)),
-                         master=None if master is None else _format(master)).step_bytes
+                         master=None if master is None else _format(master),
+                         remainders=None if remainders is None else remainders.dtype.name).step_bytes

@@ -10,9 +10,28 @@ from pathlib import Path
 
 from fastradam.spec import (GROUP_FLOATS, GROUP_INTS, GROUP_ROW, MODES, SCALAR_FLOATS, SCALAR_INTS, SCALARS,
                             VALUE_CODES, Field)
-from fastradam.storage import FORMATS, SUPPORTED
+from fastradam.storage import FORMATS, SUPPORTED, Storage
 
 _C_TYPES = {"double": "double", "int": "int"}
+
+
+def keeper_type(storage: Storage) -> str:
+    """The kernels' keeper K of ``storage`` (kernels/radam.cuh): how the params keep their values."""
+    if storage.master:
+        return "fastradam::FloatMaster"
+    if storage.remainders:
+        return "fastradam::Remainders"
+    return "fastradam::RoundStochastic" if storage.stochastic else "fastradam::RoundNearest"
+
+
+def capturable(storage: Storage) -> bool:
+    """Whether ``storage`` has capturable kernels: all but stochastic rounding, whose key the host folds per step."""
+    return not storage.stochastic
+
+
+def _storage_items(storages: tuple[Storage, ...]) -> list[str]:
+    return [f"X({st.short}, {FORMATS[st.params].c_type}, {FORMATS[st.grads].c_type}, {FORMATS[st.moments].c_type}, "
+            f"{keeper_type(st)})" for st in storages]
 
 
 def _camel(name: str) -> str:
@@ -85,10 +104,13 @@ def header() -> str:
         "",
         "}  // namespace fastradam",
         "",
-        "//! X(suffix, P, G, Mo, kMaster) for every supported storage combination (fastradam.storage.SUPPORTED).",
-        *_macro("FASTRADAM_FOR_EACH_STORAGE(X)", [
-            f"X({st.short}, {FORMATS[st.params].c_type}, {FORMATS[st.grads].c_type}, "
-            f"{FORMATS[st.moments].c_type}, {'true' if st.master else 'false'})" for st in SUPPORTED]),
+        "//! X(suffix, P, G, Mo, K) for every supported storage combination (fastradam.storage.SUPPORTED),",
+        "//! K its keeper (radam.cuh): those with capturable kernels, those without (stochastic rounding), all.",
+        *_macro("FASTRADAM_FOR_EACH_CAPTURABLE_STORAGE(X)", _storage_items(tuple(filter(capturable, SUPPORTED)))),
+        *_macro("FASTRADAM_FOR_EACH_HOST_STEP_STORAGE(X)",
+                _storage_items(tuple(s for s in SUPPORTED if not capturable(s)))),
+        "#define FASTRADAM_FOR_EACH_STORAGE(X) FASTRADAM_FOR_EACH_CAPTURABLE_STORAGE(X) "
+        "FASTRADAM_FOR_EACH_HOST_STEP_STORAGE(X)",
         "",
         "//! X(field) for every field of ElementScalars and of GroupRow, in order (layout checks).",
         *_macro("FASTRADAM_SCALAR_FIELDS(X)", [f"X({f.name})" for f in SCALARS]),

@@ -38,6 +38,8 @@ def fused_step(
     flavour: FlavourLike = "torch",
     schedule: KerasWarmup | None = None,
     master_params: Any = None,
+    param_remainders: Any = None,
+    stochastic_round_seed: int | None = None,
     grad_scale: float = 1.0,
     found_inf: Any = None,
     check_finite: bool = False,
@@ -103,6 +105,16 @@ def fused_step(
     master_params : array, optional
         float32 master weights beside bfloat16/float16 ``params``: the step reads and updates
         the master and writes its rounded copy (nearest-even) into ``params`` in the same pass.
+    param_remainders : array, optional
+        int16 remainders beside bfloat16 ``params`` instead of a master (Transformer Engine's
+        ``store_param_remainders`` format): params and remainders are the fp32 master's two
+        halves, bit for bit (the same masters as ``master_params`` would hold), so the state is
+        2 bytes per element instead of 4. ``params`` show the master rounded to nearest, ties
+        away from zero (:mod:`fastradam.rounding`). Start them at zero.
+    stochastic_round_seed : int, optional
+        bfloat16 ``params`` without a master, rounded stochastically: the bits come from a hash
+        of (seed, ``step``, element index), identical on every backend and thread count, so a run
+        resumed with the same seed continues the same stream.
     grad_scale : float, default 1
         The loss scale the gradients carry: the kernel multiplies them by ``1 / grad_scale``
         (no separate unscale pass).
@@ -133,7 +145,8 @@ def fused_step(
     ``torch.optim.RAdam``.
     """
     host_lr = type(lr) is float or isinstance(lr, numbers.Number)  # else a device lr, read at the launch
-    StepPlan(params, grads, exp_avg, exp_avg_sq, master_params=master_params, check_finite=check_finite,
+    StepPlan(params, grads, exp_avg, exp_avg_sq, master_params=master_params, param_remainders=param_remainders,
+             stochastic_round_seed=stochastic_round_seed, check_finite=check_finite,
              lr=lr if host_lr or lr is None else 0.0, betas=betas, eps=eps, eps_root=eps_root,
              weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
              flavour=flavour, schedule=schedule,
@@ -151,6 +164,8 @@ def fused_step_layout(
     groups: Sequence[Mapping[str, Any]] = DEFAULT_GROUPS,
     has_grad: Any = None,
     master_params: Any = None,
+    param_remainders: Any = None,
+    stochastic_round_seed: int | None = None,
     grad_scale: float = 1.0,
     found_inf: Any = None,
     check_finite: bool = False,
@@ -174,8 +189,8 @@ def fused_step_layout(
     has_grad : array of bool, one per segment, optional
         Segments without a gradient this step are skipped entirely (default: none skipped).
         Advancing ``steps`` is the caller's: ``steps[has_grad] += 1`` before the call.
-    master_params, grad_scale, found_inf, check_finite
-        As in :func:`fused_step` (``master_params`` is a flat float32 buffer of the layout;
+    master_params, param_remainders, stochastic_round_seed, grad_scale, found_inf, check_finite
+        As in :func:`fused_step` (``master_params`` and ``param_remainders`` are flat buffers of the layout;
         ``check_finite`` reads only the active segments).
 
     Notes
@@ -185,7 +200,8 @@ def fused_step_layout(
     """
     if not isinstance(layout, FlatLayout):
         raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
-    StepPlan(params, grads, exp_avg, exp_avg_sq, layout=layout, master_params=master_params, groups=groups,
+    StepPlan(params, grads, exp_avg, exp_avg_sq, layout=layout, master_params=master_params,
+             param_remainders=param_remainders, stochastic_round_seed=stochastic_round_seed, groups=groups,
              check_finite=check_finite).step(steps=steps, has_grad=has_grad, grad_scale=grad_scale,
                                              found_inf=found_inf)
 
@@ -201,6 +217,8 @@ def fused_step_multi(
     group_index: Any = None,
     has_grad: Any = None,
     master_params: Sequence[Any] | None = None,
+    param_remainders: Sequence[Any] | None = None,
+    stochastic_round_seed: int | None = None,
     grad_scale: float = 1.0,
     found_inf: Any = None,
     check_finite: bool = False,
@@ -215,10 +233,13 @@ def fused_step_multi(
     tensor, in Python: with thousands of small tensors a :class:`~fastradam.layout.FlatLayout`
     is much cheaper per step.
     """
-    lists = (params, grads, exp_avg, exp_avg_sq) + (() if master_params is None else (master_params,))
+    lists = (params, grads, exp_avg, exp_avg_sq) + tuple(x for x in (master_params, param_remainders) if x is not None)
     if not all(isinstance(x, Sequence) for x in lists):
-        raise TypeError("params, grads, exp_avg, exp_avg_sq (and master_params) must be sequences of arrays")
+        raise TypeError("params, grads, exp_avg, exp_avg_sq (and master_params or param_remainders) must be "
+                        "sequences of arrays")
     StepPlan(list(params), list(grads), list(exp_avg), list(exp_avg_sq), groups=groups, group_index=group_index,
              master_params=None if master_params is None else list(master_params),
+             param_remainders=None if param_remainders is None else list(param_remainders),
+             stochastic_round_seed=stochastic_round_seed,
              check_finite=check_finite).step(steps=steps, has_grad=has_grad, grad_scale=grad_scale,
                                              found_inf=found_inf)

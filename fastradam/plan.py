@@ -25,7 +25,8 @@ from fastradam.options import CheckedGroups, GroupOptions, check_flag, check_gra
     non_negative
 from fastradam.scalars import group_step_scalars, pack_row_into, pack_rows, scalar_rows
 from fastradam.spec import SCALAR_FLOATS, SCALAR_INTS
-from fastradam.storage import BUFFER_NAMES, MASTER, WRITTEN, Storage, check_storage
+from fastradam.rounding import check_seed
+from fastradam.storage import BUFFER_NAMES, MASTER, REMAINDERS, WRITTEN, Storage, check_storage
 from fastradam.validation import (address_spans, check_buffers, check_disjoint, check_indices, check_mask,
                                   check_steps, own_their_memory)
 
@@ -85,7 +86,7 @@ def _check_found_inf(found_inf: Any, backend: Any) -> Any:
 
 
 def _check_buffers(roles: Sequence[str], objects: list[Any], names: list[str], width: int,
-                   single: bool) -> tuple[Any, Storage, list[Any], list[tuple[int, int]] | None]:
+                   single: bool, stochastic: bool) -> tuple[Any, Storage, list[Any], list[tuple[int, int]] | None]:
     """The checks of a binding (:meth:`StepPlan._bind`): the backend, the storage, the buffers' arrays,
     and their address spans (None where distinct NumPy arrays own their memory)."""
     backend = backend_for(names, objects).load()
@@ -94,7 +95,7 @@ def _check_buffers(roles: Sequence[str], objects: list[Any], names: list[str], w
     storage = check_storage(
         tuple(first.get(role, first["params"]) for role in BUFFER_NAMES),  # unbound grads: checked per step
         tuple(role if single else f"{role}[0]" for role in BUFFER_NAMES), first.get(MASTER.name),
-        MASTER.name if single else f"{MASTER.name}[0]")
+        MASTER.name if single else f"{MASTER.name}[0]", first.get(REMAINDERS.name), stochastic)
     for index in range(width, len(objects)):
         if storages[index] != storages[index % width]:
             raise TypeError(f"{names[index]} has dtype {storages[index]} but {names[index % width]} has "
@@ -128,6 +129,16 @@ class StepPlan:
         The segments of the flat buffers (many tensors, many groups, one launch).
     master_params : array or sequence of arrays, optional
         float32 master weights beside bfloat16/float16 params.
+    param_remainders : array or sequence of arrays, optional
+        int16 remainders beside bfloat16 params (Transformer Engine's ``store_param_remainders``):
+        with the params they are the fp32 master, bit for bit, in 2 bytes per element instead of 4;
+        the step decodes them, updates in fp32 and writes both halves (:mod:`fastradam.rounding`).
+        Zeros make the master the params' values. Not with ``master_params``.
+    stochastic_round_seed : int, optional
+        Round bfloat16 params stochastically (no master) with random bits hashed from this seed,
+        the step number and each element's global index (its place among all the bound tensors
+        in order, active or not; layout padding not counted): the same bits on every backend,
+        thread count and layout. Host step numbers only.
     groups : sequence of dict, optional
         Options per group (layouts and tensor lists); without it, ``**options`` are the one group.
     group_index : array of int, optional
@@ -152,11 +163,18 @@ class StepPlan:
     """
 
     def __init__(self, params: Any, grads: Any, exp_avg: Any, exp_avg_sq: Any, *, layout: FlatLayout | None = None,
-                 master_params: Any = None, groups: Sequence[Mapping[str, Any]] | None = None,
+                 master_params: Any = None, param_remainders: Any = None,
+                 stochastic_round_seed: int | None = None, groups: Sequence[Mapping[str, Any]] | None = None,
                  group_index: Any = None, check_finite: bool = False, **options: Any) -> None:
         if groups is not None and options:
             raise TypeError(f"pass options either per group (groups=...) or as keywords, not both: {sorted(options)}")
         self.check_finite = check_flag("check_finite", check_finite)
+        self.round_seed = None if stochastic_round_seed is None else check_seed(stochastic_round_seed)
+        if master_params is not None and param_remainders is not None:
+            raise TypeError("pass master_params or param_remainders, not both: the remainders are the master's "
+                            "low halves, the params its high halves")
+        keeper_role, keeper = ((REMAINDERS.name, param_remainders) if param_remainders is not None
+                               else (MASTER.name, master_params))
         self._pending: tuple | None = None  # groups a step was given, kept once all its checks passed
         self._written: tuple | None = None  # the written buffers' address spans (tensor lists), on first use
         self._groups = CheckedGroups([options] if groups is None else groups, keywords=groups is None)
@@ -165,19 +183,19 @@ class StepPlan:
             if group_index is not None:
                 raise TypeError("group_index is for tensor lists; a layout's segments carry their groups")
             self.kind = "flat"
-            self._bind_flat(lists, master_params, None)
+            self._bind_flat(lists, keeper_role, keeper, None)
             return
         if grads is None and (layout is not None or not isinstance(params, Sequence) or hasattr(params, "shape")):
             raise TypeError("grads must be an array; only a tensor list may leave its gradients to each step")
         if layout is None and all(isinstance(x, Sequence) and not hasattr(x, "shape") for x in lists
                                   if x is not None):
             self.kind = "tensors"
-            self._bind_tensors(lists, master_params, group_index)
+            self._bind_tensors(lists, keeper_role, keeper, group_index)
         else:
             if group_index is not None:
                 raise TypeError("group_index is for tensor lists; a layout's segments carry their groups")
             self.kind = "flat" if layout is None else "layout"
-            self._bind_flat(lists, master_params, layout)
+            self._bind_flat(lists, keeper_role, keeper, layout)
 
     # -- binding -----------------------------------------------------------------------------
 
@@ -185,20 +203,21 @@ class StepPlan:
         """Validate every buffer of every tensor: backend, storage, shapes, layout, aliasing, device.
 
         ``columns[k]`` holds role ``roles[k]``'s objects, one per tensor (roles in
-        :data:`fastradam.storage.ROLES` order, then the master); a tensor list may leave
+        :data:`fastradam.storage.ROLES` order, then the master or remainders); a tensor list may leave
         ``grads`` out (given at each step). Names for messages: ``params`` for flat buffers,
         ``params[3]`` for tensor lists."""
         count = len(columns[0])
         width = len(roles)
         objects = [column[i] for i in range(count) for column in columns]  # tensor by tensor
         names = list(roles) if single else [f"{role}[{i}]" for i in range(count) for role in roles]
-        key, fingerprints = _checks_key(roles, single, objects)
+        stochastic = self.round_seed is not None
+        key, fingerprints = _checks_key((*roles, "stochastic") if stochastic else roles, single, objects)
         seen = None if key is None else _CHECKED_BUFFERS.get(key)
         if seen is not None:
             backend, storage, spans = seen
             arrays = backend.as_arrays(objects)
         else:
-            backend, storage, arrays, spans = _check_buffers(roles, objects, names, width, single)
+            backend, storage, arrays, spans = _check_buffers(roles, objects, names, width, single, stochastic)
             if key is not None:
                 if len(_CHECKED_BUFFERS) >= _CHECKED_BUFFERS_SIZE:
                     _CHECKED_BUFFERS.clear()
@@ -211,17 +230,17 @@ class StepPlan:
         self.math_dtype = self.storage.math_dtype
         by_role = {role: arrays[k::width] for k, role in enumerate(roles)}
         self.roles = [by_role.get(role) for role in BUFFER_NAMES]
-        self.master = by_role.get(MASTER.name)
+        self.master = by_role.get(MASTER.name, by_role.get(REMAINDERS.name))  # the params' keeper: one or neither
         self._objects, self._object_names = objects, names
         self._fingerprints = fingerprints
         self._order = backend.stream_order(objects)
 
-    def _bind_flat(self, buffers: tuple, master: Any, layout: FlatLayout | None) -> None:
+    def _bind_flat(self, buffers: tuple, keeper_role: str, master: Any, layout: FlatLayout | None) -> None:
         if layout is not None and not isinstance(layout, FlatLayout):
             raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
         if layout is None and len(self._groups.checked) != 1:
             raise ValueError(f"flat buffers take one group of options, got {len(self._groups.checked)}")
-        roles = BUFFER_NAMES if master is None else (*BUFFER_NAMES, MASTER.name)
+        roles = BUFFER_NAMES if master is None else (*BUFFER_NAMES, keeper_role)
         self._bind(roles, [[buffer] for buffer in (*buffers, master)[:len(roles)]], True)
         self.layout = layout
         if layout is not None:
@@ -231,21 +250,22 @@ class StepPlan:
                 raise ValueError(f"params has {self.roles[0].size} elements but the layout needs {layout.size}")
             self.tensor_groups = layout.arrays.groups
             self._check_group_indices()
-            self._launch = self.backend.bind_segments(*self.roles, layout.arrays, master=self.master)
+            self._launch = self.backend.bind_segments(*self.roles, layout.arrays, master=self.master,
+                                                      stochastic=self.storage.stochastic)
         else:
             self.roles = [role[0] for role in self.roles]
             self.master = None if self.master is None else self.master[0]
-            self._launch = self.backend.bind_flat(*self.roles, master=self.master)
+            self._launch = self.backend.bind_flat(*self.roles, master=self.master, stochastic=self.storage.stochastic)
             # the one-row tables a host step refills in place (a launch copies row 0 by value)
             self._floats = np.empty((1, len(SCALAR_FLOATS)), dtype=self.math_dtype)
             self._ints = np.empty((1, len(SCALAR_INTS)), dtype=np.int32)
 
-    def _bind_tensors(self, lists: tuple, masters: Any, group_index: Any) -> None:
+    def _bind_tensors(self, lists: tuple, keeper_role: str, masters: Any, group_index: Any) -> None:
         everything = tuple(x for x in lists if x is not None) + (() if masters is None else (masters,))
         if not all(isinstance(x, Sequence) for x in everything):
-            raise TypeError("params, grads, exp_avg, exp_avg_sq (and master_params) must be sequences of arrays")
+            raise TypeError(f"params, grads, exp_avg, exp_avg_sq (and {keeper_role}) must be sequences of arrays")
         count = len(lists[0])
-        for name, x in zip([n for n, x in zip(BUFFER_NAMES, lists) if x is not None] + [MASTER.name], everything):
+        for name, x in zip([n for n, x in zip(BUFFER_NAMES, lists) if x is not None] + [keeper_role], everything):
             if len(x) != count:
                 raise ValueError(f"{name} has {len(x)} tensors but params has {count}")
         self.layout = None
@@ -258,9 +278,9 @@ class StepPlan:
             self._order = None
             return
         present = [(name, list(x)) for name, x in zip(BUFFER_NAMES, lists) if x is not None]
-        present += [] if masters is None else [(MASTER.name, list(masters))]
+        present += [] if masters is None else [(keeper_role, list(masters))]
         self._bind([name for name, _ in present], [column for _, column in present], False)
-        self._launch = self.backend.bind_tensors(*self.roles, master=self.master)
+        self._launch = self.backend.bind_tensors(*self.roles, master=self.master, stochastic=self.storage.stochastic)
 
     def _check_group_indices(self) -> None:
         """Every tensor's group exists; then the tables of a step whose tensors share one step number:
@@ -367,10 +387,10 @@ class StepPlan:
         if last_step == 0:  # no tensor is active: nothing to read or write
             return self._ready(_nothing)
         if first_step == last_step:  # every active tensor at one step (the common case): a row per group
-            rows = [group_step_scalars(checked[g], first_step) for g in self._group_ids]
+            rows = [group_step_scalars(checked[g], first_step, self.round_seed) for g in self._group_ids]
             tensor_row = self._group_row if all_active else np.where(active, self._group_row, -1).astype(np.int32)
         else:
-            rows, tensor_row = scalar_rows(checked, self.tensor_groups, steps, active)
+            rows, tensor_row = scalar_rows(checked, self.tensor_groups, steps, active, self.round_seed)
         floats, ints = pack_rows(rows, self.math_dtype, grad_scale)
         if self.kind == "layout":
             return self._ready(functools.partial(self._launch, tensor_row, floats, ints, found_inf, self.check_finite))
@@ -405,7 +425,8 @@ class StepPlan:
                             f"{self.storage.grads} grads")
         s = self.storage
         check_storage((s.params, storage, s.moments, s.moments), ("params", f"grads[{used[0]}]", "exp_avg",
-                      "exp_avg_sq"), "float32" if s.master else None)
+                      "exp_avg_sq"), "float32" if s.master else None, MASTER.name,
+                      "int16" if s.remainders else None, s.stochastic)
         arrays = self.backend.as_arrays(objects)
         written, written_starts = self._written_spans()
         params = self.roles[0]
@@ -435,6 +456,7 @@ class StepPlan:
                                    lrs: Sequence[Any] | None, grad_scale: float,
                                    found_inf: Any) -> Callable[[], None]:
         """A layout step whose step counts live on the device (CUDA, capturable): one launch reads them."""
+        self._refuse_device_steps_with_stochastic_rounding()
         lrs = [group.lr for group in groups] if lrs is None else list(lrs)
         if len(lrs) != len(groups):
             raise ValueError(f"lrs has {len(lrs)} entries but there are {len(groups)} groups")
@@ -455,16 +477,17 @@ class StepPlan:
             (group,) = self._options(groups, lr)
             self._check_bound()
             found_inf = _check_found_inf(found_inf, self.backend)
-            scalars = group_step_scalars(group, host_step)
+            scalars = group_step_scalars(group, host_step, self.round_seed)
 
             def launch() -> None:
                 pack_row_into(self._floats, self._ints, scalars, grad_scale)
                 self._launch(self._floats, self._ints, found_inf, self.check_finite)
             return self._ready(launch)
-        device_lr = lr is not None and not isinstance(lr, numbers.Number)
-        (group,) = self._options(groups, 0.0 if device_lr else lr)
         if not self.backend.CAPTURABLE:
             check_step(step)  # raises: a host backend takes only an int step
+        self._refuse_device_steps_with_stochastic_rounding()
+        device_lr = lr is not None and not isinstance(lr, numbers.Number)
+        (group,) = self._options(groups, 0.0 if device_lr else lr)
         if group.schedule is not None:
             raise ValueError("schedule needs a host step: with a device step, pass the scheduled lr as a device array")
         self._check_bound()
@@ -472,6 +495,11 @@ class StepPlan:
         return self._ready(functools.partial(
             self.backend.radam_step_capturable, *self.roles, step, lr if device_lr else group.lr, group,
             master=self.master, grad_scale=grad_scale, found_inf=found_inf, check_finite=self.check_finite))
+
+    def _refuse_device_steps_with_stochastic_rounding(self) -> None:
+        if self.round_seed is not None:
+            raise ValueError("stochastic rounding needs host step numbers (its key is hashed from the step on the "
+                             "host): pass the step as an int, or round to nearest without stochastic_round_seed")
 
 
 def _nothing() -> None:

@@ -113,3 +113,59 @@ def reference_step(
     else:
         p = p - lr * m_hat
     return p, m, v
+
+
+# --- how bfloat16 params keep their values: the oracle's own statement of fastradam.rounding's rules ---
+
+def split_master(master: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 master values as (bfloat16 bits ``uint16``, int16 remainders): the high half,
+    rounded up in magnitude when the low half's top bit is set; the low half as the remainder.
+    A NaN shows as the quiet NaN with its sign."""
+    bits = np.ascontiguousarray(master, dtype=np.float32).view(np.uint32)
+    low = (bits & 0xFFFF).astype(np.uint16)
+    remainder = low.view(np.int16)
+    high = (bits >> 16).astype(np.uint16) + (remainder < 0).astype(np.uint16)
+    quiet_nan = ((bits >> 16) & 0x8000 | 0x7FC0).astype(np.uint16)
+    return np.where(np.isnan(master), quiet_nan, high), remainder
+
+
+def join_master(bfloat16_bits: np.ndarray, remainders: np.ndarray) -> np.ndarray:
+    """The float32 masters of bfloat16 bits and their int16 remainders (the inverse of :func:`split_master`)."""
+    high = bfloat16_bits.astype(np.uint32) - (remainders < 0).astype(np.uint32)
+    return ((high << 16) | remainders.view(np.uint16).astype(np.uint32)).astype(np.uint32).view(np.float32)
+
+
+def _splitmix64(z: int) -> int:
+    mask = 2**64 - 1
+    z = (z + 0x9E3779B97F4A7C15) % 2**64
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & mask
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB & mask
+    return z ^ (z >> 31)
+
+
+def _lowbias32(x: np.ndarray) -> np.ndarray:
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def stochastic_round_bits(seed: int, step: int, index: np.ndarray) -> np.ndarray:
+    """The 16 random bits (``uint32`` in ``[0, 2**16)``) of the elements at global indices
+    ``index`` in step ``step`` of a run seeded ``seed``."""
+    key = _splitmix64(seed ^ _splitmix64(step))
+    index = np.asarray(index, dtype=np.uint64)
+    low, high = (index & np.uint64(0xFFFFFFFF)).astype(np.uint32), (index >> np.uint64(32)).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        mixed = _lowbias32(_lowbias32(low ^ np.uint32(key & 0xFFFFFFFF)) ^ high ^ np.uint32(key >> 32))
+    return mixed >> np.uint32(16)
+
+
+def stochastic_round_bfloat16(values: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """float32 ``values`` rounded to bfloat16 bits (``uint16``) with the random ``bits``: the
+    magnitude up with probability (low half) / 2**16; a NaN becomes the quiet NaN with its sign."""
+    words = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = ((words.astype(np.uint64) + bits) >> np.uint64(16)).astype(np.uint16)
+    quiet_nan = ((words >> 16) & 0x8000 | 0x7FC0).astype(np.uint16)
+    return np.where(np.isnan(values), quiet_nan, rounded)

@@ -15,6 +15,7 @@ import numpy as np
 
 from fastradam.flavours import PRESETS, Flavour
 from fastradam.options import GroupOptions
+from fastradam.rounding import round_key
 from fastradam.spec import MODES, SCALAR_FLOATS, SCALAR_INTS
 
 #: The three element updates, chosen per step (and per segment) on the host.
@@ -57,6 +58,8 @@ class StepScalars(NamedTuple):
     step_size: float
     negate_grad: bool
     mode: int
+    round_key_lo: int = 0
+    round_key_hi: int = 0
 
 
 def sma_length(step: int, beta2: float) -> tuple[float, float]:
@@ -81,13 +84,15 @@ def step_scalars(
     maximize: bool,
     flavour: Flavour = PRESETS["torch"],
     eps_root: float = 0.0,
+    round_seed: int | None = None,
 ) -> StepScalars:
     """Fold the hyperparameters of step ``step`` (1-based) into a :class:`StepScalars`.
 
     With ``bc1 = 1 - beta1^t`` and ``bc2 = 1 - beta2^t``, the rectified step size is
     ``lr * r_t * sqrt(bc2) / bc1`` with
     ``r_t = sqrt((rho_t-4)(rho_t-2) rho_inf / ((rho_inf-4)(rho_inf-2) rho_t))``,
-    and ``lr / bc1`` below the threshold. All arithmetic is float64.
+    and ``lr / bc1`` below the threshold. All arithmetic is float64. With a ``round_seed``, the
+    step's stochastic-rounding key (:func:`fastradam.rounding.round_key`) fills the key fields.
     """
     bias_correction1 = 1.0 - beta1**step
     bias_correction2 = 1.0 - beta2**step
@@ -113,6 +118,7 @@ def step_scalars(
         step_size,
         maximize,  # negate_grad
         mode,
+        *((0, 0) if round_seed is None else round_key(round_seed, step)),  # round_key_lo, round_key_hi
     )
 
 
@@ -139,16 +145,17 @@ def pack_row_into(floats: np.ndarray, ints: np.ndarray, scalars: StepScalars, gr
     ints[0] = scalars[_REALS:]
 
 
-def group_step_scalars(group: GroupOptions, step: int) -> StepScalars:
+def group_step_scalars(group: GroupOptions, step: int, round_seed: int | None = None) -> StepScalars:
     """The scalars of step ``step`` for a validated group (its schedule, if any, sets the lr)."""
     lr = group.schedule.lr_at(step, group.lr) if group.schedule is not None else group.lr
     return step_scalars(step=step, lr=lr, beta1=group.beta1, beta2=group.beta2, eps=group.eps,
                         weight_decay=group.weight_decay, decoupled_weight_decay=group.decoupled_weight_decay,
-                        maximize=group.maximize, flavour=group.flavour, eps_root=group.eps_root)
+                        maximize=group.maximize, flavour=group.flavour, eps_root=group.eps_root,
+                        round_seed=round_seed)
 
 
 def scalar_rows(groups: Sequence[GroupOptions], tensor_groups: np.ndarray, steps: np.ndarray,
-                active: np.ndarray) -> tuple[list[StepScalars], np.ndarray]:
+                active: np.ndarray, round_seed: int | None = None) -> tuple[list[StepScalars], np.ndarray]:
     """Scalars for many tensors, computed once per distinct (group, step) pair.
 
     Returns the rows and, per tensor, the int32 index of its row (-1 for inactive tensors).
@@ -166,5 +173,5 @@ def scalar_rows(groups: Sequence[GroupOptions], tensor_groups: np.ndarray, steps
         else:
             distinct, inverse = np.unique(member_steps, return_inverse=True)
         tensor_row[members] = len(rows) + inverse
-        rows.extend(group_step_scalars(group, int(step)) for step in distinct)
+        rows.extend(group_step_scalars(group, int(step), round_seed) for step in distinct)
     return rows, tensor_row

@@ -39,6 +39,8 @@ SCALARS: tuple[Field, ...] = (
     Field("inv_grad_scale", "real", "1 / grad_scale: the gradient's unscale factor"),
     Field("negate_grad", "int", "maximize: the gradient is negated"),
     Field("mode", "int", "kMomentum, kRectified or kHold"),
+    Field("round_key_lo", "int", "stochastic rounding: low 32 bits of the step's key (bit pattern; 0 when off)"),
+    Field("round_key_hi", "int", "stochastic rounding: high 32 bits of the step's key (bit pattern; 0 when off)"),
 )
 SCALAR_FLOATS = tuple(f.name for f in SCALARS if f.kind == "real")
 SCALAR_INTS = tuple(f.name for f in SCALARS if f.kind == "int")

@@ -4,8 +4,12 @@
 //
 // Storage: every kernel is templated on the storage of each role, P (params), G (grads) and Mo
 // (exp_avg and exp_avg_sq), each float, double, bfloat16_t or float16_t (the 16-bit formats as
-// bit patterns; see radam.cuh), and on kMaster (fp32 master weights beside 16-bit params: the
-// step reads and updates the master and writes its rounded copy into params in the same pass).
+// bit patterns; see radam.cuh), and on K, how the params keep their values (radam.cuh's keepers):
+// RoundNearest (the params alone), FloatMaster (an fp32 master beside 16-bit params: the step
+// reads and updates the master and writes its rounded copy into params in the same pass),
+// Remainders (int16 remainders beside bfloat16 params, together the fp32 master) or
+// RoundStochastic (bfloat16 params rounded stochastically with the element's global index: the
+// multi-tensor kernels take each segment's or tensor's index shift; no capturable kernels).
 // The math type is MathType<P, G, Mo>: float, or double when everything is double. On the GPU
 // the 16-bit conversions are the CUDA intrinsics of cuda_bf16.h / cuda_fp16.h; the CPU harness
 // (g++, no CUDA headers) uses the bit-exact integer versions of radam.cuh.
@@ -100,49 +104,46 @@ __host__ __device__ __forceinline__ long long to_boundary(const T* ptr) {
     return offset % sizeof(T) != 0 ? -1 : static_cast<long long>((16u - offset) % 16u / sizeof(T));
 }
 
-//! The buffers of one step: params, grads, both moments, and the fp32 master (kMaster only).
-template <typename P, typename G, typename Mo, bool kMaster>
+//! The buffers of one step: params, grads, both moments, the keeper's side buffer (null without
+//! one: K::kSide), and the global index of element 0 (read by RoundStochastic only).
+template <typename P, typename G, typename Mo, typename K>
 struct Buffers {
     P* __restrict__ p;
     const G* __restrict__ g;
     Mo* __restrict__ m;
     Mo* __restrict__ v;
-    float* __restrict__ master;
+    typename K::Side* __restrict__ side;
+    long long index;
 
     __host__ __device__ __forceinline__ Buffers at(long long k) const {
-        return Buffers{p + k, g + k, m + k, v + k, kMaster ? master + k : nullptr};
+        return Buffers{p + k, g + k, m + k, v + k, K::kSide ? side + k : nullptr, index + k};
     }
 };
 
-template <typename P, typename G, typename Mo, bool kMaster>
+template <typename P, typename G, typename Mo, typename K>
 using MathOf = typename MathType<P, G, Mo>::type;
 
-//! One element, in place: load every role in math type M (the parameter from the master `w`
-//! when kMaster), update, store back rounded (the master first, then its rounded copy in p).
-template <typename P, typename G, typename Mo, bool kMaster, typename M>
-__device__ __forceinline__ void update_element(P& p, float& w, const G& g, Mo& m, Mo& v,
+//! One element, in place: load every role in math type M (the parameter through the keeper K,
+//! from p and its side value w), update, store back rounded (the parameter through K, given the
+//! element's global index i).
+template <typename P, typename G, typename Mo, typename K, typename M>
+__device__ __forceinline__ void update_element(P& p, typename K::Side& w, const G& g, Mo& m, Mo& v, long long i,
                                                const ElementScalars<M>& s) {
-    M pi;
-    if constexpr (kMaster) {
-        pi = w;
-    } else {
-        pi = load_as<M>(p);
-    }
+    M pi = K::template load<M>(p, w);
     M mi = load_as<M>(m), vi = load_as<M>(v);
     radam_element(pi, load_as<M>(g), mi, vi, s);
-    if constexpr (kMaster) w = pi;
-    p = store_as<P>(pi);
+    K::store(p, w, pi, i, s);
     m = store_as<Mo>(mi);
     v = store_as<Mo>(vi);
 }
 
 //! Element i of the buffers.
-template <typename P, typename G, typename Mo, bool kMaster>
-__device__ __forceinline__ void update_scalar(const Buffers<P, G, Mo, kMaster>& b, long long i,
-                                              const ElementScalars<MathOf<P, G, Mo, kMaster>>& s) {
-    float unused = 0.0f;
-    float& w = kMaster ? b.master[i] : unused;
-    update_element<P, G, Mo, kMaster>(b.p[i], w, b.g[i], b.m[i], b.v[i], s);
+template <typename P, typename G, typename Mo, typename K>
+__device__ __forceinline__ void update_scalar(const Buffers<P, G, Mo, K>& b, long long i,
+                                              const ElementScalars<MathOf<P, G, Mo, K>>& s) {
+    typename K::Side unused{};
+    typename K::Side& w = K::kSide ? b.side[i] : unused;
+    update_element<P, G, Mo, K>(b.p[i], w, b.g[i], b.m[i], b.v[i], b.index + i, s);
     FASTRADAM_COUNT_SCALAR();
 }
 
@@ -156,24 +157,23 @@ __device__ __forceinline__ void store_pack(T* base, long long k, const Pack<T, k
     reinterpret_cast<Pack<T, kLanes>*>(base)[k] = x;
 }
 
-//! Pack k (elements k * kLanes ...) of 16-byte-aligned buffers.
-template <typename P, typename G, typename Mo, bool kMaster>
-__device__ __forceinline__ void update_pack(const Buffers<P, G, Mo, kMaster>& b, long long k,
-                                            const ElementScalars<MathOf<P, G, Mo, kMaster>>& s) {
+//! Pack k (elements k * kLanes ...) of 16-byte-aligned buffers (the params read only when the
+//! keeper's load reads them: K::kReadsParams).
+template <typename P, typename G, typename Mo, typename K>
+__device__ __forceinline__ void update_pack(const Buffers<P, G, Mo, K>& b, long long k,
+                                            const ElementScalars<MathOf<P, G, Mo, K>>& s) {
     constexpr int kLanes = lanes<P, G, Mo>();
     Pack<P, kLanes> pk;
-    Pack<float, kLanes> wk;
-    if constexpr (kMaster) {
-        wk = load_pack<kLanes>(b.master, k);
-    } else {
-        pk = load_pack<kLanes>(b.p, k);
-    }
+    Pack<typename K::Side, kLanes> wk;
+    if constexpr (K::kSide) wk = load_pack<kLanes>(b.side, k);
+    if constexpr (K::kReadsParams) pk = load_pack<kLanes>(b.p, k);
     Pack<Mo, kLanes> mk = load_pack<kLanes>(b.m, k), vk = load_pack<kLanes>(b.v, k);
     const Pack<G, kLanes> gk = load_pack<kLanes>(b.g, k);
+    const long long first = b.index + k * kLanes;
     for (int j = 0; j < kLanes; ++j) {
-        update_element<P, G, Mo, kMaster>(pk.lane[j], wk.lane[j], gk.lane[j], mk.lane[j], vk.lane[j], s);
+        update_element<P, G, Mo, K>(pk.lane[j], wk.lane[j], gk.lane[j], mk.lane[j], vk.lane[j], first + j, s);
     }
-    if constexpr (kMaster) store_pack<kLanes>(b.master, k, wk);
+    if constexpr (K::kSide) store_pack<kLanes>(b.side, k, wk);
     store_pack<kLanes>(b.p, k, pk);
     store_pack<kLanes>(b.m, k, mk);
     store_pack<kLanes>(b.v, k, vk);
@@ -182,8 +182,8 @@ __device__ __forceinline__ void update_pack(const Buffers<P, G, Mo, kMaster>& b,
 
 //! The first element index at which every buffer is 16-byte aligned, or n (all scalar) when
 //! the pointers do not share one (the head is counted in elements of the narrowest role).
-template <typename P, typename G, typename Mo, bool kMaster>
-__device__ __forceinline__ long long pack_head(const Buffers<P, G, Mo, kMaster>& b, long long n) {
+template <typename P, typename G, typename Mo, typename K>
+__device__ __forceinline__ long long pack_head(const Buffers<P, G, Mo, K>& b, long long n) {
     constexpr int narrow = 16 / lanes<P, G, Mo>();
     long long head = -1;
     if constexpr (sizeof(P) == narrow) {
@@ -196,21 +196,21 @@ __device__ __forceinline__ long long pack_head(const Buffers<P, G, Mo, kMaster>&
     if (head < 0) return n;
     head = head < n ? head : n;
     const bool coaligned = aligned_at(b.p, head) && aligned_at(b.g, head) && aligned_at(b.m, head) &&
-                           aligned_at(b.v, head) && (!kMaster || aligned_at(b.master, head));
+                           aligned_at(b.v, head) && aligned_at(b.side, head);
     return coaligned ? head : n;
 }
 
 //! One RAdam step over the n elements of `b`, by threads `first`, `first + stride`, ...:
 //! packs where the buffers are co-aligned, scalar head and tail (or everything scalar).
-template <typename P, typename G, typename Mo, bool kMaster>
-__device__ __forceinline__ void radam_apply(const Buffers<P, G, Mo, kMaster>& b, long long n,
-                                            const ElementScalars<MathOf<P, G, Mo, kMaster>>& s, long long first,
+template <typename P, typename G, typename Mo, typename K>
+__device__ __forceinline__ void radam_apply(const Buffers<P, G, Mo, K>& b, long long n,
+                                            const ElementScalars<MathOf<P, G, Mo, K>>& s, long long first,
                                             long long stride) {
     constexpr long long width = lanes<P, G, Mo>();
     const long long head = pack_head(b, n);
     const long long packs = (n - head) / width;
     const long long body_end = head + packs * width;
-    const Buffers<P, G, Mo, kMaster> body = b.at(head);
+    const Buffers<P, G, Mo, K> body = b.at(head);
     for (long long k = first; k < packs; k += stride) update_pack(body, k, s);
     const long long scalars = head + (n - body_end);
     for (long long k = first; k < scalars; k += stride) update_scalar(b, k < head ? k : body_end + (k - head), s);
@@ -223,14 +223,15 @@ __device__ __forceinline__ long long grid_thread() {
 __device__ __forceinline__ long long grid_threads() { return static_cast<long long>(gridDim.x) * blockDim.x; }
 
 //! One RAdam step with host-computed scalars (already rounded to the math type M), passed by
-//! value as one record (fastradam.spec.SCALARS). `master` is null unless kMaster; `skip` (type
-//! `skip_code`) is found_inf or the check_finite flag.
-template <typename P, typename G, typename Mo, bool kMaster>
+//! value as one record (fastradam.spec.SCALARS). `side` is the keeper's side buffer (the fp32
+//! master or the remainders; null without one); an element's global index is its index in the
+//! buffers. `skip` (type `skip_code`) is found_inf or the check_finite flag.
+template <typename P, typename G, typename Mo, typename K>
 __global__ void radam_step(P* __restrict__ p, const G* __restrict__ g, Mo* __restrict__ m, Mo* __restrict__ v,
-                           float* __restrict__ master, long long n, ElementScalars<MathOf<P, G, Mo, kMaster>> s,
+                           typename K::Side* __restrict__ side, long long n, ElementScalars<MathOf<P, G, Mo, K>> s,
                            const void* skip, int skip_code) {
     if (flag_set(skip, skip_code)) return;
-    radam_apply(Buffers<P, G, Mo, kMaster>{p, g, m, v, master}, n, s, grid_thread(), grid_threads());
+    radam_apply(Buffers<P, G, Mo, K>{p, g, m, v, side, 0}, n, s, grid_thread(), grid_threads());
 }
 
 //! Columns of a tile row: the range [start, stop) of the tile inside its segment's flat
@@ -263,21 +264,34 @@ __device__ __forceinline__ Tile load_tile(const long long* __restrict__ tiles, c
     return Tile{t[0], t[1], index, index_row[index]};
 }
 
+//! The global index of element 0 of segment (tensor) `index`'s buffer, from the index shifts
+//! (K::kIndexed only: the shifts are null otherwise, and the index unused).
+template <typename K>
+__device__ __forceinline__ long long index_shift(const long long* __restrict__ shifts, int index) {
+    if constexpr (K::kIndexed) {
+        return shifts[index];
+    } else {
+        return 0;
+    }
+}
+
 //! One RAdam step over the segments of flat buffers, in one launch. Tile `t` covers elements
 //! [start, stop) of segment `index`, which uses row segment_row[index] of floats/ints (< 0: the
-//! segment is neither read nor written). Padding between segments is in no tile.
-template <typename P, typename G, typename Mo, bool kMaster>
+//! segment is neither read nor written). Padding between segments is in no tile. `side` as for
+//! radam_step; the element at buffer position k of segment i has global index k + shifts[i]
+//! (RoundStochastic only; null otherwise).
+template <typename P, typename G, typename Mo, typename K>
 __global__ void radam_step_segments(P* __restrict__ p, const G* __restrict__ g, Mo* __restrict__ m,
-                                    Mo* __restrict__ v, float* __restrict__ master,
+                                    Mo* __restrict__ v, typename K::Side* __restrict__ side,
                                     const long long* __restrict__ tiles, long long n_tiles,
                                     const int* __restrict__ segment_row,
-                                    const MathOf<P, G, Mo, kMaster>* __restrict__ floats,
-                                    const int* __restrict__ ints, const void* skip, int skip_code) {
+                                    const MathOf<P, G, Mo, K>* __restrict__ floats, const int* __restrict__ ints,
+                                    const long long* __restrict__ shifts, const void* skip, int skip_code) {
     if (flag_set(skip, skip_code)) return;
-    const Buffers<P, G, Mo, kMaster> b{p, g, m, v, master};
     for (long long tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
         const Tile t = load_tile(tiles, segment_row, tile);
         if (t.row < 0) continue;
+        const Buffers<P, G, Mo, K> b{p, g, m, v, side, index_shift<K>(shifts, t.index)};
         radam_apply(b.at(t.start), t.stop - t.start, load_row(floats, ints, t.row), threadIdx.x, blockDim.x);
     }
 }
@@ -292,30 +306,35 @@ __device__ __forceinline__ T* in_global(T* ptr) {
     return ptr;
 }
 
-//! Pointers per tensor in the tensor kernels' table: params, grads, exp_avg, exp_avg_sq, master.
-template <bool kMaster>
+//! Pointers per tensor in the tensor kernels' table: params, grads, exp_avg, exp_avg_sq, and the
+//! keeper's side buffer when it has one.
+template <typename K>
 __host__ __device__ constexpr long long table_columns() {
-    return kMaster ? 5 : 4;
+    return K::kSide ? 5 : 4;
 }
 
 //! One RAdam step over separate tensors, in one launch: tensor `i` is the buffers at
-//! pointers[c i .. c i + c - 1] (params, grads, exp_avg, exp_avg_sq, and the master when
-//! kMaster); tile `t` covers elements [start, stop) of tensor `index`, which uses row
-//! tensor_row[index] (< 0: skipped).
-template <typename P, typename G, typename Mo, bool kMaster>
+//! pointers[c i .. c i + c - 1] (params, grads, exp_avg, exp_avg_sq, and the side buffer when
+//! K::kSide); tile `t` covers elements [start, stop) of tensor `index`, which uses row
+//! tensor_row[index] (< 0: skipped). Element k of tensor i has global index k + shifts[i] (the
+//! sizes of the tensors before it; RoundStochastic only, null otherwise).
+template <typename P, typename G, typename Mo, typename K>
 __global__ void radam_step_tensors(void* const* __restrict__ pointers, const long long* __restrict__ tiles,
                                    long long n_tiles, const int* __restrict__ tensor_row,
-                                   const MathOf<P, G, Mo, kMaster>* __restrict__ floats,
-                                   const int* __restrict__ ints, const void* skip, int skip_code) {
+                                   const MathOf<P, G, Mo, K>* __restrict__ floats, const int* __restrict__ ints,
+                                   const long long* __restrict__ shifts, const void* skip, int skip_code) {
     if (flag_set(skip, skip_code)) return;
     for (long long tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
         const Tile t = load_tile(tiles, tensor_row, tile);
         if (t.row < 0) continue;
-        void* const* q = pointers + table_columns<kMaster>() * t.index;
-        const Buffers<P, G, Mo, kMaster> b{in_global(static_cast<P*>(q[0])),
-                                           in_global(static_cast<const G*>(q[1])),
-                                           in_global(static_cast<Mo*>(q[2])), in_global(static_cast<Mo*>(q[3])),
-                                           kMaster ? in_global(static_cast<float*>(q[4])) : nullptr};
+        void* const* q = pointers + table_columns<K>() * t.index;
+        using Side = typename K::Side;
+        const Buffers<P, G, Mo, K> b{in_global(static_cast<P*>(q[0])),
+                                     in_global(static_cast<const G*>(q[1])),
+                                     in_global(static_cast<Mo*>(q[2])),
+                                     in_global(static_cast<Mo*>(q[3])),
+                                     K::kSide ? in_global(static_cast<Side*>(q[4])) : nullptr,
+                                     index_shift<K>(shifts, t.index)};
         radam_apply(b.at(t.start), t.stop - t.start, load_row(floats, ints, t.row), threadIdx.x, blockDim.x);
     }
 }
@@ -325,16 +344,17 @@ __global__ void radam_step_tensors(void* const* __restrict__ pointers, const lon
 //! kNoValue (else group.lr is used); every thread folds the float64 scalars itself from the
 //! group's row (fastradam.spec.GROUP_ROW, passed by value), so a CUDA graph replay follows the
 //! values on the device. The type codes keep this one instantiation per storage.
-template <typename P, typename G, typename Mo, bool kMaster>
+template <typename P, typename G, typename Mo, typename K>
 __global__ void radam_step_capturable(P* __restrict__ p, const G* __restrict__ g, Mo* __restrict__ m,
-                                      Mo* __restrict__ v, float* __restrict__ master, long long n,
+                                      Mo* __restrict__ v, typename K::Side* __restrict__ side, long long n,
                                       const void* step, int step_code, const void* lr, GroupRow group,
                                       const void* skip, int skip_code) {
+    static_assert(!K::kIndexed, "stochastic rounding folds its key on the host: no capturable kernels");
     if (flag_set(skip, skip_code)) return;
     const double lr_value = group.lr_code == kNoValue ? group.lr : read_value(lr, group.lr_code);
     const ElementScalars<double> s = radam_step_scalars(read_value(step, step_code), lr_value, group);
-    radam_apply(Buffers<P, G, Mo, kMaster>{p, g, m, v, master}, n, cast_scalars<MathOf<P, G, Mo, kMaster>>(s),
-                grid_thread(), grid_threads());
+    radam_apply(Buffers<P, G, Mo, K>{p, g, m, v, side, 0}, n, cast_scalars<MathOf<P, G, Mo, K>>(s), grid_thread(),
+                grid_threads());
 }
 
 //! Entry `index` of a device array of type `code` (as read_value reads a 0-d one), as a double.
@@ -356,17 +376,18 @@ __host__ __device__ __forceinline__ double read_value_at(const void* values, int
 //! is read from lr_pointers[row] when the row's lr_code is not kNoValue.
 //! Each block folds its tile's float64 scalars as radam_step_capturable does (operation for
 //! operation the host's), so a CUDA graph replay follows the step counts on the device.
-template <typename P, typename G, typename Mo, bool kMaster>
+template <typename P, typename G, typename Mo, typename K>
 __global__ void radam_step_segments_capturable(P* __restrict__ p, const G* __restrict__ g, Mo* __restrict__ m,
-                                               Mo* __restrict__ v, float* __restrict__ master,
+                                               Mo* __restrict__ v, typename K::Side* __restrict__ side,
                                                const long long* __restrict__ tiles, long long n_tiles,
                                                const int* __restrict__ segment_group, const void* steps,
                                                int step_code, const double* __restrict__ group_floats,
                                                const int* __restrict__ group_ints,
                                                const unsigned long long* __restrict__ lr_pointers, const void* skip,
                                                int skip_code) {
+    static_assert(!K::kIndexed, "stochastic rounding folds its key on the host: no capturable kernels");
     if (flag_set(skip, skip_code)) return;
-    const Buffers<P, G, Mo, kMaster> b{p, g, m, v, master};
+    const Buffers<P, G, Mo, K> b{p, g, m, v, side, 0};
     for (long long tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
         const Tile t = load_tile(tiles, segment_group, tile);
         if (t.row < 0) continue;
@@ -376,7 +397,7 @@ __global__ void radam_step_segments_capturable(P* __restrict__ p, const G* __res
                               ? group.lr
                               : read_value(reinterpret_cast<const void*>(lr_pointers[t.row]), group.lr_code);
         const ElementScalars<double> s = radam_step_scalars(read_value_at(steps, step_code, t.index), lr, group);
-        radam_apply(b.at(t.start), t.stop - t.start, cast_scalars<MathOf<P, G, Mo, kMaster>>(s), threadIdx.x,
+        radam_apply(b.at(t.start), t.stop - t.start, cast_scalars<MathOf<P, G, Mo, K>>(s), threadIdx.x,
                     blockDim.x);
     }
 }

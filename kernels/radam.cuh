@@ -55,6 +55,11 @@ __host__ __device__ __forceinline__ float float_from_bits(unsigned u) {
 // every 16-bit pattern and millions of float32 values. On the device radam.cu uses the CUDA
 // intrinsics instead (FASTRADAM_CUDA_FP_INTRINSICS), which agree except for NaN payloads.
 
+//! The quiet NaN of float32 bits u's sign as bfloat16 bits (sign | 0x7FC0) when u is a NaN, else -1.
+__host__ __device__ __forceinline__ int bfloat16_nan_bits(unsigned u) {
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<int>(((u >> 16) & 0x8000u) | 0x7FC0u) : -1;
+}
+
 //! bfloat16 bits widened to float32: exact (the top half of the float32 pattern).
 __host__ __device__ __forceinline__ float bfloat16_bits_to_float(unsigned short h) {
     return float_from_bits(static_cast<unsigned>(h) << 16);
@@ -64,7 +69,8 @@ __host__ __device__ __forceinline__ float bfloat16_bits_to_float(unsigned short 
 //! becomes the quiet NaN of its sign (0x7FC0 / 0xFFC0), as ml_dtypes does.
 __host__ __device__ __forceinline__ unsigned short float_to_bfloat16_bits(float x) {
     const unsigned u = float_bits(x);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<unsigned short>(((u >> 16) & 0x8000u) | 0x7FC0u);
+    const int nan = bfloat16_nan_bits(u);
+    if (nan >= 0) return static_cast<unsigned short>(nan);
     return static_cast<unsigned short>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
@@ -108,6 +114,57 @@ __host__ __device__ __forceinline__ unsigned short float_to_float16_bits(float x
     const unsigned half = 1u << (shift - 1u);
     if (rest > half || (rest == half && (q & 1u))) ++q;
     return static_cast<unsigned short>(sign | q);
+}
+
+// How bfloat16 params keep their fp32 values without an fp32 master (fastradam/rounding.py, the
+// spec; fastradam.reference.split_master / stochastic_round_bfloat16, the oracle): integer
+// arithmetic only, the same on the device and in the CPU harness.
+
+//! The fp32 master of bfloat16 bits b and int16 remainder r (Transformer Engine's
+//! store_param_remainders): X = ((b - (r < 0)) << 16) | uint16(r), exact for every X.
+__host__ __device__ __forceinline__ float join_remainder(unsigned short b, short r) {
+    const unsigned high = static_cast<unsigned>(b) - (r < 0 ? 1u : 0u);
+    return float_from_bits((high << 16) | static_cast<unsigned short>(r));
+}
+
+//! The bfloat16 half of fp32 master x (bits X): (X >> 16) + ((X >> 15) & 1), the high half rounded
+//! up in magnitude when the remainder's top bit is set; a NaN shows as the quiet NaN of its sign.
+__host__ __device__ __forceinline__ unsigned short remainder_bfloat16_bits(float x) {
+    const unsigned u = float_bits(x);
+    const int nan = bfloat16_nan_bits(u);
+    return static_cast<unsigned short>(nan >= 0 ? static_cast<unsigned>(nan) : (u >> 16) + ((u >> 15) & 1u));
+}
+
+//! The int16 remainder of fp32 master x (bits X): its low half, int16(X & 0xFFFF).
+__host__ __device__ __forceinline__ short remainder_of(float x) {
+    return static_cast<short>(static_cast<unsigned short>(float_bits(x) & 0xFFFFu));
+}
+
+//! Wellons' lowbias32 hash (mod 2^32): x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15;
+//! x *= 0x846CA68B; x ^= x >> 16.
+__host__ __device__ __forceinline__ unsigned lowbias32(unsigned x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    return x ^ (x >> 16);
+}
+
+//! The 16 random bits of the element at global index i under the step's key (key_lo, key_hi: the
+//! scalar table's int32 bit patterns): lowbias32(lowbias32(uint32(i) ^ key_lo) ^ uint32(i >> 32)
+//! ^ key_hi) >> 16.
+__host__ __device__ __forceinline__ unsigned stochastic_round_bits(long long i, int key_lo, int key_hi) {
+    const unsigned long long index = static_cast<unsigned long long>(i);
+    const unsigned mixed = lowbias32(static_cast<unsigned>(index) ^ static_cast<unsigned>(key_lo));
+    return lowbias32(mixed ^ static_cast<unsigned>(index >> 32) ^ static_cast<unsigned>(key_hi)) >> 16;
+}
+
+//! fp32 y (bits Y) rounded stochastically to bfloat16 bits with 16 random bits u: (Y + u) >> 16
+//! (the magnitude up with probability (Y & 0xFFFF) / 2^16); a NaN becomes the quiet NaN of its sign.
+__host__ __device__ __forceinline__ unsigned short stochastic_bfloat16_bits(float y, unsigned u) {
+    const unsigned bits = float_bits(y);
+    const int nan = bfloat16_nan_bits(bits);
+    return static_cast<unsigned short>(nan >= 0 ? static_cast<unsigned>(nan) : (bits + u) >> 16);
 }
 
 //! A stored value in math type M.
@@ -161,6 +218,71 @@ struct StoreAs<float16_t> {
 template <typename T, typename M>
 __host__ __device__ __forceinline__ T store_as(M x) { return StoreAs<T>::from(x); }
 
+// --- How the params keep their values: the kernels' template parameter K ------------------------
+// Each keeper loads the parameter in math type M and stores the new value: from/into the params
+// alone (RoundNearest, RoundStochastic) or with a side buffer of K::Side beside them (FloatMaster,
+// Remainders): K::kSide. K::kReadsParams: the load reads the params. K::kIndexed: the store needs
+// the element's global index and the step's key.
+
+//! The side buffer of a keeper that has none (never read or written).
+struct NoSide {};
+
+//! A keeper's traits: its side buffer's element type S (NoSide: none, kSide false), whether its
+//! load reads the params (kReadsParams) and whether its store takes the global index (kIndexed).
+template <typename S, bool kHasSide, bool kLoadsParams, bool kTakesIndex>
+struct Keeping {
+    using Side = S;
+    static constexpr bool kSide = kHasSide;
+    static constexpr bool kReadsParams = kLoadsParams;
+    static constexpr bool kIndexed = kTakesIndex;
+};
+
+//! The params alone, rounded to nearest even: p = round(x).
+struct RoundNearest : Keeping<NoSide, false, true, false> {
+    template <typename M, typename P>
+    __host__ __device__ __forceinline__ static M load(const P& p, const Side&) { return load_as<M>(p); }
+    template <typename P, typename M>
+    __host__ __device__ __forceinline__ static void store(P& p, Side&, M x, long long, const ElementScalars<M>&) {
+        p = store_as<P>(x);
+    }
+};
+
+//! An fp32 master w beside 16-bit params: load w; store w = x, then p = round(x).
+struct FloatMaster : Keeping<float, true, false, false> {
+    template <typename M, typename P>
+    __host__ __device__ __forceinline__ static M load(const P&, const Side& w) { return w; }
+    template <typename P, typename M>
+    __host__ __device__ __forceinline__ static void store(P& p, Side& w, M x, long long, const ElementScalars<M>&) {
+        w = x;
+        p = store_as<P>(x);
+    }
+};
+
+//! int16 remainders r beside bfloat16 params b, together the fp32 master: load join(b, r); store
+//! (b, r) = split(x) (join_remainder, remainder_bfloat16_bits, remainder_of).
+struct Remainders : Keeping<short, true, true, false> {
+    template <typename M>
+    __host__ __device__ __forceinline__ static M load(const bfloat16_t& b, const Side& r) {
+        return join_remainder(b.bits, r);
+    }
+    __host__ __device__ __forceinline__ static void store(bfloat16_t& b, Side& r, float x, long long,
+                                                          const ElementScalars<float>&) {
+        b.bits = remainder_bfloat16_bits(x);
+        r = remainder_of(x);
+    }
+};
+
+//! bfloat16 params alone, rounded stochastically: b = (X + u) >> 16 with u the random bits of the
+//! element's global index i under the step's key (stochastic_round_bits).
+struct RoundStochastic : Keeping<NoSide, false, true, true> {
+    template <typename M>
+    __host__ __device__ __forceinline__ static M load(const bfloat16_t& b, const Side&) { return load_as<M>(b); }
+    __host__ __device__ __forceinline__ static void store(bfloat16_t& b, Side&, float x, long long i,
+                                                          const ElementScalars<float>& s) {
+        b.bits = stochastic_bfloat16_bits(x, stochastic_round_bits(i, s.round_key_lo, s.round_key_hi));
+    }
+};
+
 //! Whether a stored value is finite (exponent bits not all ones).
 __host__ __device__ __forceinline__ bool is_finite(float x) { return (float_bits(x) & 0x7F800000u) != 0x7F800000u; }
 __host__ __device__ __forceinline__ bool is_finite(double x) {
@@ -183,8 +305,8 @@ __host__ __device__ __forceinline__ bool is_finite(float16_t x) { return (x.bits
 //! threshold, >= when inclusive), then step_size = lr r_t sqrt(bc2) / bc1 with
 //! r_t = sqrt((rho_t-4)(rho_t-2) rho_inf / ((rho_inf-4)(rho_inf-2) rho_t)); else MOMENTUM with
 //! lr / bc1, or HOLD with 0 (and no decoupled decay). eps is scaled by sqrt(bc2) when the flavour
-//! adds it to sqrt(v_hat), eps_root by bc2. The step must be >= 1; it is not checked (the
-//! capturable kernels cannot raise).
+//! adds it to sqrt(v_hat), eps_root by bc2; no stochastic-rounding key (zero). The step must be
+//! >= 1; it is not checked (the capturable kernels cannot raise).
 __host__ __device__ inline ElementScalars<double> radam_step_scalars(double step, double lr, const GroupRow& group) {
     const double bias_correction1 = 1.0 - pow(group.beta1, step);
     const double bias_correction2 = 1.0 - pow(group.beta2, step);
@@ -213,7 +335,9 @@ __host__ __device__ inline ElementScalars<double> radam_step_scalars(double step
                                   step_size,
                                   group.inv_grad_scale,
                                   group.maximize ? 1 : 0,
-                                  mode};
+                                  mode,
+                                  0,   // round_key_lo, round_key_hi: stochastic rounding's key is
+                                  0};  // folded on the host (no capturable kernels for it)
 }
 
 //! One element of the RAdam update, in place on (p, m, v), in math type M, in exactly the

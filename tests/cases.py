@@ -45,6 +45,11 @@ STORAGES: tuple[Storage, ...] = (
     Storage("float64", "float64", "float64"),
 )
 assert set(STORAGES) <= set(SUPPORTED)
+#: The compact-master storages (bfloat16 params; :mod:`fastradam.rounding`), 6 each, tested on their
+#: own (tests/test_compact_params.py) since their params keep the fp32 value in another way:
+#: int16 remainders beside the params, or stochastic rounding without anything beside them.
+REMAINDER_STORAGES: tuple[Storage, ...] = tuple(s for s in SUPPORTED if s.remainders)
+STOCHASTIC_STORAGES: tuple[Storage, ...] = tuple(s for s in SUPPORTED if s.stochastic)
 #: The NumPy dtype of each storage format.
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64),
                  "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}

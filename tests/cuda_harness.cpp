@@ -65,27 +65,48 @@ void float_to_float16(const float* in, unsigned short* out, long long n) {
     for (long long i = 0; i < n; ++i) out[i] = fastradam::float_to_float16_bits(in[i]);
 }
 
-// Every update kernel of every storage combination (generated/abi.cuh's list) and every
-// check_finite pre-pass, as launch_<kernel>_<suffix>(grid, block, args): args[i] points at the
-// value of the kernel's parameter i, as cuLaunchKernel's kernelParams do, packed by the CUDA
+//! The param-keeping codecs of radam.cuh over arrays: fp32 masters split into bfloat16 bits and
+//! int16 remainders and joined back; fp32 values rounded stochastically at global indices `index`.
+void split_remainders(const float* in, unsigned short* bits, short* remainders, long long n) {
+    for (long long i = 0; i < n; ++i) {
+        bits[i] = fastradam::remainder_bfloat16_bits(in[i]);
+        remainders[i] = fastradam::remainder_of(in[i]);
+    }
+}
+void join_remainders(const unsigned short* bits, const short* remainders, float* out, long long n) {
+    for (long long i = 0; i < n; ++i) out[i] = fastradam::join_remainder(bits[i], remainders[i]);
+}
+void stochastic_round(const float* in, const long long* index, int key_lo, int key_hi, unsigned short* out,
+                      long long n) {
+    for (long long i = 0; i < n; ++i) {
+        out[i] = fastradam::stochastic_bfloat16_bits(in[i], fastradam::stochastic_round_bits(index[i], key_lo, key_hi));
+    }
+}
+
+// Every update kernel of every storage combination (generated/abi.cuh's lists: the capturable
+// ones for every storage but stochastic rounding) and every check_finite pre-pass, as
+// launch_<kernel>_<suffix>(grid, block, args): args[i] points at the value of the kernel's parameter i, as cuLaunchKernel's kernelParams do, packed by the CUDA
 // backend's own argument builders (fastradam/backends/cuda/launch.py).
-#define FASTRADAM_LAUNCHERS(SUFFIX, P, G, MO, MASTER)                                                          \
+#define FASTRADAM_LAUNCHERS(SUFFIX, P, G, MO, K)                                                              \
     void launch_radam_step_##SUFFIX(unsigned grid, unsigned block, void* const* args) {                      \
-        launch_packed(grid, block, fastradam::radam_step<P, G, MO, MASTER>, args);                           \
+        launch_packed(grid, block, fastradam::radam_step<P, G, MO, K>, args);                                \
     }                                                                                                          \
     void launch_radam_step_segments_##SUFFIX(unsigned grid, unsigned block, void* const* args) {             \
-        launch_packed(grid, block, fastradam::radam_step_segments<P, G, MO, MASTER>, args);                  \
+        launch_packed(grid, block, fastradam::radam_step_segments<P, G, MO, K>, args);                       \
     }                                                                                                          \
     void launch_radam_step_tensors_##SUFFIX(unsigned grid, unsigned block, void* const* args) {              \
-        launch_packed(grid, block, fastradam::radam_step_tensors<P, G, MO, MASTER>, args);                   \
-    }                                                                                                          \
-    void launch_radam_step_capturable_##SUFFIX(unsigned grid, unsigned block, void* const* args) {           \
-        launch_packed(grid, block, fastradam::radam_step_capturable<P, G, MO, MASTER>, args);                \
-    }                                                                                                          \
-    void launch_radam_step_segments_capturable_##SUFFIX(unsigned grid, unsigned block, void* const* args) {  \
-        launch_packed(grid, block, fastradam::radam_step_segments_capturable<P, G, MO, MASTER>, args);       \
+        launch_packed(grid, block, fastradam::radam_step_tensors<P, G, MO, K>, args);                        \
     }
 FASTRADAM_FOR_EACH_STORAGE(FASTRADAM_LAUNCHERS)
+
+#define FASTRADAM_CAPTURABLE_LAUNCHERS(SUFFIX, P, G, MO, K)                                                   \
+    void launch_radam_step_capturable_##SUFFIX(unsigned grid, unsigned block, void* const* args) {           \
+        launch_packed(grid, block, fastradam::radam_step_capturable<P, G, MO, K>, args);                     \
+    }                                                                                                          \
+    void launch_radam_step_segments_capturable_##SUFFIX(unsigned grid, unsigned block, void* const* args) {  \
+        launch_packed(grid, block, fastradam::radam_step_segments_capturable<P, G, MO, K>, args);            \
+    }
+FASTRADAM_FOR_EACH_CAPTURABLE_STORAGE(FASTRADAM_CAPTURABLE_LAUNCHERS)
 
 #define FASTRADAM_FINITE_LAUNCHERS(SUFFIX, G)                                                                  \
     void launch_nonfinite_flat_##SUFFIX(unsigned grid, unsigned block, void* const* args) {                  \

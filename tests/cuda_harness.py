@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from fastradam.backends.cuda import TILE, launch
-from fastradam.backends.cuda.tables import pack_tables, table_views
+from fastradam.backends.cuda.tables import index_shifts, pack_tables, table_views
 from fastradam.flavours import PRESETS, Flavour, resolve_flavour
 from fastradam.layout import FlatLayout, tiles
 from fastradam.options import check_group
 from fastradam.scalars import StepScalars, pack_rows, step_scalars
 from fastradam.spec import DTYPE_CODES, SCALAR_FLOATS
-from fastradam.storage import FORMATS, Storage, check_storage
+from fastradam.rounding import round_key
+from fastradam.storage import FORMATS, REMAINDER_DTYPE, SUPPORTED, Storage, check_storage
 from oracle_check import assert_matches_oracle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,10 +42,14 @@ FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-str
          "-Wall", "-Wextra", "-Werror")
 
 
-def storage_of(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, master: np.ndarray | None) -> Storage:
-    """The :class:`~fastradam.storage.Storage` of NumPy buffers (bfloat16: ml_dtypes'), as a step checks it."""
+def storage_of(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, master: np.ndarray | None,
+               stochastic: bool = False) -> Storage:
+    """The :class:`~fastradam.storage.Storage` of NumPy buffers (bfloat16: ml_dtypes'), as a step checks it:
+    ``master`` the fp32 master or, int16, the remainders."""
+    remainders = master is not None and master.dtype == REMAINDER_DTYPE
     return check_storage((params.dtype.name, grads.dtype.name, exp_avg.dtype.name, exp_avg.dtype.name),
-                         master=None if master is None else master.dtype.name)
+                         master=None if master is None or remainders else master.dtype.name,
+                         remainders=REMAINDER_DTYPE.name if remainders else None, stochastic=stochastic)
 
 
 def math_dtype(params: np.ndarray) -> np.dtype:
@@ -111,7 +116,9 @@ def _tables(*tables: np.ndarray) -> list[np.ndarray]:
 class Harness:
     """Calls into the harness library, with the CUDA backend's own argument lists
     (:mod:`fastradam.backends.cuda.launch`) and table packing. Every step takes ``master``
-    (fp32 master weights beside 16-bit params), ``found_inf`` (a 0-d host array read by the
+    (fp32 master weights beside 16-bit params, or int16 remainders beside bfloat16 params; in a
+    tensor list, the fifth array of each tensor), ``stochastic`` (bfloat16 params rounded
+    stochastically; not the capturable kernels), ``found_inf`` (a 0-d host array read by the
     kernel, as a device flag would be) and ``check_finite`` (the read-only pre-pass first, its
     flag then skipping the update), as the CUDA backend launches them."""
 
@@ -140,11 +147,11 @@ class Harness:
         return self.flag, np.int32(DTYPE_CODES[self.flag.dtype])
 
     def step(self, buffers: tuple[np.ndarray, ...], floats: np.ndarray, ints: np.ndarray, grid: int,
-             block: int, *, master: np.ndarray | None = None, found_inf: np.ndarray | None = None,
-             check_finite: bool = False) -> None:
-        """Run ``radam_step<P, G, Mo, kMaster>`` with row 0 of the host tables (``pack_rows``) as its record."""
+             block: int, *, master: np.ndarray | None = None, stochastic: bool = False,
+             found_inf: np.ndarray | None = None, check_finite: bool = False) -> None:
+        """Run ``radam_step<P, G, Mo, K>`` with row 0 of the host tables (``pack_rows``) as its record."""
         p, g, m, v = buffers
-        storage = storage_of(p, g, m, master)
+        storage = storage_of(p, g, m, master, stochastic)
         scalars = launch.scalars_record(np.asarray(floats, dtype=storage.math_dtype), np.asarray(ints, np.int32))
         self.lib.reset_counts()
         skip = self._skip("flat", storage.grads, found_inf, check_finite, grid, block,
@@ -153,42 +160,45 @@ class Harness:
 
     def step_segments(self, buffers: tuple[np.ndarray, ...], segments, segment_row: np.ndarray,
                       floats: np.ndarray, ints: np.ndarray, grid: int, block: int, *,
-                      master: np.ndarray | None = None, found_inf: np.ndarray | None = None,
-                      check_finite: bool = False) -> None:
+                      master: np.ndarray | None = None, stochastic: bool = False,
+                      found_inf: np.ndarray | None = None, check_finite: bool = False) -> None:
         """Run ``radam_step_segments`` over ``segments`` (a ``SegmentArrays``), tables as the backend makes them."""
         p, g, m, v = buffers
-        storage = storage_of(p, g, m, master)
+        storage = storage_of(p, g, m, master, stochastic)
         table = tiles(segments.offsets, segments.sizes, TILE)
-        tiles_t, rows, floats_t, ints_t = _tables(table, np.asarray(segment_row, np.int32),
-                                                  np.asarray(floats, dtype=storage.math_dtype),
-                                                  np.asarray(ints, np.int32))
+        tiles_t, rows, floats_t, ints_t, *shifts = _tables(
+            table, np.asarray(segment_row, np.int32), np.asarray(floats, dtype=storage.math_dtype),
+            np.asarray(ints, np.int32), *((index_shifts(segments.offsets, segments.sizes),) if stochastic else ()))
         n_tiles = table.shape[0]
         self.lib.reset_counts()
         skip = self._skip("segments", storage.grads, found_inf, check_finite, grid, block,
                           lambda skip, flag: launch.nonfinite_segments(g, tiles_t, n_tiles, rows, skip, flag))
         self.launch("radam_step_segments", storage.short, grid, block,
-                    launch.segments(buffers, master, tiles_t, n_tiles, rows, floats_t, ints_t, skip))
+                    launch.segments(buffers, master, tiles_t, n_tiles, rows, floats_t, ints_t,
+                                    shifts[0] if shifts else None, skip))
 
     def step_tensors(self, tensors: list[tuple[np.ndarray, ...]], tensor_row: np.ndarray, floats: np.ndarray,
-                     ints: np.ndarray, grid: int, block: int, *, found_inf: np.ndarray | None = None,
-                     check_finite: bool = False) -> None:
-        """Run ``radam_step_tensors`` over separate (p, g, m, v[, master]) arrays through a pointer table."""
+                     ints: np.ndarray, grid: int, block: int, *, stochastic: bool = False,
+                     found_inf: np.ndarray | None = None, check_finite: bool = False) -> None:
+        """Run ``radam_step_tensors`` over separate (p, g, m, v[, master or remainders]) arrays through a
+        pointer table."""
         columns = len(tensors[0])
         first = tensors[0]
-        storage = storage_of(first[0], first[1], first[2], first[4] if columns == 5 else None)
+        storage = storage_of(first[0], first[1], first[2], first[4] if columns == 5 else None, stochastic)
         pointers = np.array([[b.ctypes.data for b in quad] for quad in tensors], dtype=np.uint64).reshape(-1, columns)
         sizes = np.array([quad[0].size for quad in tensors], dtype=np.int64)
         table = tiles(np.zeros_like(sizes), sizes, TILE)
-        pointers_t, tiles_t, rows, floats_t, ints_t = _tables(
+        pointers_t, tiles_t, rows, floats_t, ints_t, *shifts = _tables(
             pointers, table, np.asarray(tensor_row, np.int32), np.asarray(floats, dtype=storage.math_dtype),
-            np.asarray(ints, np.int32))
+            np.asarray(ints, np.int32), *((index_shifts(np.zeros_like(sizes), sizes),) if stochastic else ()))
         n_tiles = table.shape[0]
         self.lib.reset_counts()
         skip = self._skip("tensors", storage.grads, found_inf, check_finite, grid, block,
                           lambda skip, flag: launch.nonfinite_tensors(pointers_t, columns, tiles_t, n_tiles, rows,
                                                                       skip, flag))
         self.launch("radam_step_tensors", storage.short, grid, block,
-                    launch.tensors(pointers_t, tiles_t, n_tiles, rows, floats_t, ints_t, skip))
+                    launch.tensors(pointers_t, tiles_t, n_tiles, rows, floats_t, ints_t, shifts[0] if shifts else None,
+                                   skip))
 
     def step_segments_capturable(self, buffers: tuple[np.ndarray, ...], segments, segment_group: np.ndarray,
                                  steps: np.ndarray, groups: list, lrs: list, grid: int, block: int, *,
@@ -241,6 +251,29 @@ class Harness:
         return StepScalars(**{name: float(out[name]) for name in SCALAR_FLOATS[:-1]},
                            negate_grad=bool(out["negate_grad"]), mode=int(out["mode"]))
 
+    def split_remainders(self, master: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """radam.cuh's split of fp32 masters into (bfloat16 bits ``uint16``, int16 remainders)."""
+        master = np.ascontiguousarray(master, dtype=np.float32)
+        high, low = np.empty(master.size, np.uint16), np.empty(master.size, np.int16)
+        self.lib.split_remainders(_pointer(master), _pointer(high), _pointer(low), ctypes.c_longlong(master.size))
+        return high, low
+
+    def join_remainders(self, high: np.ndarray, low: np.ndarray) -> np.ndarray:
+        """radam.cuh's join of bfloat16 bits and int16 remainders into fp32 masters."""
+        high, low = np.ascontiguousarray(high, np.uint16), np.ascontiguousarray(low, np.int16)
+        out = np.empty(high.size, np.float32)
+        self.lib.join_remainders(_pointer(high), _pointer(low), _pointer(out), ctypes.c_longlong(high.size))
+        return out
+
+    def stochastic_round(self, values: np.ndarray, index: np.ndarray, key: tuple[int, int]) -> np.ndarray:
+        """radam.cuh's stochastic rounding of fp32 ``values`` at global indices ``index`` under ``key``
+        (``round_key_lo, round_key_hi``: :func:`fastradam.rounding.round_key`), as bfloat16 bits."""
+        values, index = np.ascontiguousarray(values, np.float32), np.ascontiguousarray(index, np.int64)
+        out = np.empty(values.size, np.uint16)
+        self.lib.stochastic_round(_pointer(values), _pointer(index), ctypes.c_int(key[0]), ctypes.c_int(key[1]),
+                                  _pointer(out), ctypes.c_longlong(values.size))
+        return out
+
     def convert(self, name: str, values: np.ndarray) -> np.ndarray:
         """radam.cuh's conversion ``name`` (``bfloat16_to_float``, ``float_to_float16``, ...) over ``values``."""
         values = np.ascontiguousarray(values)
@@ -263,6 +296,21 @@ def _group(beta1: float, beta2: float, eps: float, eps_root: float, weight_decay
 MULTI_SIZES = (0, 1, 3, 63, 64, 65, 1000, 4099, 2, 17, 4096, 8193, 127, 129, 5, 0, 300, 4097, 15, 16,
                31, 33, 1, 255, 257, 511, 513, 4095, 64, 7, 8191, 2049, 100, 3, 65, 999, 128, 0, 12, 1025,
                4, 6, 8, 9, 10, 11, 62, 66, 4100, 2)
+
+
+#: The 12 storage combinations without an fp32 master that keep bfloat16 params exact (int16
+#: remainders) or round them stochastically; the seed their stochastic tests round with.
+KEEPING = tuple(s for s in SUPPORTED if s.remainders or s.stochastic)
+SEED = 0x0123_4567_89AB_CDEF
+
+
+def keeping_tables(rows: list[tuple[StepScalars, int]], storage: Storage,
+                   grad_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """``pack_rows`` (float32) of ``(scalars, step)`` rows, each with the stochastic-rounding key of
+    SEED and its step when ``storage`` rounds so (as a plan folds it)."""
+    keys = [round_key(SEED, step) if storage.stochastic else (0, 0) for _, step in rows]
+    return pack_rows([r._replace(round_key_lo=lo, round_key_hi=hi) for (r, _), (lo, hi) in zip(rows, keys)],
+                     np.float32, grad_scale)
 
 
 def scalars_for(hyper: dict) -> StepScalars:

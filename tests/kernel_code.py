@@ -19,12 +19,17 @@ import numpy as np
 from fastradam.backends.numba import bf16_lanes, kernels as numba_kernels, target as numba_target
 from fastradam.scalars import pack_rows, step_scalars
 
-#: Bit-view dtypes of (params, grads, moments, master) per storage the tests inspect.
+#: Bit-view dtypes of (params, grads, moments, master) per storage the tests inspect; the master
+#: int16 for remainders, "stochastic" for stochastic rounding (no master, a block index table).
 STORAGES = {
     "float32": (np.float32, np.float32, np.float32, None),
     "bf16-params-grads": (np.uint16, np.uint16, np.float32, None),  # bfloat16 params and grads, fp32 moments
     "fp16-master-bf16-moments": (np.int16, np.int16, np.uint16, np.float32),  # fp16 params + master, bf16 moments
     "all-bfloat16": (np.uint16, np.uint16, np.uint16, None),
+    "bf16-params-grads-remainders": (np.uint16, np.uint16, np.float32, np.int16),
+    "bf16-params-grads-stochastic": (np.uint16, np.uint16, np.float32, "stochastic"),
+    "all-bfloat16-remainders": (np.uint16, np.uint16, np.uint16, np.int16),
+    "all-bfloat16-stochastic": (np.uint16, np.uint16, np.uint16, "stochastic"),
 }
 #: Register letter of each vector width in x86 assembly.
 REGISTER = {128: "x", 256: "y", 512: "z"}
@@ -37,9 +42,11 @@ def compiled(storage: str) -> tuple[str, str]:
                            decoupled_weight_decay=False, maximize=False)
     floats, ints = pack_rows([scalars], np.dtype(np.float32))
     p, g, m, master = STORAGES[storage]
+    stochastic = isinstance(master, str)
     args = (np.empty(8, p), np.empty(8, g), np.empty(8, m), np.empty(8, m),
-            None if master is None else np.empty(8, master), np.array([0]), np.array([8]),
-            np.array([0], np.int32), floats, ints, False)
+            None if master is None or stochastic else np.empty(8, master), np.array([0]), np.array([8]),
+            np.array([0], np.int32), np.array([0]) if stochastic else None,  # block_index: each block's global index
+            floats, ints, False)
     signature = tuple(numba.typeof(a) for a in args)
     kernel.compile(signature)
     return kernel.inspect_llvm(signature), kernel.inspect_asm(signature)

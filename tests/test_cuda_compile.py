@@ -59,11 +59,24 @@ def test_source_compiles_every_instantiation_without_warnings(source_name, arch)
 
 
 def test_backend_instantiates_every_storage_combination():
-    # flat, segments, tensors, capturable and capturable-segments kernels per storage combination, plus the three
-    # check_finite pre-passes per gradient storage
-    assert len(cuda.STORAGE_COMBINATIONS) == 31
-    expected = 5 * len(cuda.STORAGE_COMBINATIONS) + 3 * len(cuda.STORAGE_TYPES)
+    # flat, segments, tensors, capturable and capturable-segments kernels per storage combination (no capturable
+    # ones under stochastic rounding), plus the three check_finite pre-passes per gradient storage
+    assert len(cuda.STORAGE_COMBINATIONS) == 43
+    stochastic = sum(storage.stochastic for storage in cuda.STORAGE_COMBINATIONS)
+    assert stochastic == 6
+    expected = 5 * len(cuda.STORAGE_COMBINATIONS) - 2 * stochastic + 3 * len(cuda.STORAGE_TYPES)
     assert len(set(cuda.NAME_EXPRESSIONS)) == len(cuda.NAME_EXPRESSIONS) == expected
+
+
+@pytest.mark.parametrize("keeping,keeper", (({}, "RoundNearest"), ({"master": True}, "FloatMaster"),
+                                            ({"remainders": True}, "Remainders"),
+                                            ({"stochastic": True}, "RoundStochastic")))
+def test_the_keeper_is_the_last_template_argument(keeping, keeper):
+    storage = cuda.Storage("bfloat16", "bfloat16", "float32", **keeping)
+    names = cuda.name_expressions(storage)
+    assert cuda.kernel_name("tensors", storage) == (f"fastradam::radam_step_tensors<fastradam::bfloat16_t, "
+                                                     f"fastradam::bfloat16_t, float, fastradam::{keeper}>")
+    assert any("capturable" in name for name in names) == (keeper != "RoundStochastic")
 
 
 def test_cuda_headers_come_from_the_pip_runtime_wheel_or_a_toolkit():

@@ -1,20 +1,24 @@
 """Mixed precision on a real device: every storage combination through ``fastradam.fused_step`` on
 torch CUDA tensors (bfloat16 has no CuPy dtype) and CuPy arrays, the CUDA conversion intrinsics
-against ml_dtypes/NumPy, found_inf as a device flag inside a CUDA graph, and check_finite.
+against ml_dtypes/NumPy, found_inf as a device flag inside a CUDA graph, and check_finite; bfloat16
+params kept by int16 remainders or rounded stochastically, bit for bit as the Numba backend.
 
 Marked ``gpu``: skipped without a device, failing with FASTRADAM_REQUIRE_GPU=1.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from cuda_harness import capturable_step
+from cuda_harness import KEEPING, capturable_step, keeping_tables, scalars_for
 import fastradam
+import fastradam.backends.numba as numba
+from fastradam.options import check_group
 from oracle_check import assert_matches_oracle
 from test_mixed_precision import COMBINATIONS, IDS
 
@@ -230,3 +234,60 @@ def test_check_finite_layout_and_tensor_lists_on_bf16_torch(torch):
     snapshot = [to_numpy(t, BF16).tobytes() for quad in tensors for t in quad]
     fastradam.fused_step_multi(*[[q[k] for q in tensors] for k in range(4)], steps=[2, 2], check_finite=True)
     assert [to_numpy(t, BF16).tobytes() for quad in tensors for t in quad] == snapshot
+
+
+def kept_values(storage, n: int, seed: int) -> list[np.ndarray]:
+    """Random kernel arrays (bit views) of ``storage``: (p, g, m, v), and the int16 remainders with them."""
+    rng = np.random.default_rng([seed, n])
+    values = (rng.standard_normal(n), rng.standard_normal(n), 0.1 * rng.standard_normal(n),
+              1e-6 + 1e-2 * rng.random(n))
+    formats = (storage.params, storage.grads, storage.moments, storage.moments)
+    dtypes = {"float32": np.dtype(np.float32), "bfloat16": BF16, "float16": np.dtype(np.float16)}
+    arrays = [numba.as_array(v.astype(dtypes[f])) for v, f in zip(values, formats)]
+    return arrays + ([rng.integers(-2**15, 2**15, n, dtype=np.int16)] if storage.remainders else [])
+
+
+#: The tensor list and the layout of the multi-tensor cases (one skipped piece each).
+KEPT_SIZES = (5, 4099, 0, 70000, 17)
+KEPT_ROWS = np.array([0, 0, 0, -1, 0], np.int32)
+
+
+def bind_kept(face, kind: str, arrays: list[list], storage):
+    """``face.bind_<kind>`` (the Numba or CUDA backend) over kernel arrays: one flat buffer, one layout
+    of KEPT_SIZES, or a list of KEPT_SIZES tensors (each [p, g, m, v] and its remainders)."""
+    roles = [[tensor[k] for tensor in arrays] for k in range(len(arrays[0]))]
+    side = roles[4] if storage.remainders else None
+    if kind == "tensors":
+        return functools.partial(face.bind_tensors(*roles[:4], master=side, stochastic=storage.stochastic), KEPT_ROWS)
+    (p, g, m, v), master = (r[0] for r in roles[:4]), None if side is None else side[0]
+    if kind == "flat":
+        return face.bind_flat(p, g, m, v, master=master, stochastic=storage.stochastic)
+    layout = fastradam.FlatLayout([(n,) for n in KEPT_SIZES])
+    return functools.partial(face.bind_segments(p, g, m, v, layout.arrays, master=master,
+                                                stochastic=storage.stochastic), KEPT_ROWS)
+
+
+@pytest.mark.parametrize("storage", KEEPING, ids=[s.short for s in KEEPING])
+@pytest.mark.parametrize("kind", ("flat", "segments", "tensors"))
+def test_kept_params_equal_the_numba_backend_bit_for_bit(cp, backend, storage, kind):
+    """The device launchers against Numba's on the same data and tables: params, remainders and moments
+    bit for bit (stochastic rounding: the same global indices)."""
+    hyper = {"step": 40, "lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1,
+             "decoupled_weight_decay": False, "maximize": False}
+    floats, ints = keeping_tables([(scalars_for(hyper), 40)], storage)
+    sizes = {"flat": (2**20 + 3,), "segments": (fastradam.FlatLayout([(n,) for n in KEPT_SIZES]).size,),
+             "tensors": KEPT_SIZES}[kind]
+    host = [kept_values(storage, n, seed) for seed, n in enumerate(sizes)]
+    device = [[cp.asarray(x) for x in tensor] for tensor in host]
+    bind_kept(numba, kind, host, storage)(floats, ints)
+    bind_kept(backend, kind, device, storage)(floats, ints)
+    cp.cuda.get_current_stream().synchronize()
+    for want, got in zip(host, device):
+        assert [x.tobytes() for x in want] == [x.get().tobytes() for x in got]
+
+
+def test_device_steps_with_stochastic_rounding_are_refused(cp, backend):
+    arrays = [cp.asarray(x) for x in kept_values(next(s for s in KEEPING if s.stochastic), 100, 1)]
+    group = check_group({})
+    with pytest.raises(ValueError, match="no capturable kernels"):
+        backend.radam_step_capturable(*arrays, cp.asarray(np.int64(3)), 1e-3, group, stochastic=True)

@@ -4,7 +4,9 @@ The bit-exact bfloat16/float16 conversions of radam.cuh (which the harness uses;
 the CUDA intrinsics, checked by tests/test_cuda_gpu.py) against ml_dtypes/NumPy ``astype``;
 every storage combination of tests/test_mixed_precision.py through the flat, segment, tensor
 and capturable kernels against the oracle and, bit for bit, against the Numba backend; master
-weights; grad_scale; found_inf and check_finite skipping without a write.
+weights; grad_scale; found_inf and check_finite skipping without a write. bfloat16 params kept
+by int16 remainders or rounded stochastically (every such storage): the codecs against the
+oracle's, every kernel against the fp32-master kernel on the same data and against Numba.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import numpy as np
 import pytest
 
 import cuda_harness
-from cuda_harness import MultiCase, bits, scalars_for
+from cuda_harness import KEEPING, SEED, MultiCase, bits, keeping_tables, scalars_for
+from fastradam import reference
 from fastradam.flavours import PRESETS
 from fastradam.layout import FlatLayout
+from fastradam.rounding import round_key
 from fastradam.scalars import pack_rows, scalar_rows
 from fastradam.options import check_group
+from fastradam.storage import SUPPORTED, Storage
 from oracle_check import assert_matches_oracle
 from tests.cases import NUMPY_DTYPES as DTYPES, STORAGES
 from test_cuda_host import backend, harness, numba_backend  # noqa: F401  (shared fixtures)
@@ -440,3 +445,250 @@ def test_backend_lanes_and_math_dtype_follow_the_storage(backend):
     assert lanes(storage["float64", "float64", "float64", False]) == 2
     assert storage["float64", "float64", "float64", False].math_dtype == np.float64
     assert storage["float16", "bfloat16", "bfloat16", True].math_dtype == np.float32
+
+
+# --- How bfloat16 params keep their values: remainders and stochastic rounding ------------------------
+
+KEEPING_IDS = [s.short for s in KEEPING]
+
+
+def master_twin(storage: Storage) -> Storage:
+    """The fp32-master storage of the same formats: its master is what the remainders hold, and the
+    result that stochastic rounding rounds."""
+    return Storage(storage.params, storage.grads, storage.moments, master=True)
+
+
+def kept(storage: Storage, n: int, seed: int, offset: int = 0) -> tuple[tuple, np.ndarray | None, np.ndarray]:
+    """Random (p, g, m, v) of ``storage``, its side buffer (the int16 remainders, or None) and the
+    fp32 master they stand for (with remainders: p and the remainders joined; else p widened)."""
+    rng = np.random.default_rng([seed, n, offset])
+    master = aligned(rng.standard_normal(n) * 2.0 ** rng.integers(-8, 8, n), np.dtype(np.float32), offset)
+    values = (master, rng.standard_normal(n), 0.1 * rng.standard_normal(n), 1e-6 + 1e-2 * rng.random(n))
+    dtypes = (DTYPES[storage.params], DTYPES[storage.grads], DTYPES[storage.moments], DTYPES[storage.moments])
+    buffers = tuple(aligned(x.astype(np.float64), d, offset) for x, d in zip(values, dtypes))
+    if not storage.remainders:
+        return buffers, None, aligned(buffers[0].astype(np.float64), np.dtype(np.float32), offset)
+    high, low = reference.split_master(master)
+    buffers[0].view(np.uint16)[...] = high
+    side = aligned(np.zeros(n), np.dtype(np.float16), offset).view(np.int16)  # float16 NaN bits around it
+    side[...] = low
+    return buffers, side, master
+
+
+def twin_of(buffers: tuple, master: np.ndarray) -> tuple[tuple, np.ndarray]:
+    """Copies of ``buffers`` and of the fp32 ``master`` for the fp32-master path."""
+    return tuple(b.copy() for b in buffers), master.copy()
+
+
+def check_kept(storage: Storage, buffers: tuple, side: np.ndarray | None, twin: tuple, twin_master: np.ndarray,
+               grads_before: np.ndarray, index: np.ndarray, step: int, where=slice(None)) -> None:
+    """``buffers[where]`` (and ``side``) after a step against the fp32-master path's ``twin`` on the same
+    data: the moments bit for bit; with remainders, params and remainders the split of its master (and
+    they join back to it); stochastically, params its result rounded with the bits of ``index``."""
+    result = twin_master[where]
+    for k in (2, 3):
+        np.testing.assert_array_equal(bits(buffers[k][where]), bits(twin[k][where]))
+    np.testing.assert_array_equal(bits(buffers[1]), bits(grads_before))
+    got = buffers[0][where].view(np.uint16)
+    if storage.remainders:
+        high, low = reference.split_master(result)
+        np.testing.assert_array_equal(got, high)
+        np.testing.assert_array_equal(side[where], low)
+        np.testing.assert_array_equal(bits(reference.join_master(got, side[where])), bits(result))
+    else:
+        want = reference.stochastic_round_bfloat16(result, reference.stochastic_round_bits(SEED, step, index))
+        np.testing.assert_array_equal(got, want)
+
+
+def test_every_new_storage_is_checked_here():
+    assert len(KEEPING) == 12 and all(master_twin(s) in SUPPORTED for s in KEEPING)
+    assert sorted(s.short.rsplit("_", 1)[1] for s in KEEPING) == ["rem"] * 6 + ["sr"] * 6
+
+
+def test_remainder_codec_is_the_oracles_bit_for_bit(harness):
+    values = narrowing_inputs()
+    high, low = harness.split_remainders(values)
+    want_high, want_low = reference.split_master(values)
+    np.testing.assert_array_equal(high, want_high)
+    np.testing.assert_array_equal(low, want_low)
+    joined = harness.join_remainders(high, low)
+    finite = ~np.isnan(values)
+    np.testing.assert_array_equal(bits(joined[finite]), bits(values[finite]))  # exact for every non-NaN
+    assert np.isnan(joined[~finite]).all()
+    np.testing.assert_array_equal(bits(joined), bits(reference.join_master(want_high, want_low)))
+
+
+def test_stochastic_rounding_codec_is_the_oracles_bit_for_bit(harness):
+    values = narrowing_inputs()[::3]
+    rng = np.random.default_rng(5)
+    index = rng.integers(0, 1 << 40, values.size, dtype=np.int64)
+    index[:4] = (0, 1, (1 << 32) - 1, 1 << 32)
+    for seed, step in ((SEED, 1), (0, 7), ((1 << 64) - 1, 123456)):
+        got = harness.stochastic_round(values, index, round_key(seed, step))
+        want = reference.stochastic_round_bfloat16(values, reference.stochastic_round_bits(seed, step, index))
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("storage", KEEPING, ids=KEEPING_IDS)
+@pytest.mark.parametrize("n", (1, 17, 4099))
+@pytest.mark.parametrize("offset", (0, 1))
+@pytest.mark.parametrize("h", HYPERS[1:], ids=("l2", "decoupled-maximize-optax"))
+def test_flat_kernel_keeps_params_as_the_fp32_master_path(harness, storage, n, offset, h):
+    """Two steps (the second reads what the first wrote) through the pack path (aligned) and the
+    scalar path (odd offsets: bfloat16 beside float32 roles), against the fp32-master kernel."""
+    buffers, side, master = kept(storage, n, seed=3, offset=offset)
+    twin, twin_master = twin_of(buffers, master)
+    for step in (h["step"], h["step"] + 1):
+        floats, ints = keeping_tables([(scalars_for(dict(h, step=step)), step)], storage)
+        grads = buffers[1].copy()
+        harness.step(twin, floats, ints, grid=3, block=64, master=twin_master)
+        harness.step(buffers, floats, ints, grid=3, block=64, master=side, stochastic=storage.stochastic)
+        check_kept(storage, buffers, side, twin, twin_master, grads, np.arange(n), step)
+        if storage.stochastic:  # the twin goes on from the same bfloat16 params
+            twin[0][...], twin_master[...] = buffers[0], buffers[0].astype(np.float32)
+
+
+@pytest.mark.parametrize("storage", KEEPING, ids=KEEPING_IDS)
+def test_flat_kernel_keeps_params_as_the_numba_backend(harness, numba_backend, storage):
+    ours, side, _ = kept(storage, 5003, seed=7, offset=1)
+    theirs, their_side = tuple(b.copy() for b in ours), None if side is None else side.copy()
+    floats, ints = keeping_tables([(scalars_for(hyper(9, weight_decay=0.05)), 9)], storage)
+    harness.step(ours, floats, ints, grid=7, block=32, master=side, stochastic=storage.stochastic)
+    numba_backend.bind_flat(*(numba_backend.as_array(b) for b in theirs), master=their_side,
+                            stochastic=storage.stochastic)(floats, ints)
+    for got, want in zip((*ours, side), (*theirs, their_side)):
+        if got is not None:
+            np.testing.assert_array_equal(bits(got), bits(want))
+
+
+def keeping_rows(case: MultiCase, storage: Storage) -> tuple[np.ndarray, np.ndarray]:
+    """The case's tables, with each row's stochastic-rounding key (rows: group 1, the decoy, group 0)."""
+    steps = (case.hypers[1]["step"], 1000, case.hypers[0]["step"])
+    return keeping_tables(list(zip(case.rows, steps)), storage)
+
+
+@pytest.mark.parametrize("storage", KEEPING, ids=KEEPING_IDS)
+def test_segments_kernel_keeps_params_as_the_fp32_master_path_and_numba(harness, numba_backend, storage):
+    """A padded layout of ~50 segments in two groups, some skipped: each active segment against the
+    fp32-master kernel (stochastically with the global index: the segments' elements in order, the
+    padding not counted), skipped segments and the padding untouched, all bit for bit as Numba."""
+    case = MultiCase(PRESETS["torch"])
+    layout = case.layout()
+    buffers, side, master = kept(storage, layout.size, seed=11, offset=1)
+    twin, twin_master = twin_of(buffers, master)
+    theirs, their_side = tuple(b.copy() for b in buffers), None if side is None else side.copy()
+    before = tuple(b.copy() for b in (*buffers, *(() if side is None else (side,))))
+    floats, ints = keeping_rows(case, storage)
+    harness.step_segments(twin, layout.arrays, case.index_row, floats, ints, 1056, 256, master=twin_master)
+    harness.step_segments(buffers, layout.arrays, case.index_row, floats, ints, 1056, 256, master=side,
+                          stochastic=storage.stochastic)
+    numba_backend.bind_segments(*(numba_backend.as_array(b) for b in theirs), layout.arrays, master=their_side,
+                                stochastic=storage.stochastic)(case.index_row, floats, ints)
+    untouched = np.ones(layout.size, dtype=bool)
+    first = 0
+    for i, segment in enumerate(layout.segments):
+        where = slice(segment.offset, segment.offset + segment.size)
+        if case.index_row[i] >= 0:
+            untouched[where] = False
+            step = case.hyper(i)["step"]
+            check_kept(storage, buffers, side, twin, twin_master, before[1], first + np.arange(segment.size), step,
+                       where)
+        first += segment.size
+    for got, want in zip((*buffers, *(() if side is None else (side,))), before):
+        np.testing.assert_array_equal(bits(got[untouched]), bits(want[untouched]))
+    for got, want in zip((*buffers, side), (*theirs, their_side)):
+        if got is not None:
+            np.testing.assert_array_equal(bits(got), bits(want))
+
+
+@pytest.mark.parametrize("storage", KEEPING, ids=KEEPING_IDS)
+def test_tensors_kernel_keeps_params_as_the_fp32_master_path_and_numba(harness, numba_backend, storage):
+    """~50 separate tensors (odd sizes and offsets, empty ones, some skipped): each active tensor against
+    the fp32-master kernel (stochastically with the global index: the tensors' elements in list order),
+    skipped ones untouched, all bit for bit as Numba."""
+    case = MultiCase(PRESETS["torch"])
+    ours, twins, theirs, befores = [], [], [], []
+    for i, n in enumerate(case.sizes):
+        buffers, side, master = kept(storage, n, seed=i, offset=i % 3)
+        ours.append((*buffers, *(() if side is None else (side,))))
+        twins.append((*twin_of(buffers, master)[0], master.copy()))
+        theirs.append(tuple(b.copy() for b in ours[-1]))
+        befores.append(tuple(b.copy() for b in ours[-1]))
+    floats, ints = keeping_rows(case, storage)
+    harness.step_tensors(twins, case.index_row, floats, ints, 1056, 256)
+    harness.step_tensors(ours, case.index_row, floats, ints, 1056, 256, stochastic=storage.stochastic)
+    views = [[numba_backend.as_array(t[k]) for t in theirs] for k in range(len(theirs[0]))]
+    numba_backend.bind_tensors(*views[:4], master=views[4] if storage.remainders else None,
+                               stochastic=storage.stochastic)(case.index_row, floats, ints)
+    firsts = np.cumsum(case.sizes) - np.array(case.sizes)
+    for i, (tensor, twin, before, their) in enumerate(zip(ours, twins, befores, theirs)):
+        if case.index_row[i] >= 0:
+            check_kept(storage, tensor[:4], tensor[4] if storage.remainders else None, twin[:4], twin[4], before[1],
+                       firsts[i] + np.arange(case.sizes[i]), case.hyper(i)["step"])
+        else:
+            assert snapshot(*tensor) == snapshot(*before)
+        assert snapshot(*tensor) == snapshot(*their)
+
+
+REMAINDERS = tuple(s for s in KEEPING if s.remainders)
+
+
+@pytest.mark.parametrize("storage", REMAINDERS, ids=[s.short for s in REMAINDERS])
+def test_capturable_kernels_keep_remainders_as_the_host_scalar_kernels(harness, storage):
+    """Remainders need no host key: the capturable kernels take them (flat and segments), writing the
+    bits of the host-scalar kernels."""
+    buffers, side, _ = kept(storage, 1023, seed=2, offset=2)
+    twin, twin_side = tuple(b.copy() for b in buffers), side.copy()
+    options = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.02, decoupled_weight_decay=True, maximize=True)
+    harness.step_capturable(buffers, np.array(40, np.int64), np.array(2e-3, np.float64), grid=3, block=64,
+                            master=side, grad_scale=8.0, **options)
+    h = hyper(40, lr=2e-3, weight_decay=0.02, decoupled_weight_decay=True, maximize=True)
+    harness.step(twin, *pack_rows([scalars_for(h)], np.float32, 8.0), grid=3, block=64, master=twin_side)
+    assert snapshot(*buffers, side) == snapshot(*twin, twin_side)
+    assert snapshot(side) != snapshot(kept(storage, 1023, seed=2, offset=2)[1])  # both stepped
+
+    case = MultiCase(PRESETS["torch"])
+    layout = case.layout()
+    flats, side, _ = kept(storage, layout.size, seed=4, offset=1)
+    twin, twin_side = tuple(f.copy() for f in flats), side.copy()
+    groups = [check_group({k: v for k, v in h.items() if k != "step"}) for h in case.hypers]
+    steps = np.array([case.hypers[g]["step"] for g in case.groups], dtype=np.int64)
+    rows, segment_row = scalar_rows(groups, case.groups, steps, ~case.skipped)
+    harness.step_segments(twin, layout.arrays, segment_row, *pack_rows(rows, np.float32), 1056, 256,
+                          master=twin_side)
+    harness.step_segments_capturable(flats, layout.arrays, np.where(case.skipped, -1, case.groups), steps, groups,
+                                     [h["lr"] for h in case.hypers], 1056, 256, master=side)
+    assert snapshot(*flats, side) == snapshot(*twin, twin_side)
+
+
+@pytest.mark.parametrize("storage", KEEPING, ids=KEEPING_IDS)
+def test_found_inf_and_check_finite_skip_a_kept_step_without_a_write(harness, storage):
+    buffers, side, _ = kept(storage, 4099, seed=3)
+    buffers[1][4000] = np.inf
+    before = snapshot(*buffers, side)
+    floats, ints = keeping_tables([(scalars_for(hyper(5, weight_decay=0.1)), 5)], storage)
+    keywords = dict(master=side, stochastic=storage.stochastic)
+    harness.step(buffers, floats, ints, grid=3, block=64, found_inf=np.array(True), **keywords)
+    harness.step(buffers, floats, ints, grid=3, block=64, check_finite=True, **keywords)
+    layout = FlatLayout([(4099,)])
+    harness.step_segments(buffers, layout.arrays, np.zeros(1, np.int32), floats, ints, 3, 64, check_finite=True,
+                          **keywords)
+    harness.step_tensors([(*buffers, *(() if side is None else (side,)))], np.zeros(1, np.int32), floats, ints, 3,
+                         64, stochastic=storage.stochastic, found_inf=np.array(1.0, np.float32))
+    assert snapshot(*buffers, side) == before
+
+
+def test_the_backend_refuses_stochastic_rounding_in_capturable_steps(backend):
+    group = check_group({})
+    with pytest.raises(ValueError, match="stochastic rounding has no capturable kernels"):
+        backend.radam_step_capturable(None, None, None, None, None, 1e-3, group, stochastic=True)
+    with pytest.raises(ValueError, match="stochastic rounding has no capturable kernels"):
+        backend.radam_step_segments_capturable(None, None, None, None, None, None, None, [group], [1e-3],
+                                               stochastic=True)
+
+
+def test_index_shifts_count_the_pieces_in_order_without_padding(backend):
+    layout = FlatLayout([(3,), (0,), (70,), (5,)])
+    shifts = backend.index_shifts(layout.arrays.offsets, layout.arrays.sizes)
+    assert shifts.dtype == np.int64
+    assert (shifts + layout.arrays.offsets).tolist() == [0, 3, 3, 73]

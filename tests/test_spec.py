@@ -47,10 +47,11 @@ def test_abi_records_lay_out_as_the_c_structs():
 
 def test_a_record_carries_the_table_row():
     floats = np.arange(len(spec.SCALAR_FLOATS), dtype=np.float32)[None] + 0.5
-    ints = np.array([[1, 2]], dtype=np.int32)
+    ints = np.array([[1, 2, -(2**31), 2**31 - 1]], dtype=np.int32)  # the round keys: any int32 bit pattern
+    assert spec.SCALAR_INTS == ("negate_grad", "mode", "round_key_lo", "round_key_hi")
     record = launch.scalars_record(floats, ints)
     assert [float(record[name]) for name in spec.SCALAR_FLOATS] == floats[0].tolist()
-    assert [int(record[name]) for name in spec.SCALAR_INTS] == [1, 2]
+    assert [int(record[name]) for name in spec.SCALAR_INTS] == ints[0].tolist()
 
 
 def _defaults(function) -> dict:
@@ -75,12 +76,19 @@ def test_step_scalars_are_the_table_columns_in_order():
 
 def test_step_bytes_count_each_buffer_read_and_written():
     """The traffic the benchmarks divide by: fp32 28 B per element, float64 56, the fp32-master
-    path over bf16 params 28 (the compact-master issue's baseline), all-bfloat16 14."""
+    path over bf16 params 28 (the compact-master issue's baseline), all-bfloat16 14; remainders
+    add an int16 read and written (bf16 params, bf16 grads, fp32 moments: 26; all-bfloat16: 18),
+    stochastic rounding nothing (it is the plain bfloat16 traffic)."""
     assert Storage("float32", "float32", "float32").step_bytes == 28
     assert Storage("float64", "float64", "float64").step_bytes == 56
     assert Storage("bfloat16", "bfloat16", "float32", True).step_bytes == 28
     assert Storage("bfloat16", "bfloat16", "bfloat16").step_bytes == 14
     assert Storage("float16", "float32", "bfloat16", True).step_bytes == 2 + 8 + 4 + 8
+    assert Storage("bfloat16", "bfloat16", "float32", remainders=True).step_bytes == 26
+    assert Storage("bfloat16", "bfloat16", "bfloat16", remainders=True).step_bytes == 18
+    assert Storage("bfloat16", "float32", "float32", remainders=True).step_bytes == 2 + 2 + 4 + 4 + 16
+    assert Storage("bfloat16", "bfloat16", "float32", stochastic=True).step_bytes == 22
+    assert Storage("bfloat16", "bfloat16", "bfloat16", stochastic=True).step_bytes == 14
 
 
 def test_every_option_is_a_group_field():
@@ -101,9 +109,36 @@ def test_checked_options_are_cached_by_type_as_well_as_value():
 
 
 def test_supported_storage_follows_the_rule():
-    assert len(SUPPORTED) == 31
+    assert len(SUPPORTED) == 43
+    assert len(set(SUPPORTED)) == len({s.short for s in SUPPORTED}) == 43
     assert Storage("float64", "float64", "float64") in SUPPORTED
     assert all(s.moments in ("float32", "bfloat16") or s.params == "float64" for s in SUPPORTED)
     with pytest.raises(TypeError, match="the moments share one dtype"):
         check_storage(("float32", "float32", "float32", "bfloat16"))
     assert {f.short for f in FORMATS.values()} == {"f32", "f64", "bf16", "f16"}
+
+
+def test_compact_params_are_bfloat16_params_without_a_master():
+    """Remainders and stochastic rounding: bfloat16 params, grads in any of the three formats,
+    moments both fp32 or both bf16, no master, one or the other: 6 storages each."""
+    for flag in ("remainders", "stochastic"):
+        kinds = [s for s in SUPPORTED if getattr(s, flag)]
+        assert {(s.grads, s.moments) for s in kinds} == {(g, m) for g in ("float32", "bfloat16", "float16")
+                                                           for m in ("float32", "bfloat16")}
+        assert all(s.params == "bfloat16" and not s.master for s in kinds) and len(kinds) == 6
+        assert all(s.short.endswith("_rem" if flag == "remainders" else "_sr") for s in kinds)
+    assert not any(s.remainders and s.stochastic for s in SUPPORTED)
+    assert Storage("bfloat16", "bfloat16", "float32", remainders=True).short == "bf16_bf16_f32_rem"
+    assert Storage("bfloat16", "float16", "bfloat16", stochastic=True).short == "bf16_f16_bf16_sr"
+    assert check_storage(("bfloat16",) * 4, remainders="int16") == Storage("bfloat16", "bfloat16", "bfloat16",
+                                                                           remainders=True)
+    assert check_storage(("bfloat16",) * 4, stochastic=True).stochastic
+    for storages, kwargs, match in (
+            (("float16", "float16", "float32", "float32"), {"remainders": "int16"}, "is for bfloat16 params"),
+            (("float32",) * 4, {"stochastic": True}, "is for bfloat16 params"),
+            (("bfloat16",) * 4, {"remainders": "int16", "master": "float32"}, "replaces master_params"),
+            (("bfloat16",) * 4, {"remainders": "int16", "stochastic": True}, "exclude each other"),
+            (("bfloat16",) * 4, {"remainders": "uint16"}, "must be int16"),
+            (("float64",) * 4, {"stochastic": True}, "is for bfloat16 params")):
+        with pytest.raises(TypeError, match=match):
+            check_storage(storages, **kwargs)

@@ -7,8 +7,10 @@ else needs to know:
   (zero-copy conversion to the arrays its kernels take: 16-bit floats as bit views),
   ``check_devices(arrays, names)``, ``stream_order(objects)`` (what a bound launch must do first
   at every step, e.g. follow torch's CUDA stream; None when nothing);
-- the launchers a plan binds once: ``bind_flat(p, g, m, v, master=)``, ``bind_segments(p, g, m, v,
-  segments, master=)`` and ``bind_tensors(ps, gs, ms, vs, master=)``, each returning
+- the launchers a plan binds once: ``bind_flat(p, g, m, v, master=, stochastic=)``, ``bind_segments(p, g,
+  m, v, segments, master=, stochastic=)`` and ``bind_tensors(ps, gs, ms, vs, master=, stochastic=)``
+  (``master``: the fp32 master or the int16 remainders, by its dtype; ``stochastic``: round bfloat16
+  params stochastically, with each element's global index, :mod:`fastradam.rounding`), each returning
   ``launch(rows..., floats, ints, found_inf, check_finite)`` over the scalar tables of
   ``scalars.pack_rows`` (a tensor list's also takes this step's ``grads=``);
 - ``CAPTURABLE``: whether it also has the device-step launches ``radam_step_capturable`` and

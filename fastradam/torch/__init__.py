@@ -15,10 +15,12 @@ import numpy as np
 import torch
 
 from fastradam.flavours import PRESETS, Flavour, FlavourLike
+from fastradam.rounding import check_seed
 from fastradam.schedules import KerasWarmup
-from fastradam.torch.buckets import (Changes, FlatBucket, ParamList, StateEntry, check_parameter, check_state_entry,
+from fastradam.torch.buckets import (KEEPER_DTYPE, MASTER_KEY, SIXTEEN_BIT, Changes, FlatBucket, ParamList,
+                                     StateEntry, check_master_entry, check_parameter, check_state_entry,
                                      checked_gradient, is_dtensor, local_tensor, memory_overlap, storage_of)
-from fastradam.options import DEFAULTS, CheckedGroups, GroupOptions, check_group
+from fastradam.options import DEFAULTS, CheckedGroups, GroupOptions, check_flag, check_group
 
 __all__ = ["RAdam"]
 
@@ -27,6 +29,47 @@ TORCH_ONLY_DEFAULTS = {"foreach": None, "capturable": False, "differentiable": F
 #: fastradam's own group keys, left out of ``state_dict`` while they hold these defaults.
 EXTRA_DEFAULTS = {name: DEFAULTS[name] for name in ("eps_root", "flavour", "schedule")}
 _PARAMS = itemgetter("params")
+#: The key of the stochastic-rounding seed in each of a ``state_dict``'s param groups.
+SEED_KEY = "stochastic_round_seed"
+#: How the optimizer keeps 16-bit parameters' values: its constructor's options (Transformer
+#: Engine's ``master_weights`` / ``store_param_remainders``, torchao's ``bf16_stochastic_round``)
+#: and the resolved seed. Plain values: pickled and deep-copied with the optimizer.
+NO_KEEPING = {"master_weights": False, "store_param_remainders": False, "bf16_stochastic_round": False,
+              SEED_KEY: None}
+
+
+def _keeping(master_weights: Any, store_param_remainders: Any, bf16_stochastic_round: Any, seed: Any,
+             capturable: bool) -> dict:
+    """The checked options of :data:`NO_KEEPING`'s keys (nothing is built yet): the seed drawn as
+    ``torch.initial_seed()`` where stochastic rounding takes none."""
+    master_weights = check_flag("master_weights", master_weights)
+    remainders = check_flag("store_param_remainders", store_param_remainders)
+    stochastic = check_flag("bf16_stochastic_round", bf16_stochastic_round)
+    if remainders and not master_weights:
+        raise ValueError("store_param_remainders=True keeps the fp32 master weights as int16 remainders beside "
+                         "the bfloat16 parameters: it needs master_weights=True")
+    if stochastic and master_weights:
+        raise ValueError("bf16_stochastic_round=True rounds bfloat16 parameters without a master: it replaces "
+                         "master_weights=True, pass one of them")
+    if stochastic and capturable:
+        raise ValueError("bf16_stochastic_round=True needs host step counts (its random bits are keyed by the "
+                         "step on the host): not with capturable=True")
+    if seed is not None and not stochastic:
+        raise ValueError("stochastic_round_seed is the seed of bf16_stochastic_round=True; pass it with that")
+    if stochastic:
+        seed = torch.initial_seed() if seed is None else check_seed(seed)
+    return {"master_weights": master_weights, "store_param_remainders": remainders,
+            "bf16_stochastic_round": stochastic, SEED_KEY: seed}
+
+
+def _saved_seed(groups: list[dict]) -> int | None:
+    """The stochastic-rounding seed of a ``state_dict``'s groups (checked: an int, the same in each), or None."""
+    seeds = {repr(group[SEED_KEY]): group[SEED_KEY] for group in groups if SEED_KEY in group}
+    if not seeds:
+        return None
+    if len(seeds) > 1:
+        raise ValueError(f"loaded state dict has different {SEED_KEY} values in its groups: {sorted(seeds)}")
+    return check_seed(next(iter(seeds.values())), f"the loaded state dict's {SEED_KEY}")
 
 
 def _options(group: dict, where: str = "") -> dict:
@@ -243,6 +286,25 @@ class RAdam(torch.optim.Optimizer):
         pairs; ``p.data``, gradient views and the state's ``exp_avg``/``exp_avg_sq`` are complex
         views of them (complex, as torch's state).
 
+    Master weights (Transformer Engine's and torchao's option names; one setting for the whole optimizer)
+        * ``master_weights=True``: bfloat16/float16 buckets keep a flat float32 master (the plans'
+          ``master_params``), state key ``"master_param"`` (TE's). float32/float64 parameters are
+          their own master: nothing is kept for them.
+        * ``store_param_remainders=True`` (with ``master_weights=True``, bfloat16 parameters only:
+          float16 ones are refused, float32 ones keep nothing): int16 remainders under
+          ``"master_param"`` (TE's key and format), with the parameters the float32 master bit for bit.
+        * ``bf16_stochastic_round=True`` (not with ``master_weights`` or ``capturable``): bfloat16
+          buckets round each step's float32 result stochastically, bits hashed from
+          (``stochastic_round_seed``, step, the element's place in its bucket); the seed defaults
+          to ``torch.initial_seed()`` and is saved in every group of :meth:`state_dict`
+          (``"stochastic_round_seed"``) and taken back by :meth:`load_state_dict`.
+        A master is taken from its parameter's values at the parameter's first step with fresh
+        state (weights loaded into the model after the optimizer was built are the ones trained),
+        a remainder starts at zero. :meth:`state_dict` holds the master/remainder in each entry
+        (float16 parameters' float32 moments as they are, for an exact resume); a checkpoint
+        without it (``torch.optim.RAdam``'s) starts the masters from the parameters; one of the
+        other format or dtype is refused before anything is loaded.
+
     Not supported: sparse gradients (RuntimeError at the step), complex32 and other dtypes,
     complex DTensors (TypeError), ``differentiable=True`` (NotImplementedError), ``capturable``
     on the CPU (ValueError), a parameter listed twice or two over overlapping memory (ValueError).
@@ -268,12 +330,18 @@ class RAdam(torch.optim.Optimizer):
         eps_root: float = 0.0,
         flavour: FlavourLike = "torch",
         schedule: KerasWarmup | None = None,
+        master_weights: bool = False,
+        store_param_remainders: bool = False,
+        bf16_stochastic_round: bool = False,
+        stochastic_round_seed: int | None = None,
     ) -> None:
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "maximize": maximize,
                     "foreach": foreach, "capturable": capturable,
                     "decoupled_weight_decay": decoupled_weight_decay, "differentiable": differentiable,
                     "eps_root": eps_root, "flavour": flavour, "schedule": schedule}
         self._check_group(defaults)
+        self._keeping = _keeping(master_weights, store_param_remainders, bf16_stochastic_round,
+                                 stochastic_round_seed, bool(capturable))
         self._capturable = bool(capturable)
         self._packing = _Packing()
         self._group_checks: CheckedGroups | None = None
@@ -281,6 +349,11 @@ class RAdam(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._building = False
         self._check_params()  # once, over every group
+        keeping = self._keeping
+        if keeping["store_param_remainders"] or keeping["bf16_stochastic_round"]:
+            if not any(p.dtype == torch.bfloat16 for group in self.param_groups for p in group["params"]):
+                option = "store_param_remainders" if keeping["store_param_remainders"] else "bf16_stochastic_round"
+                raise TypeError(f"{option}=True is for bfloat16 parameters, and there is none here")
         self._rebuild()
 
     # -- groups and buffers ------------------------------------------------------------------
@@ -337,6 +410,11 @@ class RAdam(torch.optim.Optimizer):
                 if not (p.is_leaf or p.retains_grad):
                     raise ValueError(f"can't optimize a non-leaf Tensor ({where})")
                 check_parameter(p, where)
+                if p.dtype == torch.float16 and self._keeping["store_param_remainders"]:
+                    raise TypeError(f"{where} is torch.float16: store_param_remainders=True keeps int16 remainders "
+                                    "beside bfloat16 parameters only (they are the low halves of an fp32 master "
+                                    "whose high halves are bfloat16); train float16 parameters in an optimizer "
+                                    "with master_weights=True alone")
                 if self._capturable and p.device.type != "cuda":
                     raise ValueError(f"capturable=True needs CUDA parameters; {where} is on {p.device} (move the "
                                      "parameters to CUDA first, or leave capturable=False off CUDA)")
@@ -382,7 +460,8 @@ class RAdam(torch.optim.Optimizer):
                 names[p] = self._name(g, j)
         describe = names.__getitem__
         buckets = [FlatBucket(params, groups, capturable=self._capturable, describe=describe, changes=packing.changes,
-                              sharded=key[2]) for key, (params, groups) in members.items()]
+                              sharded=key[2], keeping=self._keeping_of(key[1]), round_seed=self._keeping[SEED_KEY])
+                   for key, (params, groups) in members.items()]
         incoming = self._read_state(buckets)  # all checked before any parameter moves
         with torch.no_grad():
             for bucket, entries in zip(buckets, incoming):
@@ -392,6 +471,15 @@ class RAdam(torch.optim.Optimizer):
                 bucket.release([p for p in bucket.params if id(p) not in kept], self.state)
         packing.buckets = buckets
         self._watch()
+
+    def _keeping_of(self, dtype: torch.dtype) -> str | None:
+        """How a bucket of ``dtype`` parameters keeps their values (:data:`fastradam.torch.buckets.KEEPINGS`)."""
+        keeping = self._keeping
+        if keeping["master_weights"] and dtype in SIXTEEN_BIT:
+            return "remainders" if keeping["store_param_remainders"] and dtype == torch.bfloat16 else "master"
+        if keeping["bf16_stochastic_round"] and dtype == torch.bfloat16:
+            return "stochastic"
+        return None
 
     def _read_state(self, buckets: list[FlatBucket]) -> list[list]:
         """Every bucket's state as :meth:`FlatBucket.read_state` reads it, values over any of these
@@ -486,6 +574,7 @@ class RAdam(torch.optim.Optimizer):
         steps = [bucket.prepare(active, grads, checked, lrs) for bucket, (active, grads) in zip(buckets, gradients)]
         installed = False
         for bucket, (active, _), step in zip(buckets, gradients, steps):
+            bucket.take_masters(active, self.state)
             new = active & ~bucket.has_state
             if new.any():
                 for i in np.flatnonzero(new):
@@ -532,10 +621,13 @@ class RAdam(torch.optim.Optimizer):
         state_dict = super().state_dict()
         state_dict["state"] = {key: dict(entry) if type(entry) is StateEntry else entry  # plain: weights_only loads
                                for key, entry in state_dict["state"].items()}
-        if any(bucket.moment_dtype != bucket.storage_dtype for bucket in self._packing.buckets):
+        if not self._keeping["master_weights"] and any(bucket.moment_dtype != bucket.storage_dtype
+                                                       for bucket in self._packing.buckets):
             _as_torch_moments(state_dict["state"], [p for group in self.param_groups for p in group["params"]])
         for group in state_dict["param_groups"]:
             _encode_extras(group)
+            if self._keeping["bf16_stochastic_round"]:
+                group[SEED_KEY] = self._keeping[SEED_KEY]
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -550,13 +642,29 @@ class RAdam(torch.optim.Optimizer):
                                  "of optimizer's group")
             self._check_group({**saved, "capturable": self._capturable, "differentiable": False})
             ids_to_params.update(zip(saved["params"], group["params"]))
+        seed = _saved_seed(saved_groups)
+        for group in saved_groups:
+            group.pop(SEED_KEY, None)  # the optimizer's, not a group option
+        uncast = {}  # what torch's load would cast to the parameter's dtype: masters, float32 moments of float16
         for key, entry in state_dict["state"].items():
             p = ids_to_params.get(key)
             if p is not None:
-                check_state_entry(entry, p.shape, f"state of parameter {key}")
+                where = f"state of parameter {key}"
+                check_state_entry(entry, p.shape, where)
+                if MASTER_KEY in entry:
+                    check_master_entry(entry[MASTER_KEY], p.shape, KEEPER_DTYPE.get(self._keeping_of(p.dtype)), where)
+                uncast[p] = {name: value for name in ("exp_avg", "exp_avg_sq", MASTER_KEY)
+                             if isinstance(value := entry.get(name), torch.Tensor) and value.dtype != p.dtype}
         super().load_state_dict({**state_dict, "param_groups": saved_groups})
         for group in self.param_groups:
             group["capturable"] = self._capturable
+        for p, values in uncast.items():
+            if values and isinstance(self.state.get(p), dict):
+                self.state[p].update(values)  # copied into the buffers next (never aliased)
+        if seed is not None and self._keeping["bf16_stochastic_round"]:
+            self._keeping = {**self._keeping, SEED_KEY: seed}
+            for bucket in self._packing.buckets:
+                bucket.set_round_seed(seed)
         self._follow()  # the buffers take the loaded state (copies, never aliases)
 
     # -- copies ------------------------------------------------------------------------------
@@ -569,6 +677,7 @@ class RAdam(torch.optim.Optimizer):
             return  # load_state_dict: it refills the buffers itself
         self.param_groups = [_decode_extras(group) for group in self.param_groups]
         self._capturable = bool(self.param_groups[0]["capturable"])
+        self._keeping = {**NO_KEEPING, **state.get("_keeping", {})}
         self._packing = _Packing()
         self._group_checks = None
         self._building = False
@@ -593,7 +702,7 @@ class RAdam(torch.optim.Optimizer):
         state = collections.defaultdict(dict, {
             p: {name: compact(value) for name, value in entry.items()} if isinstance(entry, Mapping) else entry
             for p, entry in self.state.items()})
-        return {**super().__getstate__(), "state": state}
+        return {**super().__getstate__(), "state": state, "_keeping": dict(self._keeping)}
 
     def __copy__(self) -> "RAdam":
         """A shallow copy, as torch's: the same param groups and state, and here the same buffers and

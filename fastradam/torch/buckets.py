@@ -34,6 +34,15 @@ STORAGE_DTYPE = {torch.complex64: torch.float32, torch.complex128: torch.float64
 #: more accurate than torch's float16 ones. bfloat16 parameters keep bfloat16 moments (torch's choice).
 MOMENT_DTYPE = {torch.float16: torch.float32}
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+#: The state key of a parameter's master (Transformer Engine's FusedAdam's name): its fp32 master
+#: weights, or with remainders the int16 low halves of that master (TE keeps those there too).
+MASTER_KEY = "master_param"
+#: How a bucket's 16-bit parameters keep their fp32 values (:class:`FlatBucket`'s ``keeping``):
+#: an fp32 master beside them, int16 remainders (with the bfloat16 params, the fp32 master bit for
+#: bit), or stochastic rounding of each step's fp32 result; None: rounded to nearest-even.
+KEEPINGS = (None, "master", "remainders", "stochastic")
+#: The dtype of the state a keeping holds under :data:`MASTER_KEY`.
+KEEPER_DTYPE = {"master": torch.float32, "remainders": torch.int16}
 #: Devices the backends run on.
 SUPPORTED_DEVICES = ("cpu", "cuda")
 #: Below this many elements a CPU bucket copies fresh gradients into its flat gradient buffer (one
@@ -158,6 +167,27 @@ def check_state_entry(entry: Any, shape: Sequence[int], where: str) -> None:
         raise ValueError(f"{where}: step must be a number or a one-element tensor")
 
 
+def check_master_entry(value: Any, shape: Sequence[int], dtype: torch.dtype | None, where: str) -> None:
+    """ValueError unless ``value`` (a state entry's :data:`MASTER_KEY`) is a tensor of ``shape`` and
+    ``dtype`` (float32 masters, int16 remainders), as a parameter whose bucket keeps that needs it;
+    ``dtype`` None: the parameter keeps no master and the value is dropped, whatever it is."""
+    if dtype is None:
+        return
+    kind = "fp32 master" if dtype == torch.float32 else "int16 remainders (store_param_remainders=True)"
+    if not isinstance(value, torch.Tensor) or value.shape != tuple(shape) or value.dtype != dtype:
+        got = (f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+               else type(value).__name__)
+        hint = ""
+        if isinstance(value, torch.Tensor) and {value.dtype, dtype} == {torch.float32, torch.int16}:
+            hint = (" (a checkpoint of an optimizer with the other store_param_remainders: build this one the same "
+                    "way, or delete the entries' 'master_param' to start the masters from the parameters)")
+        elif isinstance(value, torch.Tensor) and value.dtype != dtype:
+            hint = (" (torch.optim.RAdam casts it to the parameter's dtype on load and never updates it: delete "
+                    "the entries' 'master_param' to start the masters from the parameters)")
+        raise ValueError(f"{where}: {MASTER_KEY} must be the parameter's {kind}, a {dtype} tensor of shape "
+                         f"{tuple(shape)}, got {got}{hint}")
+
+
 def checked_gradient(grad: torch.Tensor, where: str, dtype: torch.dtype, device: torch.device,
                      local_shape: torch.Size | None = None) -> torch.Tensor:
     """``grad`` checked as the gradient of a parameter of ``dtype`` on ``device`` (named ``where``):
@@ -246,6 +276,16 @@ class FlatBucket:
         ``describe(p)`` names a parameter in error messages.
     changes : Changes
         The optimizer's count of changes made by hand, held by the state entries made here.
+    keeping : {None, "master", "remainders", "stochastic"}
+        How 16-bit parameters keep their fp32 values (:data:`KEEPINGS`): ``"master"`` an fp32
+        master per element (bfloat16/float16 parameters), ``"remainders"`` int16 remainders
+        (bfloat16), both in a flat buffer beside the parameters, state key :data:`MASTER_KEY`;
+        ``"stochastic"`` (bfloat16) rounds each step's result stochastically with ``round_seed``.
+        A master starts from its parameter's values at the parameter's first step with fresh
+        state (so weights loaded into the model after the optimizer was built are taken); a
+        remainder starts at zero (the master then equals the parameter).
+    round_seed : int, optional
+        The seed of ``"stochastic"`` rounding.
     sharded : bool
         The parameters are DTensors (FSDP2): the buffers cover their *local* shards, the
         parameters stay where their engine keeps them (FSDP2 all-gathers from its own padded
@@ -256,9 +296,17 @@ class FlatBucket:
     """
 
     def __init__(self, params: Sequence[torch.Tensor], groups: Sequence[int], *, capturable: bool,
-                 describe: Callable[[torch.Tensor], str], changes: Changes, sharded: bool = False) -> None:
+                 describe: Callable[[torch.Tensor], str], changes: Changes, sharded: bool = False,
+                 keeping: str | None = None, round_seed: int | None = None) -> None:
         self.params = list(params)
         self.device, self.dtype = self.params[0].device, self.params[0].dtype
+        if keeping not in KEEPINGS or (keeping is not None and self.dtype not in SIXTEEN_BIT) or (
+                keeping in ("remainders", "stochastic") and self.dtype != torch.bfloat16):
+            raise ValueError(f"keeping {keeping!r} is not for {self.dtype} parameters")
+        if keeping == "stochastic" and capturable:
+            raise ValueError("stochastic rounding needs host step counts: not with capturable=True")
+        self.keeping = keeping
+        self.round_seed = round_seed if keeping == "stochastic" else None
         self.capturable = capturable
         self.describe = describe
         self.changes = changes
@@ -279,6 +327,13 @@ class FlatBucket:
         self.exp_avg_flat = torch.zeros(self.layout.size, **moments)
         self.exp_avg_sq_flat = torch.zeros(self.layout.size, **moments)
         self.grad_flat: torch.Tensor | None = None
+        #: The fp32 masters or int16 remainders (:data:`MASTER_KEY`), None without them.
+        keeper_dtype = KEEPER_DTYPE.get(keeping)
+        self.keeper_flat = None if keeper_dtype is None else torch.zeros(self.layout.size, dtype=keeper_dtype,
+                                                                           device=self.device)
+        self.keeper_views = None if keeper_dtype is None else self.layout.unpack(self.keeper_flat)
+        #: Per parameter, whether its fp32 master is still to be taken from its values (at its next step).
+        self.needs_master = np.ones(len(self.params), dtype=bool) if keeping == "master" else None
         self.steps = torch.zeros(len(self.params), dtype=scalar_dtype(), device=self.device if capturable else "cpu")
         #: Whether the optimizer's state holds an entry (views into these buffers) for each parameter.
         self.has_state = np.zeros(len(self.params), dtype=bool)
@@ -305,6 +360,10 @@ class FlatBucket:
             self.steps_array = self.backend.as_array(self.steps) if capturable else None
         self.grad_array: Any = None
         self.segment_arrays = [None if sharded and k == 0 else self.layout.unpack(a) for k, a in enumerate(self.arrays)]
+        # the master/remainder buffer as the plans take it (beside 16-bit params: as it is, a NumPy view on the CPU)
+        self.keeper_array = None if self.keeper_flat is None else (
+            self.keeper_flat.numpy() if self.on_cpu else self.keeper_flat)
+        self.keeper_segments = None if self.keeper_array is None else self.layout.unpack(self.keeper_array)
         self.steps_host = None if capturable else self.steps.numpy()
         #: Whether fresh gradients are copied into the flat gradient buffer for the layout step rather
         #: than stepped where they are (the tensor list): on CUDA always (the copy is cheaper than the
@@ -335,24 +394,31 @@ class FlatBucket:
             self.adopt_grads(copy=True)
 
     def storages(self) -> set[int]:
-        """The addresses of the storages that :meth:`write_state` writes (moments and step counts)."""
-        return {storage_of(t) for t in (self.exp_avg_flat, self.exp_avg_sq_flat, self.steps)} - {None}
+        """The addresses of the storages that :meth:`write_state` writes (moments, step counts, masters)."""
+        return {storage_of(t) for t in (self.exp_avg_flat, self.exp_avg_sq_flat, self.steps, self.keeper_flat)} - {None}
 
     def read_state(self, state: Mapping[torch.Tensor, Any], written: set[int]) -> list[tuple | None]:
         """Each parameter's entry in ``state``, checked, with the values to copy in (nothing written):
         None where it has none or an empty one (it starts from fresh state at its next step, as
-        torch's lazy initialisation), else ``(entry, (exp_avg, exp_avg_sq, step))``, a value None
-        where it is the parameter's own view already. A value over one of the storages ``written``
+        torch's lazy initialisation), else ``(entry, (exp_avg, exp_avg_sq, step, master))``, a value
+        None where it is the parameter's own view already, the master :data:`_ABSENT` where the
+        bucket keeps none or the entry has none (:data:`MASTER_KEY`). A value over one of the storages ``written``
         (those of every bucket about to be written, :meth:`storages`), e.g. another parameter's
         view, is copied here, so that no bucket's writes change what another one then reads."""
         incoming = []
         for i, p in enumerate(self.params):
             entry = state.get(p)
             if entry is not None and not (isinstance(entry, Mapping) and len(entry) == 0):
-                check_state_entry(entry, p.shape, f"optimizer state of {self.describe(p)}")
+                where = f"optimizer state of {self.describe(p)}"
+                check_state_entry(entry, p.shape, where)
                 targets = (self.exp_avg_views[i], self.exp_avg_sq_views[i], self.steps[i])
-                incoming.append((entry, tuple(_source(entry[name], target, written)
-                                              for name, target in zip(("exp_avg", "exp_avg_sq", "step"), targets))))
+                values = tuple(_source(entry[name], target, written)
+                               for name, target in zip(("exp_avg", "exp_avg_sq", "step"), targets))
+                master = _ABSENT
+                if self.keeper_views is not None and MASTER_KEY in entry:
+                    check_master_entry(entry[MASTER_KEY], p.shape, self.keeper_flat.dtype, where)
+                    master = _source(entry[MASTER_KEY], self.keeper_views[i], written)
+                incoming.append((entry, values + (master,)))
             else:
                 incoming.append(None)
         return incoming
@@ -365,6 +431,11 @@ class FlatBucket:
         kept = set()
         for i, (p, item) in enumerate(zip(self.params, incoming)):
             self.has_state[i] = item is not None
+            master = _ABSENT if item is None else item[1][3]
+            if self.keeping == "remainders" and master is _ABSENT:
+                self.keeper_views[i].zero_()  # the master is the parameter's value, whenever it is loaded
+            elif self.keeping == "master":
+                self.needs_master[i] = master is _ABSENT  # taken from the parameter at its next step
             if item is None:
                 self.exp_avg_views[i].zero_()
                 self.exp_avg_sq_views[i].zero_()
@@ -374,14 +445,41 @@ class FlatBucket:
                     state[p] = StateEntry(self.changes)
                 continue
             entry, values = item
-            for target, value in zip((self.exp_avg_views[i], self.exp_avg_sq_views[i], self.steps[i]), values):
-                if value is not None:
+            targets = (self.exp_avg_views[i], self.exp_avg_sq_views[i], self.steps[i],
+                       None if self.keeper_views is None else self.keeper_views[i])
+            for target, value in zip(targets, values):
+                if value is not None and value is not _ABSENT:
                     target.copy_(value)
+            views = self._views(i)
             if self._owns(entry) and id(entry) not in kept:  # (an entry shared by two: copied)
-                dict.update(entry, self._views(i))  # in place, uncounted
+                if MASTER_KEY not in views:
+                    dict.pop(entry, MASTER_KEY, None)  # no master here (none kept, or not taken yet): none shown
+                dict.update(entry, views)  # in place, uncounted
                 kept.add(id(entry))
             else:
-                state[p] = StateEntry(self.changes, {**entry, **self._views(i)})
+                state[p] = StateEntry(self.changes, {**{k: v for k, v in entry.items() if k != MASTER_KEY}, **views})
+
+    def take_masters(self, active: np.ndarray, state: Mapping[torch.Tensor, Any]) -> None:
+        """Before a step of the parameters in ``active``: the fp32 masters still to be taken
+        (:attr:`needs_master`) copied from their parameters' values, and shown in their state
+        entries (those of this optimizer; new entries get them from :meth:`state_entry`)."""
+        if self.needs_master is None:
+            return
+        fresh = active & self.needs_master
+        if not fresh.any():
+            return
+        for i in np.flatnonzero(fresh).tolist():
+            self.keeper_views[i].copy_(self.param_views[i])
+            self.needs_master[i] = False
+            entry = state.get(self.params[i])
+            if self._owns(entry):
+                dict.__setitem__(entry, MASTER_KEY, self._views(i)[MASTER_KEY])  # uncounted: ours
+
+    def set_round_seed(self, seed: int) -> None:
+        """A new stochastic-rounding seed (a loaded state's): the plans are bound again with it."""
+        if self.keeping == "stochastic" and seed != self.round_seed:
+            self.round_seed = seed
+            self._plan = self._tensors = None
 
     def _owns(self, entry: Any) -> bool:
         """Whether ``entry`` is a :class:`StateEntry` of this optimizer (counting in its :class:`Changes`)."""
@@ -393,7 +491,7 @@ class FlatBucket:
         gradient buffer, and the tensors of their ``state`` entry (in place in the entry, which
         torch keeps), so that nothing keeps the buffers alive."""
         ours = {storage_of(t) for t in (self.param_flat, self.exp_avg_flat, self.exp_avg_sq_flat, self.steps,
-                                        self.grad_flat)} - {None}
+                                        self.grad_flat, self.keeper_flat)} - {None}
         for p in params:
             if not self.sharded and storage_of(p.data) in ours:
                 p.data = p.data.clone()
@@ -408,20 +506,22 @@ class FlatBucket:
         return StateEntry(self.changes, self._views(i))
 
     def _views(self, i: int) -> dict[str, torch.Tensor]:
-        """Parameter ``i``'s ``step``, ``exp_avg`` and ``exp_avg_sq``: views into the buffers.
+        """Parameter ``i``'s ``step``, ``exp_avg`` and ``exp_avg_sq`` (and its :data:`MASTER_KEY`, where
+        the bucket keeps one and it has been taken): views into the buffers.
 
-        For a DTensor parameter the moments are DTensors of its mesh and placements over the local
-        views (no copy), as torch.optim.RAdam's ``zeros_like(p)`` state is.
+        For a DTensor parameter the moments (and master) are DTensors of its mesh and placements over
+        the local views (no copy), as torch.optim.RAdam's ``zeros_like(p)`` state is.
         """
+        tensors = {"exp_avg": self.exp_avg_views[i], "exp_avg_sq": self.exp_avg_sq_views[i]}
+        if self.keeper_views is not None and (self.needs_master is None or not self.needs_master[i]):
+            tensors[MASTER_KEY] = self.keeper_views[i]
         if self.sharded:
             from torch.distributed.tensor import DTensor
 
             p = self.params[i]
-            moments = [DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                          stride=p.stride())
-                       for view in (self.exp_avg_views[i], self.exp_avg_sq_views[i])]
-            return {"step": self.steps[i], "exp_avg": moments[0], "exp_avg_sq": moments[1]}
-        return {"step": self.steps[i], "exp_avg": self.exp_avg_views[i], "exp_avg_sq": self.exp_avg_sq_views[i]}
+            tensors = {name: DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                                stride=p.stride()) for name, view in tensors.items()}
+        return {"step": self.steps[i], **tensors}
 
     def adopt_grads(self, copy: bool) -> None:
         """Point every existing ``p.grad`` at a view of the flat gradient buffer (allocated here).
@@ -566,7 +666,8 @@ class FlatBucket:
         if self._plan is None:
             self._allocate_grad_flat()
             params, exp_avg, exp_avg_sq = self.arrays
-            self._plan = StepPlan(params, self.grad_array, exp_avg, exp_avg_sq, layout=self.layout, groups=groups)
+            self._plan = StepPlan(params, self.grad_array, exp_avg, exp_avg_sq, layout=self.layout, groups=groups,
+                                  **self._keeping_arguments(self.keeper_array))
         return self._plan
 
     def _tensor_plan(self, groups: list[GroupOptions]) -> StepPlan:
@@ -578,8 +679,21 @@ class FlatBucket:
             else:
                 params = self.segment_arrays[0]
             self._tensors = StepPlan(params, None, self.segment_arrays[1], self.segment_arrays[2], groups=groups,
-                                     group_index=self.layout.arrays.groups)
+                                     group_index=self.layout.arrays.groups,
+                                     **self._keeping_arguments(self.keeper_segments))
         return self._tensors
+
+    def _keeping_arguments(self, keeper: Any) -> dict[str, Any]:
+        """The plans' arguments for :attr:`keeping` (``keeper``: the master/remainder buffer or its segments).
+        Both plans count the global element index over the same tensors in order, so stochastic
+        rounding draws the same bits whichever of them steps."""
+        if self.keeping == "master":
+            return {"master_params": keeper}
+        if self.keeping == "remainders":
+            return {"param_remainders": keeper}
+        if self.keeping == "stochastic":
+            return {"stochastic_round_seed": self.round_seed}
+        return {}
 
     def _grad_tensor(self, grad: torch.Tensor) -> torch.Tensor:
         if grad.requires_grad:
@@ -648,6 +762,10 @@ def _source(value: Any, target: torch.Tensor, written: set[int]) -> torch.Tensor
             target.data_ptr(), target.stride(), target.dtype):
         return None  # this parameter's own view: nothing to copy
     return value.clone() if storage_of(value) in written else value
+
+
+#: :meth:`FlatBucket.read_state`'s master of an entry without one (or of a bucket that keeps none).
+_ABSENT = object()
 
 
 def _nothing() -> None:

@@ -32,20 +32,22 @@ struct ElementScalars {
     M inv_grad_scale;   // 1 / grad_scale: the gradient's unscale factor
     int negate_grad;      // maximize: the gradient is negated
     int mode;             // kMomentum, kRectified or kHold
+    int round_key_lo;     // stochastic rounding: low 32 bits of the step's key (bit pattern; 0 when off)
+    int round_key_hi;     // stochastic rounding: high 32 bits of the step's key (bit pattern; 0 when off)
 };
 constexpr int kScalarFloats = 9;
-constexpr int kScalarInts = 2;
+constexpr int kScalarInts = 4;
 
 //! Rounds float64 scalars to the math type M (as the host rounds its tables).
 template <typename M>
 __host__ __device__ __forceinline__ ElementScalars<M> cast_scalars(const ElementScalars<double>& s) {
-    return ElementScalars<M>{static_cast<M>(s.one_minus_beta1), static_cast<M>(s.beta2), static_cast<M>(s.one_minus_beta2), static_cast<M>(s.eps), static_cast<M>(s.eps_root), static_cast<M>(s.l2_weight_decay), static_cast<M>(s.param_decay), static_cast<M>(s.step_size), static_cast<M>(s.inv_grad_scale), s.negate_grad, s.mode};
+    return ElementScalars<M>{static_cast<M>(s.one_minus_beta1), static_cast<M>(s.beta2), static_cast<M>(s.one_minus_beta2), static_cast<M>(s.eps), static_cast<M>(s.eps_root), static_cast<M>(s.l2_weight_decay), static_cast<M>(s.param_decay), static_cast<M>(s.step_size), static_cast<M>(s.inv_grad_scale), s.negate_grad, s.mode, s.round_key_lo, s.round_key_hi};
 }
 
 //! A row of the host scalar tables: f points at its kScalarFloats reals, i at its kScalarInts ints.
 template <typename M>
 __host__ __device__ __forceinline__ ElementScalars<M> scalars_row(const M* f, const int* i) {
-    return ElementScalars<M>{f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], i[0], i[1]};
+    return ElementScalars<M>{f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], i[0], i[1], i[2], i[3]};
 }
 
 //! One parameter group of the capturable kernels (fastradam.spec.GROUP_ROW).
@@ -75,39 +77,54 @@ __host__ __device__ __forceinline__ GroupRow group_row(const double* f, const in
 
 }  // namespace fastradam
 
-//! X(suffix, P, G, Mo, kMaster) for every supported storage combination (fastradam.storage.SUPPORTED).
-#define FASTRADAM_FOR_EACH_STORAGE(X) \
-    X(f32_f32_f32, float, float, float, false) \
-    X(f32_f32_bf16, float, float, fastradam::bfloat16_t, false) \
-    X(f32_bf16_f32, float, fastradam::bfloat16_t, float, false) \
-    X(f32_bf16_bf16, float, fastradam::bfloat16_t, fastradam::bfloat16_t, false) \
-    X(f32_f16_f32, float, fastradam::float16_t, float, false) \
-    X(f32_f16_bf16, float, fastradam::float16_t, fastradam::bfloat16_t, false) \
-    X(f64_f64_f64, double, double, double, false) \
-    X(bf16_f32_f32, fastradam::bfloat16_t, float, float, false) \
-    X(bf16_f32_f32_master, fastradam::bfloat16_t, float, float, true) \
-    X(bf16_f32_bf16, fastradam::bfloat16_t, float, fastradam::bfloat16_t, false) \
-    X(bf16_f32_bf16_master, fastradam::bfloat16_t, float, fastradam::bfloat16_t, true) \
-    X(bf16_bf16_f32, fastradam::bfloat16_t, fastradam::bfloat16_t, float, false) \
-    X(bf16_bf16_f32_master, fastradam::bfloat16_t, fastradam::bfloat16_t, float, true) \
-    X(bf16_bf16_bf16, fastradam::bfloat16_t, fastradam::bfloat16_t, fastradam::bfloat16_t, false) \
-    X(bf16_bf16_bf16_master, fastradam::bfloat16_t, fastradam::bfloat16_t, fastradam::bfloat16_t, true) \
-    X(bf16_f16_f32, fastradam::bfloat16_t, fastradam::float16_t, float, false) \
-    X(bf16_f16_f32_master, fastradam::bfloat16_t, fastradam::float16_t, float, true) \
-    X(bf16_f16_bf16, fastradam::bfloat16_t, fastradam::float16_t, fastradam::bfloat16_t, false) \
-    X(bf16_f16_bf16_master, fastradam::bfloat16_t, fastradam::float16_t, fastradam::bfloat16_t, true) \
-    X(f16_f32_f32, fastradam::float16_t, float, float, false) \
-    X(f16_f32_f32_master, fastradam::float16_t, float, float, true) \
-    X(f16_f32_bf16, fastradam::float16_t, float, fastradam::bfloat16_t, false) \
-    X(f16_f32_bf16_master, fastradam::float16_t, float, fastradam::bfloat16_t, true) \
-    X(f16_bf16_f32, fastradam::float16_t, fastradam::bfloat16_t, float, false) \
-    X(f16_bf16_f32_master, fastradam::float16_t, fastradam::bfloat16_t, float, true) \
-    X(f16_bf16_bf16, fastradam::float16_t, fastradam::bfloat16_t, fastradam::bfloat16_t, false) \
-    X(f16_bf16_bf16_master, fastradam::float16_t, fastradam::bfloat16_t, fastradam::bfloat16_t, true) \
-    X(f16_f16_f32, fastradam::float16_t, fastradam::float16_t, float, false) \
-    X(f16_f16_f32_master, fastradam::float16_t, fastradam::float16_t, float, true) \
-    X(f16_f16_bf16, fastradam::float16_t, fastradam::float16_t, fastradam::bfloat16_t, false) \
-    X(f16_f16_bf16_master, fastradam::float16_t, fastradam::float16_t, fastradam::bfloat16_t, true)
+//! X(suffix, P, G, Mo, K) for every supported storage combination (fastradam.storage.SUPPORTED),
+//! K its keeper (radam.cuh): those with capturable kernels, those without (stochastic rounding), all.
+#define FASTRADAM_FOR_EACH_CAPTURABLE_STORAGE(X) \
+    X(f32_f32_f32, float, float, float, fastradam::RoundNearest) \
+    X(f32_f32_bf16, float, float, fastradam::bfloat16_t, fastradam::RoundNearest) \
+    X(f32_bf16_f32, float, fastradam::bfloat16_t, float, fastradam::RoundNearest) \
+    X(f32_bf16_bf16, float, fastradam::bfloat16_t, fastradam::bfloat16_t, fastradam::RoundNearest) \
+    X(f32_f16_f32, float, fastradam::float16_t, float, fastradam::RoundNearest) \
+    X(f32_f16_bf16, float, fastradam::float16_t, fastradam::bfloat16_t, fastradam::RoundNearest) \
+    X(f64_f64_f64, double, double, double, fastradam::RoundNearest) \
+    X(bf16_f32_f32, fastradam::bfloat16_t, float, float, fastradam::RoundNearest) \
+    X(bf16_f32_f32_master, fastradam::bfloat16_t, float, float, fastradam::FloatMaster) \
+    X(bf16_f32_f32_rem, fastradam::bfloat16_t, float, float, fastradam::Remainders) \
+    X(bf16_f32_bf16, fastradam::bfloat16_t, float, fastradam::bfloat16_t, fastradam::RoundNearest) \
+    X(bf16_f32_bf16_master, fastradam::bfloat16_t, float, fastradam::bfloat16_t, fastradam::FloatMaster) \
+    X(bf16_f32_bf16_rem, fastradam::bfloat16_t, float, fastradam::bfloat16_t, fastradam::Remainders) \
+    X(bf16_bf16_f32, fastradam::bfloat16_t, fastradam::bfloat16_t, float, fastradam::RoundNearest) \
+    X(bf16_bf16_f32_master, fastradam::bfloat16_t, fastradam::bfloat16_t, float, fastradam::FloatMaster) \
+    X(bf16_bf16_f32_rem, fastradam::bfloat16_t, fastradam::bfloat16_t, float, fastradam::Remainders) \
+    X(bf16_bf16_bf16, fastradam::bfloat16_t, fastradam::bfloat16_t, fastradam::bfloat16_t, fastradam::RoundNearest) \
+    X(bf16_bf16_bf16_master, fastradam::bfloat16_t, fastradam::bfloat16_t, fastradam::bfloat16_t, fastradam::FloatMaster) \
+    X(bf16_bf16_bf16_rem, fastradam::bfloat16_t, fastradam::bfloat16_t, fastradam::bfloat16_t, fastradam::Remainders) \
+    X(bf16_f16_f32, fastradam::bfloat16_t, fastradam::float16_t, float, fastradam::RoundNearest) \
+    X(bf16_f16_f32_master, fastradam::bfloat16_t, fastradam::float16_t, float, fastradam::FloatMaster) \
+    X(bf16_f16_f32_rem, fastradam::bfloat16_t, fastradam::float16_t, float, fastradam::Remainders) \
+    X(bf16_f16_bf16, fastradam::bfloat16_t, fastradam::float16_t, fastradam::bfloat16_t, fastradam::RoundNearest) \
+    X(bf16_f16_bf16_master, fastradam::bfloat16_t, fastradam::float16_t, fastradam::bfloat16_t, fastradam::FloatMaster) \
+    X(bf16_f16_bf16_rem, fastradam::bfloat16_t, fastradam::float16_t, fastradam::bfloat16_t, fastradam::Remainders) \
+    X(f16_f32_f32, fastradam::float16_t, float, float, fastradam::RoundNearest) \
+    X(f16_f32_f32_master, fastradam::float16_t, float, float, fastradam::FloatMaster) \
+    X(f16_f32_bf16, fastradam::float16_t, float, fastradam::bfloat16_t, fastradam::RoundNearest) \
+    X(f16_f32_bf16_master, fastradam::float16_t, float, fastradam::bfloat16_t, fastradam::FloatMaster) \
+    X(f16_bf16_f32, fastradam::float16_t, fastradam::bfloat16_t, float, fastradam::RoundNearest) \
+    X(f16_bf16_f32_master, fastradam::float16_t, fastradam::bfloat16_t, float, fastradam::FloatMaster) \
+    X(f16_bf16_bf16, fastradam::float16_t, fastradam::bfloat16_t, fastradam::bfloat16_t, fastradam::RoundNearest) \
+    X(f16_bf16_bf16_master, fastradam::float16_t, fastradam::bfloat16_t, fastradam::bfloat16_t, fastradam::FloatMaster) \
+    X(f16_f16_f32, fastradam::float16_t, fastradam::float16_t, float, fastradam::RoundNearest) \
+    X(f16_f16_f32_master, fastradam::float16_t, fastradam::float16_t, float, fastradam::FloatMaster) \
+    X(f16_f16_bf16, fastradam::float16_t, fastradam::float16_t, fastradam::bfloat16_t, fastradam::RoundNearest) \
+    X(f16_f16_bf16_master, fastradam::float16_t, fastradam::float16_t, fastradam::bfloat16_t, fastradam::FloatMaster)
+#define FASTRADAM_FOR_EACH_HOST_STEP_STORAGE(X) \
+    X(bf16_f32_f32_sr, fastradam::bfloat16_t, float, float, fastradam::RoundStochastic) \
+    X(bf16_f32_bf16_sr, fastradam::bfloat16_t, float, fastradam::bfloat16_t, fastradam::RoundStochastic) \
+    X(bf16_bf16_f32_sr, fastradam::bfloat16_t, fastradam::bfloat16_t, float, fastradam::RoundStochastic) \
+    X(bf16_bf16_bf16_sr, fastradam::bfloat16_t, fastradam::bfloat16_t, fastradam::bfloat16_t, fastradam::RoundStochastic) \
+    X(bf16_f16_f32_sr, fastradam::bfloat16_t, fastradam::float16_t, float, fastradam::RoundStochastic) \
+    X(bf16_f16_bf16_sr, fastradam::bfloat16_t, fastradam::float16_t, fastradam::bfloat16_t, fastradam::RoundStochastic)
+#define FASTRADAM_FOR_EACH_STORAGE(X) FASTRADAM_FOR_EACH_CAPTURABLE_STORAGE(X) FASTRADAM_FOR_EACH_HOST_STEP_STORAGE(X)
 
 //! X(field) for every field of ElementScalars and of GroupRow, in order (layout checks).
 #define FASTRADAM_SCALAR_FIELDS(X) \
@@ -121,7 +138,9 @@ __host__ __device__ __forceinline__ GroupRow group_row(const double* f, const in
     X(step_size) \
     X(inv_grad_scale) \
     X(negate_grad) \
-    X(mode)
+    X(mode) \
+    X(round_key_lo) \
+    X(round_key_hi)
 #define FASTRADAM_GROUP_FIELDS(X) \
     X(lr) \
     X(beta1) \

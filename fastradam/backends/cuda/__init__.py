@@ -61,6 +61,7 @@ from fastradam.backends.cuda.module import (
     _grid,
     _kernel,
     _tile_grid,
+    check_capturable,
     compile_options,
     cuda_include_dir,
     kernel_dir,
@@ -71,7 +72,8 @@ from fastradam.backends.cuda.module import (
     storage_of_arrays,
 )
 from fastradam.backends.cuda import launch
-from fastradam.backends.cuda.tables import _layout_tiles, _resident, _tensor_tiles, _upload, pack_tables
+from fastradam.backends.cuda.tables import (_layout_shifts, _layout_tiles, _resident, _tensor_shifts, _tensor_tiles,
+                                            _upload, index_shifts, pack_tables)
 from fastradam.layout import SegmentArrays
 from fastradam.options import GroupOptions
 
@@ -86,7 +88,7 @@ __all__ = [
     "STORAGE_COMBINATIONS", "STORAGE_TYPES", "TILE", "Storage", "compile_options", "cuda_include_dir",
     "kernel_dir", "kernel_name", "kernel_source", "name_expressions", "storage_of_arrays",
     # tables
-    "pack_tables",
+    "index_shifts", "pack_tables",
     # device arguments
     "LR_DTYPES", "STEP_DTYPES", "VALUE_CODES", "capturable_lrs",
 ]
@@ -97,7 +99,7 @@ CAPTURABLE = True
 
 
 def _flat_prologue(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray, master: cupy.ndarray | None,
-                   found_inf: Any) -> tuple[int, int, tuple, Storage, int] | None:
+                   found_inf: Any, stochastic: bool = False) -> tuple[int, int, tuple, Storage, int] | None:
     """What a launch over flat buffers needs: the length, the device, the kernels' ``skip, skip_code``,
     the storage and the grid; None when there is nothing to launch (no elements, or a host flag says skip)."""
     n = params.size
@@ -105,23 +107,26 @@ def _flat_prologue(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndar
     skip = _flag_arguments(found_inf, device_id)
     if n == 0 or skip is None:
         return None
-    storage = storage_of_arrays(params, grads, exp_avg, master)
+    storage = storage_of_arrays(params, grads, exp_avg, master, stochastic)
     return n, device_id, skip, storage, _grid(n, lanes(storage), device_id)
 
 
 def radam_step(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray, exp_avg_sq: cupy.ndarray,
                floats: np.ndarray, ints: np.ndarray, *, master: cupy.ndarray | None = None,
-               found_inf: Any = False, check_finite: bool = False) -> None:
+               stochastic: bool = False, found_inf: Any = False, check_finite: bool = False) -> None:
     """Launch one RAdam step, in place, on validated C-contiguous CuPy buffers (16-bit: bit views).
 
     ``floats`` (1, F) in the math dtype and ``ints`` (1, I) int32 are the host tables of
     :func:`fastradam.scalars.pack_rows`; row 0 is passed by value as one ``ElementScalars<M>``
-    record (:func:`launch.scalars_record`). ``master`` is the fp32 master beside 16-bit params.
+    record (:func:`launch.scalars_record`). ``master`` is the fp32 master beside 16-bit params or,
+    int16, the remainders beside bfloat16 params (with them, the fp32 master: :mod:`fastradam.rounding`);
+    ``stochastic`` rounds bfloat16 params stochastically with the key of the tables' ``round_key``
+    columns, an element's index in the buffers its global index.
     ``found_inf`` is a host bool (True: nothing is launched) or a 0-d device array the kernel
     reads; ``check_finite`` adds a read-only pre-pass over ``grads``. Asynchronous on CuPy's
     current stream; no host sync.
     """
-    prologue = _flat_prologue(params, grads, exp_avg, master, found_inf)
+    prologue = _flat_prologue(params, grads, exp_avg, master, found_inf, stochastic)
     if prologue is None:
         return
     n, device_id, skip, storage, grid = prologue
@@ -134,11 +139,11 @@ def radam_step(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray,
 
 
 def bind_flat(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray, exp_avg_sq: cupy.ndarray,
-              master: cupy.ndarray | None = None) -> Callable[..., None]:
+              master: cupy.ndarray | None = None, stochastic: bool = False) -> Callable[..., None]:
     """A launcher of :func:`radam_step` over bound buffers: ``launch(floats, ints, found_inf, check_finite)``."""
     def launch_flat(floats: np.ndarray, ints: np.ndarray, found_inf: Any = False, check_finite: bool = False) -> None:
-        radam_step(params, grads, exp_avg, exp_avg_sq, floats, ints, master=master, found_inf=found_inf,
-                   check_finite=check_finite)
+        radam_step(params, grads, exp_avg, exp_avg_sq, floats, ints, master=master, stochastic=stochastic,
+                   found_inf=found_inf, check_finite=check_finite)
     return launch_flat
 
 
@@ -163,71 +168,77 @@ def _segments_prologue(storage: Storage, device_id: int, segments: SegmentArrays
 def radam_step_segments(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray,
                         exp_avg_sq: cupy.ndarray, segments: SegmentArrays, segment_row: np.ndarray,
                         floats: np.ndarray, ints: np.ndarray, *, master: cupy.ndarray | None = None,
-                        found_inf: Any = False, check_finite: bool = False) -> None:
+                        stochastic: bool = False, found_inf: Any = False, check_finite: bool = False) -> None:
     """One launch over the segments of flat buffers; segment ``i`` uses row ``segment_row[i]`` (< 0: skipped).
 
     ``segment_row`` (int32, one per segment), ``floats`` (R, F, the math dtype) and ``ints``
     (R, I, int32) are host arrays, uploaded in one asynchronous copy; the layout's tile table is
     uploaded once per device. Skipped segments and the padding are neither read nor written
-    (nor read by the check_finite pre-pass). ``master``, ``found_inf``, ``check_finite``: as in
-    :func:`radam_step`.
+    (nor read by the check_finite pre-pass). ``master``, ``stochastic``, ``found_inf``, ``check_finite``:
+    as in :func:`radam_step`; under stochastic rounding the global index counts the segments' elements
+    in order, not the padding (the layout's :func:`index_shifts`, uploaded once per device).
     """
     device_id = _device_id(params)
     skip = _flag_arguments(found_inf, device_id)
     segment_row = np.asarray(segment_row, dtype=np.int32)
     if skip is None:
         return
-    storage = storage_of_arrays(params, grads, exp_avg, master)
+    storage = storage_of_arrays(params, grads, exp_avg, master, stochastic)
     with cupy.cuda.Device(device_id):
         prologue = _segments_prologue(storage, device_id, segments, segment_row, _upload, grads, skip, check_finite,
                                       np.asarray(floats, dtype=storage.math_dtype), np.asarray(ints, dtype=np.int32))
         if prologue is None:
             return
         tile_rows, n_tiles, grid, (rows, floats_d, ints_d), skip = prologue
+        shifts = _layout_shifts(segments, device_id) if stochastic else None
         _kernel(device_id, storage, kernel_name("segments", storage))(
             (grid,), (BLOCK,), launch.segments((params, grads, exp_avg, exp_avg_sq), master, tile_rows, n_tiles, rows,
-                                               floats_d, ints_d, skip))
+                                               floats_d, ints_d, shifts, skip))
 
 
 def bind_segments(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray, exp_avg_sq: cupy.ndarray,
-                  segments: SegmentArrays, master: cupy.ndarray | None = None) -> Callable[..., None]:
+                  segments: SegmentArrays, master: cupy.ndarray | None = None,
+                  stochastic: bool = False) -> Callable[..., None]:
     """A launcher of :func:`radam_step_segments` over bound buffers:
     ``launch(segment_row, floats, ints, found_inf, check_finite)``."""
     def launch_segments(segment_row: np.ndarray, floats: np.ndarray, ints: np.ndarray, found_inf: Any = False,
                         check_finite: bool = False) -> None:
         radam_step_segments(params, grads, exp_avg, exp_avg_sq, segments, segment_row, floats, ints, master=master,
-                            found_inf=found_inf, check_finite=check_finite)
+                            stochastic=stochastic, found_inf=found_inf, check_finite=check_finite)
     return launch_segments
 
 
 def radam_step_tensors(params: list[cupy.ndarray], grads: list[cupy.ndarray], exp_avg: list[cupy.ndarray],
                        exp_avg_sq: list[cupy.ndarray], tensor_row: np.ndarray, floats: np.ndarray,
-                       ints: np.ndarray, *, master: list[cupy.ndarray] | None = None, found_inf: Any = False,
-                       check_finite: bool = False) -> None:
+                       ints: np.ndarray, *, master: list[cupy.ndarray] | None = None, stochastic: bool = False,
+                       found_inf: Any = False, check_finite: bool = False) -> None:
     """One launch over lists of separate tensors; tensor ``i`` uses row ``tensor_row[i]`` (< 0: skipped).
 
     The tensors (validated, C-contiguous, one storage per role, one device) are reached through a
     table of their addresses (params, grads, exp_avg, exp_avg_sq and, with ``master``, the fp32
-    master; a gradient of a skipped tensor may be None); it, the tile table over their sizes and
-    the host tables go to the device in one asynchronous copy per call. An empty list launches
-    nothing. ``found_inf``, ``check_finite``: as in :func:`radam_step`.
+    master or the int16 remainders; a gradient of a skipped tensor may be None); it, the tile table
+    over their sizes and the host tables (with ``stochastic``, also the tensors' :func:`index_shifts`:
+    the global index counts their elements in list order) go to the device in one asynchronous copy
+    per call. An empty list launches nothing. ``stochastic``, ``found_inf``, ``check_finite``: as in
+    :func:`radam_step`.
     """
     if not params:
         return
     device_id = _device_id(params[0])
     skip = _flag_arguments(found_inf, device_id)
     tensor_row = np.asarray(tensor_row, dtype=np.int32)
-    tile_rows = _tensor_tiles(tuple(int(a.size) for a in params))
+    sizes = tuple(int(a.size) for a in params)
+    tile_rows = _tensor_tiles(sizes)
     if skip is None or tile_rows.shape[0] == 0 or not np.any(tensor_row >= 0):
         return
     first_grad = next(g for g in grads if g is not None)
-    storage = storage_of_arrays(params[0], first_grad, exp_avg[0], None if master is None else master[0])
+    storage = storage_of_arrays(params[0], first_grad, exp_avg[0], None if master is None else master[0], stochastic)
     roles = (params, grads, exp_avg, exp_avg_sq) + (() if master is None else (master,))
     pointers = np.array([[0 if a is None else a.data.ptr for a in tensor] for tensor in zip(*roles)], dtype=np.uint64)
     with cupy.cuda.Device(device_id):
-        pointers_d, tiles_d, rows, floats_d, ints_d = _upload(
+        pointers_d, tiles_d, rows, floats_d, ints_d, *shifts = _upload(
             pointers, tile_rows, tensor_row, np.asarray(floats, dtype=storage.math_dtype),
-            np.asarray(ints, dtype=np.int32))
+            np.asarray(ints, dtype=np.int32), *((_tensor_shifts(sizes),) if stochastic else ()))
         n_tiles = tile_rows.shape[0]
         grid = _tile_grid(n_tiles, device_id)
         if check_finite:
@@ -235,11 +246,13 @@ def radam_step_tensors(params: list[cupy.ndarray], grads: list[cupy.ndarray], ex
                                  functools.partial(launch.nonfinite_tensors, pointers_d, len(roles), tiles_d, n_tiles,
                                                    rows))
         _kernel(device_id, storage, kernel_name("tensors", storage))(
-            (grid,), (BLOCK,), launch.tensors(pointers_d, tiles_d, n_tiles, rows, floats_d, ints_d, skip))
+            (grid,), (BLOCK,), launch.tensors(pointers_d, tiles_d, n_tiles, rows, floats_d, ints_d,
+                                              shifts[0] if shifts else None, skip))
 
 
 def bind_tensors(params: list[cupy.ndarray], grads: list[cupy.ndarray] | None, exp_avg: list[cupy.ndarray],
-                 exp_avg_sq: list[cupy.ndarray], master: list[cupy.ndarray] | None = None) -> Callable[..., None]:
+                 exp_avg_sq: list[cupy.ndarray], master: list[cupy.ndarray] | None = None,
+                 stochastic: bool = False) -> Callable[..., None]:
     """A launcher of :func:`radam_step_tensors` over bound tensors:
     ``launch(tensor_row, floats, ints, found_inf, check_finite, grads=None)`` (``grads``: this step's)."""
     bound = grads
@@ -247,14 +260,14 @@ def bind_tensors(params: list[cupy.ndarray], grads: list[cupy.ndarray] | None, e
     def launch_tensors(tensor_row: np.ndarray, floats: np.ndarray, ints: np.ndarray, found_inf: Any = False,
                        check_finite: bool = False, grads: list[cupy.ndarray] | None = None) -> None:
         radam_step_tensors(params, bound if grads is None else grads, exp_avg, exp_avg_sq, tensor_row, floats, ints,
-                           master=master, found_inf=found_inf, check_finite=check_finite)
+                           master=master, stochastic=stochastic, found_inf=found_inf, check_finite=check_finite)
     return launch_tensors
 
 
 def radam_step_capturable(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray,
                           exp_avg_sq: cupy.ndarray, step: Any, lr: Any, group: GroupOptions, *,
-                          master: cupy.ndarray | None = None, grad_scale: float = 1.0, found_inf: Any = False,
-                          check_finite: bool = False) -> None:
+                          master: cupy.ndarray | None = None, stochastic: bool = False, grad_scale: float = 1.0,
+                          found_inf: Any = False, check_finite: bool = False) -> None:
     """Launch one capturable RAdam step whose step count (and optionally lr) live on the device.
 
     The kernel reads ``step`` (and ``lr``) when it runs and folds the scalars of
@@ -276,8 +289,8 @@ def radam_step_capturable(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cu
         The validated options (its lr is unused; the flavour's threshold, comparison,
         below-threshold update and eps placement are applied on the device).
     master, grad_scale, found_inf, check_finite
-        As for :func:`radam_step` (``grad_scale`` validated: the kernel multiplies the gradient
-        by ``1 / grad_scale``, rounded to the math dtype as the host tables round it). A device
+        As for :func:`radam_step` (``master``: the fp32 master or the int16 remainders; ``grad_scale``
+        validated: the kernel multiplies the gradient by ``1 / grad_scale``, rounded to the math dtype as the host tables round it). A device
         ``found_inf`` skips the step on the device, so a graph replays it correctly; the step
         count is the caller's to not advance.
 
@@ -286,8 +299,10 @@ def radam_step_capturable(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cu
     TypeError
         ``step`` or ``lr`` has an unsupported dtype, or ``lr`` is neither a real number nor an array.
     ValueError
-        ``step`` or ``lr`` is not 0-d, is on another device, or overlaps a written buffer.
+        ``step`` or ``lr`` is not 0-d, is on another device, or overlaps a written buffer; or
+        ``stochastic`` (stochastic rounding hashes its key from the step on the host: no capturable kernels).
     """
+    check_capturable(stochastic)
     written = (params, grads, exp_avg, exp_avg_sq) + (() if master is None else (master,))
     step_array = _device_scalar("step", step, STEP_DTYPES, written)
     record, lr_address = launch.group_record(group, _lr_reference("lr", lr, written), grad_scale)
@@ -307,8 +322,8 @@ def radam_step_capturable(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cu
 def radam_step_segments_capturable(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray,
                                    exp_avg_sq: cupy.ndarray, segments: SegmentArrays, segment_group: np.ndarray,
                                    steps: Any, groups: Sequence[GroupOptions], lrs: Sequence[Any], *,
-                                   master: cupy.ndarray | None = None, grad_scale: float = 1.0,
-                                   found_inf: Any = False, check_finite: bool = False) -> None:
+                                   master: cupy.ndarray | None = None, stochastic: bool = False,
+                                   grad_scale: float = 1.0, found_inf: Any = False, check_finite: bool = False) -> None:
     """One capturable launch over the segments of flat buffers, step counts read on the device.
 
     Segment ``i`` is stepped with the options of ``groups[segment_group[i]]`` (host int32, < 0:
@@ -320,8 +335,10 @@ def radam_step_segments_capturable(params: cupy.ndarray, grads: cupy.ndarray, ex
     a real number or a 0-d device array read by the kernel (see :func:`launch.group_tables`).
     The small tables go to the device once and are reused while they are unchanged
     (:func:`tables._resident`): make one call before capturing. ``master``, ``grad_scale``,
-    ``found_inf``, ``check_finite``: as in :func:`radam_step`. Nothing synchronises the host.
+    ``found_inf``, ``check_finite``: as in :func:`radam_step`; ``stochastic``: ValueError, as in
+    :func:`radam_step_capturable`. Nothing synchronises the host.
     """
+    check_capturable(stochastic)
     device_id = _device_id(params)
     skip = _flag_arguments(found_inf, device_id)
     if skip is None:

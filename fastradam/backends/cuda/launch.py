@@ -80,31 +80,36 @@ def group_tables(groups: Sequence[GroupOptions], lrs: Sequence[float | tuple[int
 
 
 def step(buffers: Sequence[Any], master: Any, n: int, scalars: np.void, skip: Value) -> tuple:
-    """``radam_step(p, g, m, v, master, n, ElementScalars<M> s, skip, skip_code)``."""
+    """``radam_step(p, g, m, v, side, n, ElementScalars<M> s, skip, skip_code)``; ``master`` (the side
+    buffer) is the fp32 master or the int16 remainders, or None."""
     return (*buffers, null_or(master), np.int64(n), scalars, *skip)
 
 
 def segments(buffers: Sequence[Any], master: Any, tiles: Any, n_tiles: int, rows: Any, floats: Any, ints: Any,
-             skip: Value) -> tuple:
-    """``radam_step_segments(p, g, m, v, master, tiles, n_tiles, segment_row, floats, ints, skip, skip_code)``."""
-    return (*buffers, null_or(master), tiles, np.int64(n_tiles), rows, floats, ints, *skip)
+             shifts: Any, skip: Value) -> tuple:
+    """``radam_step_segments(p, g, m, v, side, tiles, n_tiles, segment_row, floats, ints, shifts, skip,
+    skip_code)``; ``shifts`` (:func:`~fastradam.backends.cuda.tables.index_shifts`) only with stochastic
+    rounding, else None."""
+    return (*buffers, null_or(master), tiles, np.int64(n_tiles), rows, floats, ints, null_or(shifts), *skip)
 
 
-def tensors(pointers: Any, tiles: Any, n_tiles: int, rows: Any, floats: Any, ints: Any, skip: Value) -> tuple:
-    """``radam_step_tensors(pointers, tiles, n_tiles, tensor_row, floats, ints, skip, skip_code)``."""
-    return (pointers, tiles, np.int64(n_tiles), rows, floats, ints, *skip)
+def tensors(pointers: Any, tiles: Any, n_tiles: int, rows: Any, floats: Any, ints: Any, shifts: Any,
+            skip: Value) -> tuple:
+    """``radam_step_tensors(pointers, tiles, n_tiles, tensor_row, floats, ints, shifts, skip, skip_code)``;
+    ``shifts`` as for :func:`segments`."""
+    return (pointers, tiles, np.int64(n_tiles), rows, floats, ints, null_or(shifts), *skip)
 
 
 def capturable(buffers: Sequence[Any], master: Any, n: int, step_count: Value, lr_address: Any, group: np.void,
                skip: Value) -> tuple:
-    """``radam_step_capturable(p, g, m, v, master, n, step, step_code, lr, GroupRow group, skip, skip_code)``."""
+    """``radam_step_capturable(p, g, m, v, side, n, step, step_code, lr, GroupRow group, skip, skip_code)``."""
     return (*buffers, null_or(master), np.int64(n), *step_count, np.uint64(lr_address) if isinstance(
         lr_address, int) else lr_address, group, *skip)
 
 
 def segments_capturable(buffers: Sequence[Any], master: Any, tiles: Any, n_tiles: int, segment_group: Any,
                         steps: Value, group_floats: Any, group_ints: Any, lr_pointers: Any, skip: Value) -> tuple:
-    """``radam_step_segments_capturable(p, g, m, v, master, tiles, n_tiles, segment_group, steps, step_code,
+    """``radam_step_segments_capturable(p, g, m, v, side, tiles, n_tiles, segment_group, steps, step_code,
     group_floats, group_ints, lr_pointers, skip, skip_code)``."""
     return (*buffers, null_or(master), tiles, np.int64(n_tiles), segment_group, *steps, group_floats, group_ints,
             lr_pointers, *skip)

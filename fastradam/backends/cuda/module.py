@@ -2,9 +2,11 @@
 
 The source (``kernels/radam.cu``) is compiled lazily on first use with NVRTC for the current
 device's architecture and cached by CuPy (``~/.cupy/kernel_cache``): one ``RawModule`` per
-storage combination (:class:`fastradam.storage.Storage`: params, grads, moments, master) holds its eight
-kernels, instantiated from the templates with ``name_expressions`` (31 combinations, 155
-update kernels and 12 check_finite pre-passes in all; see :data:`NAME_EXPRESSIONS`).
+storage combination (:class:`fastradam.storage.Storage`: params, grads, moments, and how the params
+keep their values: the kernels' keeper, :func:`fastradam.abi_header.keeper_type`) holds its eight
+kernels (six under stochastic rounding: no capturable ones), instantiated from the templates with
+``name_expressions`` (43 combinations, 203 update kernels and 12 check_finite pre-passes in all;
+see :data:`NAME_EXPRESSIONS`).
 
 Notes
 -----
@@ -34,7 +36,8 @@ from typing import Any
 import cupy
 import numpy as np
 
-from fastradam.storage import FORMAT_OF_VIEW, FORMATS, SUPPORTED, Storage
+from fastradam.abi_header import capturable, keeper_type
+from fastradam.storage import FORMAT_OF_VIEW, FORMATS, REMAINDER_DTYPE, SUPPORTED, Storage
 
 #: The kernel source, relative to the kernel folder (``fastradam.kernels`` when installed).
 KERNEL_FILE = "radam.cu"
@@ -61,6 +64,8 @@ UPDATE_KERNELS = {
     "segments_capturable": "radam_step_segments_capturable",  # step counts and lrs read on the device
 }
 FINITE_KERNELS = ("nonfinite_flat", "nonfinite_segments", "nonfinite_tensors")
+#: The update kernels whose step count is read on the device (none under stochastic rounding).
+CAPTURABLE_KERNELS = ("capturable", "segments_capturable")
 #: Every kind :func:`kernel_name` takes, in the order of :func:`name_expressions`.
 KERNEL_KINDS = (*UPDATE_KERNELS, *FINITE_KERNELS)
 
@@ -73,30 +78,46 @@ def lanes(storage: Storage) -> int:
 
 @functools.lru_cache(maxsize=None)
 def template_arguments(storage: Storage) -> str:
-    """The kernels' template arguments ``P, G, Mo, kMaster`` for ``storage``."""
+    """The kernels' template arguments ``P, G, Mo, K`` for ``storage`` (K: its keeper)."""
     return (f"{STORAGE_TYPES[storage.params]}, {STORAGE_TYPES[storage.grads]}, {STORAGE_TYPES[storage.moments]}, "
-            f"{'true' if storage.master else 'false'}")
+            f"{keeper_type(storage)}")
 
 
-#: Every storage combination the kernels are instantiated for (31): :data:`fastradam.storage.SUPPORTED`.
+#: Every storage combination the kernels are instantiated for (43): :data:`fastradam.storage.SUPPORTED`.
 STORAGE_COMBINATIONS = SUPPORTED
 
 
-def storage_of_arrays(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray,
-                      master: Any = None) -> Storage:
-    """The :class:`Storage` of validated kernel arrays (16-bit formats as their bit views)."""
-    return _storage_of_dtypes(params.dtype, grads.dtype, exp_avg.dtype, master is not None)
+def storage_of_arrays(params: cupy.ndarray, grads: cupy.ndarray, exp_avg: cupy.ndarray, master: Any = None,
+                      stochastic: bool = False) -> Storage:
+    """The :class:`Storage` of validated kernel arrays (16-bit formats as their bit views): ``master``
+    is the fp32 master or, int16, the remainders; ``stochastic`` rounds bfloat16 params stochastically."""
+    return _storage_of_dtypes(params.dtype, grads.dtype, exp_avg.dtype, None if master is None else master.dtype,
+                              stochastic)
 
 
 @functools.lru_cache(maxsize=None)
-def _storage_of_dtypes(params: np.dtype, grads: np.dtype, moments: np.dtype, master: bool) -> Storage:
-    return Storage(FORMAT_OF_VIEW[params], FORMAT_OF_VIEW[grads], FORMAT_OF_VIEW[moments], master)
+def _storage_of_dtypes(params: np.dtype, grads: np.dtype, moments: np.dtype, master: np.dtype | None,
+                       stochastic: bool) -> Storage:
+    remainders = master == REMAINDER_DTYPE
+    storage = Storage(FORMAT_OF_VIEW[params], FORMAT_OF_VIEW[grads], FORMAT_OF_VIEW[moments],
+                      master is not None and not remainders, remainders, stochastic)
+    if storage not in SUPPORTED:
+        raise TypeError(f"the CUDA kernels have no instantiation for {storage} (see fastradam.storage.SUPPORTED)")
+    return storage
+
+
+def check_capturable(stochastic: bool) -> None:
+    """ValueError for stochastic rounding: the capturable kernels fold their scalars on the device,
+    and its key is hashed from the step on the host."""
+    if stochastic:
+        raise ValueError("stochastic rounding has no capturable kernels (its key is hashed from the step on the "
+                         "host): step with a host step number, or round to nearest")
 
 
 @functools.lru_cache(maxsize=None)
 def kernel_name(kind: str, storage: Storage) -> str:
     """Name expression of the kernel ``kind`` (one of :data:`KERNEL_KINDS`) for ``storage``, in
-    CuPy's style: ``fastradam::radam_step_segments<float, float, float, false>``; a check_finite
+    CuPy's style: ``fastradam::radam_step_segments<float, float, float, fastradam::RoundNearest>``; a check_finite
     pre-pass (``nonfinite_flat``, ``nonfinite_segments``, ``nonfinite_tensors``) is templated on
     ``storage.grads`` only."""
     if kind in UPDATE_KERNELS:
@@ -107,8 +128,10 @@ def kernel_name(kind: str, storage: Storage) -> str:
 
 
 def name_expressions(storage: Storage) -> tuple[str, ...]:
-    """The instantiations one storage combination launches (compiled together, on first use)."""
-    return tuple(kernel_name(kind, storage) for kind in KERNEL_KINDS)
+    """The instantiations one storage combination launches (compiled together, on first use): every
+    kind, but no capturable one under stochastic rounding."""
+    return tuple(kernel_name(kind, storage) for kind in KERNEL_KINDS
+                 if capturable(storage) or kind not in CAPTURABLE_KERNELS)
 
 
 #: Every template instantiation the backend can launch.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cupy
 import numpy as np
@@ -32,7 +32,8 @@ _TABLE_ALIGN = 16
 _RESIDENT_TABLES = 8
 
 #: Per layout (weakly: an entry dies with its ``SegmentArrays``): ``"tiles"``, the host tile
-#: table; ``("tiles", device)``, its copy on that device; ``("resident", device)``, the
+#: table, and ``"shifts"``, its :func:`index_shifts` (stochastic rounding); ``("tiles", device)``
+#: and ``("shifts", device)``, their copies on that device; ``("resident", device)``, the
 #: resident tables of :func:`_resident` on that device.
 _LAYOUT_TABLES: weakref.WeakKeyDictionary[SegmentArrays, dict] = weakref.WeakKeyDictionary()
 
@@ -107,15 +108,43 @@ def _capturing(stream: cupy.cuda.Stream) -> bool:
         return True
 
 
-def _layout_tiles(segments: SegmentArrays, device_id: int) -> cupy.ndarray:
-    """The layout's tile table on ``device_id``: built on the host and uploaded once per device."""
+def _layout_table(segments: SegmentArrays, device_id: int, name: str,
+                  build: Callable[[SegmentArrays], np.ndarray]) -> cupy.ndarray:
+    """The layout's table ``name`` on ``device_id``: built on the host (by ``build``, once) and uploaded
+    once per device."""
     cached = _layout_cache(segments)
-    if "tiles" not in cached:
-        cached["tiles"] = tiles(segments.offsets, segments.sizes, TILE)
-    if ("tiles", device_id) not in cached:
+    if name not in cached:
+        cached[name] = build(segments)
+    if (name, device_id) not in cached:
         with cupy.cuda.Device(device_id):
-            cached[("tiles", device_id)] = cupy.asarray(cached["tiles"])
-    return cached[("tiles", device_id)]
+            cached[(name, device_id)] = cupy.asarray(cached[name])
+    return cached[(name, device_id)]
+
+
+def _layout_tiles(segments: SegmentArrays, device_id: int) -> cupy.ndarray:
+    """The layout's tile table on ``device_id``."""
+    return _layout_table(segments, device_id, "tiles", lambda s: tiles(s.offsets, s.sizes, TILE))
+
+
+def index_shifts(offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Stochastic rounding's global index shift of each piece (segment or tensor), int64: the element at
+    position ``k`` of piece ``i``'s buffer has global index ``k + shift[i]``, where
+    ``shift[i] = sizes[0] + ... + sizes[i-1] - offsets[i]`` (the pieces concatenated in order, no padding)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    return np.cumsum(sizes) - sizes - np.asarray(offsets, dtype=np.int64)
+
+
+def _layout_shifts(segments: SegmentArrays, device_id: int) -> cupy.ndarray:
+    """The layout's :func:`index_shifts` on ``device_id`` (stochastic rounding)."""
+    return _layout_table(segments, device_id, "shifts", lambda s: index_shifts(s.offsets, s.sizes))
+
+
+@functools.lru_cache(maxsize=64)
+def _tensor_shifts(sizes: tuple[int, ...]) -> np.ndarray:
+    """A tensor list's :func:`index_shifts` (offsets 0): the sizes of the tensors before each."""
+    shifts = index_shifts(np.zeros(len(sizes), dtype=np.int64), np.array(sizes, dtype=np.int64))
+    shifts.flags.writeable = False
+    return shifts
 
 
 @functools.lru_cache(maxsize=64)

@@ -94,34 +94,54 @@ def _skipped(found_inf: bool, check_finite: bool, grads: np.ndarray, start: np.n
 CAPTURABLE = False
 
 
+def _global_index(stochastic: bool, first: np.ndarray, start: np.ndarray, piece: np.ndarray,
+                  offsets: np.ndarray) -> np.ndarray | None:
+    """Stochastic rounding's global index of each block's first element (None without it): piece
+    ``k`` (a segment or tensor) begins at global index ``first[k]`` and at ``offsets[k]`` in its buffer."""
+    return (first[piece] + (start - offsets[piece])).astype(np.int64) if stochastic else None
+
+
+def _firsts(sizes: np.ndarray) -> np.ndarray:
+    """The global index of each piece's element 0: the pieces concatenated in order, nothing between."""
+    return np.cumsum(sizes, dtype=np.int64) - sizes
+
+
 def bind_flat(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
-              master: np.ndarray | None = None) -> Callable[..., None]:
+              master: np.ndarray | None = None, stochastic: bool = False) -> Callable[..., None]:
     """A launcher of steps over validated buffers (any shape, flat in memory):
-    ``launch(floats, ints, found_inf, check_finite)`` with one-row tables. Everything that
-    depends only on the buffers (flat views, the block table) is settled here, once."""
+    ``launch(floats, ints, found_inf, check_finite)`` with one-row tables. ``master`` is the fp32
+    master or the int16 remainders (its dtype says which); ``stochastic`` rounds bfloat16 params
+    stochastically (the keys in the tables' ``round_key`` columns, the element's index in the buffer
+    its global index). Everything that depends only on the buffers (flat views, the block table)
+    is settled here, once."""
     start, stop, row = _flat_blocks(params.size)
+    index = start if stochastic else None
     serial = params.size <= SERIAL_UP_TO
     params, grads, exp_avg, exp_avg_sq, master = (_flat(a) for a in (params, grads, exp_avg, exp_avg_sq, master))
 
     def launch(floats: np.ndarray, ints: np.ndarray, found_inf: bool = False, check_finite: bool = False) -> None:
         if not _skipped(found_inf, check_finite, grads, start, stop, row, serial):
-            _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, start, stop, row, floats, ints, serial)
+            _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, start, stop, row, index, floats, ints, serial)
     return launch
 
 
 def bind_segments(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
-                  segments: SegmentArrays, master: np.ndarray | None = None) -> Callable[..., None]:
+                  segments: SegmentArrays, master: np.ndarray | None = None,
+                  stochastic: bool = False) -> Callable[..., None]:
     """A launcher of steps over the segments of flat buffers:
     ``launch(segment_row, floats, ints, found_inf, check_finite)``, segment ``i`` with row
-    ``segment_row[i]`` (< 0: skipped). The block table is cut here, once."""
+    ``segment_row[i]`` (< 0: skipped); ``master`` and ``stochastic`` as for :func:`bind_flat`
+    (the global index counts the segments' elements in order, not the padding between them).
+    The block table is cut here, once."""
     start, stop, segment = blocks(segments.offsets, segments.sizes)
+    index = _global_index(stochastic, _firsts(segments.sizes), start, segment, segments.offsets)
     serial = int(segments.sizes.sum()) <= SERIAL_UP_TO
 
     def launch(segment_row: np.ndarray, floats: np.ndarray, ints: np.ndarray, found_inf: bool = False,
                check_finite: bool = False) -> None:
         rows = segment_row[segment]
         if not _skipped(found_inf, check_finite, grads, start, stop, rows, serial):
-            _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, start, stop, rows, floats, ints, serial)
+            _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, start, stop, rows, index, floats, ints, serial)
     return launch
 
 
@@ -130,17 +150,20 @@ def _address(array: np.ndarray) -> int:
 
 
 def bind_tensors(params: list[np.ndarray], grads: list[np.ndarray] | None, exp_avg: list[np.ndarray],
-                 exp_avg_sq: list[np.ndarray], master: list[np.ndarray] | None = None) -> Callable[..., None]:
+                 exp_avg_sq: list[np.ndarray], master: list[np.ndarray] | None = None,
+                 stochastic: bool = False) -> Callable[..., None]:
     """A launcher of steps over lists of separate tensors, through one table of their addresses:
     ``launch(tensor_row, floats, ints, found_inf, check_finite, grads=None)``, tensor ``i`` with
     row ``tensor_row[i]`` (< 0: skipped); ``grads`` (validated arrays) replaces the bound
-    gradients for one step (needed when none were bound). The address, size and block tables
-    are built here, once."""
+    gradients for one step (needed when none were bound); ``master`` and ``stochastic`` as for
+    :func:`bind_flat` (the global index counts the tensors' elements in list order). The address,
+    size and block tables are built here, once."""
     roles = [params, grads or [None] * len(params), exp_avg, exp_avg_sq] + ([] if master is None else [master])
     addresses = np.array([[0 if a is None else _address(a) for a in tensor] for tensor in zip(*roles)],
                          dtype=np.int64).reshape(-1, len(roles))
     sizes = np.array([a.size for a in params], dtype=np.int64)
     start, stop, tensor = blocks(np.zeros_like(sizes), sizes)
+    index = _global_index(stochastic, _firsts(sizes), start, tensor, np.zeros_like(sizes))
     serial = int(sizes.sum()) <= SERIAL_UP_TO
     p_like, m_like = (np.empty(0, dtype=x[0].dtype) for x in (params, exp_avg))
     bound_g_like = None if grads is None else np.empty(0, dtype=grads[0].dtype)
@@ -157,6 +180,6 @@ def bind_tensors(params: list[np.ndarray], grads: list[np.ndarray] | None, exp_a
             g_like = np.empty(0, dtype=next(g for g in grads if g is not None).dtype)
         if check_finite and _non_finite_tensor_blocks(table, start, stop, tensor, tensor_row, g_like, serial) > 0:
             return
-        _radam_tensor_blocks(table, sizes, start, stop, tensor, tensor_row, floats, ints, p_like, g_like, m_like,
-                             master_like, serial)
+        _radam_tensor_blocks(table, sizes, start, stop, tensor, tensor_row, index, floats, ints, p_like, g_like,
+                             m_like, master_like, serial)
     return launch

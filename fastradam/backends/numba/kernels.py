@@ -45,7 +45,14 @@ from fastradam.backends.numba.storage import (
     bfloat16_pair,
     bfloat16_word,
     is_finite,
+    join_remainder,
     load,
+    remainder_bfloat16,
+    remainder_of,
+    remainder_pair,
+    remainder_words,
+    stochastic_bfloat16,
+    stochastic_bfloat16_word,
     store,
 )
 from fastradam.backends.numba.target import prefer_vector_width
@@ -70,7 +77,8 @@ BIT_VIEWS = {"bfloat16": BFLOAT16_BITS, "float16": FLOAT16_BITS}
 
 # Positions of the scalars tuple's fields (fastradam.spec.SCALARS: the reals, then the ints).
 _ONE_MINUS_BETA1, _BETA2, _ONE_MINUS_BETA2, _EPS, _EPS_ROOT, _L2_WEIGHT_DECAY, _PARAM_DECAY, _STEP_SIZE, \
-    _INV_GRAD_SCALE, _NEGATE_GRAD, _MODE = (SCALAR_INDEX[name] for name in SCALAR_FLOATS + SCALAR_INTS)
+    _INV_GRAD_SCALE, _NEGATE_GRAD, _MODE, _ROUND_KEY_LO, _ROUND_KEY_HI = (SCALAR_INDEX[name]
+                                                                          for name in SCALAR_FLOATS + SCALAR_INTS)
 
 
 @njit(inline="always")
@@ -97,41 +105,61 @@ def _radam_element(p, g, m, v, scalars):
     return p, m, v
 
 
-def _window(array, start, stop):
-    """``array[start:stop]``, or None for a missing (None) master."""
+# How the params keep their values travels in the "keeper" slot, and its type picks the code at
+# compile time: None (the params themselves, rounded to nearest-even), a float32 array (the fp32
+# master), an int16 array (remainders beside bfloat16 params), or an integer: the global element
+# index of the slot's first element, for stochastic rounding (fastradam.rounding).
+
+def _window(keeper, start, stop):
+    """``keeper[start:stop]`` for a master or remainders; None and a stochastic index as they are
+    (the index already names element ``start``)."""
 
 
 @overload(_window, inline="always")
-def _window_impl(array, start, stop):
-    if isinstance(array, types.NoneType):
-        return lambda array, start, stop: None
-    return lambda array, start, stop: array[start:stop]
+def _window_impl(keeper, start, stop):
+    if isinstance(keeper, (types.NoneType, types.Integer)):
+        return lambda keeper, start, stop: keeper
+    return lambda keeper, start, stop: keeper[start:stop]
 
 
-def _load_param(params, master, i):
-    """The parameter in math type: from the fp32 master when there is one."""
+def _load_param(params, keeper, i):
+    """The parameter in math type: from the fp32 master, or joined with its remainder, when there is one."""
 
 
 @overload(_load_param, inline="always")
-def _load_param_impl(params, master, i):
-    if isinstance(master, types.NoneType):
-        return lambda params, master, i: load(params[i])
-    return lambda params, master, i: master[i]
+def _load_param_impl(params, keeper, i):
+    if isinstance(keeper, (types.NoneType, types.Integer)):
+        return lambda params, keeper, i: load(params[i])
+    if keeper.dtype == types.int16:
+        return lambda params, keeper, i: join_remainder(params[i], keeper[i])
+    return lambda params, keeper, i: keeper[i]
 
 
-def _store_param(params, master, i, value):
-    """Store the new parameter: into the master (fp32) and its rounded copy, or into params."""
+def _store_param(params, keeper, i, value, scalars):
+    """Store the new parameter: into the master (fp32) and its rounded copy, split into bfloat16
+    and remainder, rounded stochastically, or rounded to nearest-even into params."""
 
 
 @overload(_store_param, inline="always")
-def _store_param_impl(params, master, i, value):
-    if isinstance(master, types.NoneType):
-        def store_params(params, master, i, value):
+def _store_param_impl(params, keeper, i, value, scalars):
+    if isinstance(keeper, types.NoneType):
+        def store_params(params, keeper, i, value, scalars):
             params[i] = store(value, params)
         return store_params
+    if isinstance(keeper, types.Integer):
+        def store_stochastic(params, keeper, i, value, scalars):
+            params[i] = stochastic_bfloat16(np.float32(value), keeper + i, scalars[_ROUND_KEY_LO],
+                                            scalars[_ROUND_KEY_HI])
+        return store_stochastic
+    if keeper.dtype == types.int16:
+        def store_split(params, keeper, i, value, scalars):
+            master = np.float32(value)
+            params[i] = remainder_bfloat16(master)
+            keeper[i] = remainder_of(master)
+        return store_split
 
-    def store_both(params, master, i, value):
-        master[i] = np.float32(value)
+    def store_both(params, keeper, i, value, scalars):
+        keeper[i] = np.float32(value)
         params[i] = store(value, params)
     return store_both
 
@@ -141,7 +169,7 @@ def _radam_at(p_view, g_view, m_view, v_view, master_view, i, scalars):
     """Element ``i`` of the views, loaded, updated and stored back in its own storage."""
     p, m, v = _radam_element(_load_param(p_view, master_view, i), load(g_view[i]), load(m_view[i]),
                              load(v_view[i]), scalars)
-    _store_param(p_view, master_view, i, p)
+    _store_param(p_view, master_view, i, p, scalars)
     m_view[i] = store(m, m_view)
     v_view[i] = store(v, v_view)
 
@@ -166,7 +194,8 @@ def _plain_impl(scalars):
 
     def plain(scalars):
         return (scalars[_ONE_MINUS_BETA1], scalars[_BETA2], scalars[_ONE_MINUS_BETA2], scalars[_EPS], real(0.0),
-                real(0.0), scalars[_PARAM_DECAY], scalars[_STEP_SIZE], real(1.0), False, RECTIFIED)
+                real(0.0), scalars[_PARAM_DECAY], scalars[_STEP_SIZE], real(1.0), False, RECTIFIED,
+                scalars[_ROUND_KEY_LO], scalars[_ROUND_KEY_HI])
     return plain
 
 
@@ -219,36 +248,120 @@ def _leading_word_vectors_impl(p_words, g_words, m_words, v_words, scalars):
     return lambda p_words, g_words, m_words, v_words, scalars: 0
 
 
+def _keeper_words(keeper, start, stop):
+    """The keeper of words ``start // 2 ...`` of an all-bfloat16 step: None; for stochastic
+    rounding the global index of element ``start``; remainders as 32-bit words (two per word)."""
+
+
+@overload(_keeper_words, inline="always")
+def _keeper_words_impl(keeper, start, stop):
+    if isinstance(keeper, types.NoneType):
+        return lambda keeper, start, stop: None
+    if isinstance(keeper, types.Integer):
+        return lambda keeper, start, stop: keeper + start
+    return lambda keeper, start, stop: keeper[start:stop].view(np.uint32)
+
+
+def _words_from(keeper_words, done):
+    """``keeper_words`` from word ``done`` on."""
+
+
+@overload(_words_from, inline="always")
+def _words_from_impl(keeper_words, done):
+    if isinstance(keeper_words, types.NoneType):
+        return lambda keeper_words, done: None
+    if isinstance(keeper_words, types.Integer):
+        return lambda keeper_words, done: keeper_words + 2 * done
+    return lambda keeper_words, done: keeper_words[done:]
+
+
+def _load_word(p_words, keeper_words, k):
+    """The two parameters of word ``k`` in math type: joined with their remainders where there are some."""
+
+
+@overload(_load_word, inline="always")
+def _load_word_impl(p_words, keeper_words, k):
+    if isinstance(keeper_words, types.Array):
+        return lambda p_words, keeper_words, k: remainder_pair(p_words[k], keeper_words[k])
+    return lambda p_words, keeper_words, k: bfloat16_pair(p_words[k])
+
+
+def _store_word(p_words, keeper_words, k, p0, p1, scalars):
+    """Store word ``k``'s two new parameters: rounded to nearest-even, stochastically, or split with their remainders."""
+
+
+@overload(_store_word, inline="always")
+def _store_word_impl(p_words, keeper_words, k, p0, p1, scalars):
+    if isinstance(keeper_words, types.NoneType):
+        def nearest(p_words, keeper_words, k, p0, p1, scalars):
+            p_words[k] = bfloat16_word(p0, p1)
+        return nearest
+    if isinstance(keeper_words, types.Integer):
+        def stochastic(p_words, keeper_words, k, p0, p1, scalars):
+            p_words[k] = stochastic_bfloat16_word(p0, p1, keeper_words + 2 * k, scalars[_ROUND_KEY_LO],
+                                                  scalars[_ROUND_KEY_HI])
+        return stochastic
+
+    def split(p_words, keeper_words, k, p0, p1, scalars):
+        p_words[k], keeper_words[k] = remainder_words(p0, p1)
+    return split
+
+
+def _leading_keeper_vectors(p_words, g_words, m_words, v_words, keeper_words, scalars):
+    """:func:`_leading_word_vectors` where the params keep nothing else (the explicit vector code
+    rounds to nearest-even only); 0 words otherwise."""
+
+
+@overload(_leading_keeper_vectors, inline="always")
+def _leading_keeper_vectors_impl(p_words, g_words, m_words, v_words, keeper_words, scalars):
+    if isinstance(keeper_words, types.NoneType):
+        return lambda p_words, g_words, m_words, v_words, keeper_words, scalars: _leading_word_vectors(
+            p_words, g_words, m_words, v_words, scalars)
+    return lambda p_words, g_words, m_words, v_words, keeper_words, scalars: 0
+
+
 @njit(inline="always")
-def _radam_bfloat16_words(p_words, g_words, m_words, v_words, scalars):
+def _radam_bfloat16_words(p_words, g_words, m_words, v_words, keeper_words, scalars):
     """bfloat16 buffers two elements at a time, as 32-bit words: the same element updates, the
-    leading words 16 at a time in explicit vector code where the CPU has it."""
-    done = _leading_word_vectors(p_words, g_words, m_words, v_words, scalars)
-    _radam_word_pairs(p_words[done:], g_words[done:], m_words[done:], v_words[done:], scalars)
+    leading words 16 at a time in explicit vector code where the CPU has it (rounding to nearest)."""
+    done = _leading_keeper_vectors(p_words, g_words, m_words, v_words, keeper_words, scalars)
+    _radam_word_pairs(p_words[done:], g_words[done:], m_words[done:], v_words[done:],
+                      _words_from(keeper_words, done), scalars)
 
 
 @njit(inline="always")
-def _radam_word_pairs(p_words, g_words, m_words, v_words, scalars):
+def _radam_word_pairs(p_words, g_words, m_words, v_words, keeper_words, scalars):
     """The words one at a time, each as its two elements (the loop LLVM vectorises), the
     common case (:func:`_plain`) in a loop of its own."""
     if _is_plain(scalars):
-        _radam_word_pair_loop(p_words, g_words, m_words, v_words, _plain(scalars))
+        _radam_word_pair_loop(p_words, g_words, m_words, v_words, keeper_words, _plain(scalars))
     else:
-        _radam_word_pair_loop(p_words, g_words, m_words, v_words, scalars)
+        _radam_word_pair_loop(p_words, g_words, m_words, v_words, keeper_words, scalars)
 
 
 @njit(inline="always")
-def _radam_word_pair_loop(p_words, g_words, m_words, v_words, scalars):
+def _radam_word_pair_loop(p_words, g_words, m_words, v_words, keeper_words, scalars):
     for k in range(p_words.size):
-        p0, p1 = bfloat16_pair(p_words[k])
+        p0, p1 = _load_word(p_words, keeper_words, k)
         g0, g1 = bfloat16_pair(g_words[k])
         m0, m1 = bfloat16_pair(m_words[k])
         v0, v1 = bfloat16_pair(v_words[k])
         p0, m0, v0 = _radam_element(p0, g0, m0, v0, scalars)
         p1, m1, v1 = _radam_element(p1, g1, m1, v1, scalars)
-        p_words[k] = bfloat16_word(p0, p1)
+        _store_word(p_words, keeper_words, k, p0, p1, scalars)
         m_words[k] = bfloat16_word(m0, m1)
         v_words[k] = bfloat16_word(v0, v1)
+
+
+def _keeper_offset(keeper, offset):
+    """The address of a remainder view mod 4; ``offset`` (agreeing) for no keeper or an index."""
+
+
+@overload(_keeper_offset, inline="always")
+def _keeper_offset_impl(keeper, offset):
+    if isinstance(keeper, types.Array):
+        return lambda keeper, offset: keeper.ctypes.data & 3
+    return lambda keeper, offset: offset
 
 
 def _radam_views(p_view, g_view, m_view, v_view, master_view, scalars):
@@ -259,16 +372,19 @@ def _radam_views(p_view, g_view, m_view, v_view, master_view, scalars):
 def _radam_views_impl(p_view, g_view, m_view, v_view, master_view, scalars):
     all_bfloat16 = all(isinstance(a, types.Array) and a.dtype == types.uint16
                        for a in (p_view, g_view, m_view, v_view))
-    if not (all_bfloat16 and isinstance(master_view, types.NoneType) and sys.byteorder == "little"):
+    pairable_keeper = isinstance(master_view, (types.NoneType, types.Integer)) or (
+        isinstance(master_view, types.Array) and master_view.dtype == types.int16)
+    if not (all_bfloat16 and pairable_keeper and sys.byteorder == "little"):
         return lambda p_view, g_view, m_view, v_view, master_view, scalars: _radam_elements(
             p_view, g_view, m_view, v_view, master_view, scalars)
 
     def by_pairs(p_view, g_view, m_view, v_view, master_view, scalars):
-        # Pairs (2k, 2k+1) are 4-byte words when all four views start at one address mod 4:
+        # Pairs (2k, 2k+1) are 4-byte words when all views start at one address mod 4:
         # peel one element if that is 2, pair the rest, finish an odd one alone.
         offset = p_view.ctypes.data & 3
         if (offset & 1 or g_view.ctypes.data & 3 != offset or m_view.ctypes.data & 3 != offset
-                or v_view.ctypes.data & 3 != offset):  # rare: one loop for every case, to compile less
+                or v_view.ctypes.data & 3 != offset
+                or _keeper_offset(master_view, offset) != offset):  # rare: one loop for every case, to compile less
             _radam_element_loop(p_view, g_view, m_view, v_view, master_view, scalars)
             return
         n = p_view.size
@@ -277,7 +393,8 @@ def _radam_views_impl(p_view, g_view, m_view, v_view, master_view, scalars):
         if head:
             _radam_single(p_view, g_view, m_view, v_view, master_view, 0, scalars)
         _radam_bfloat16_words(p_view[head:end].view(np.uint32), g_view[head:end].view(np.uint32),
-                              m_view[head:end].view(np.uint32), v_view[head:end].view(np.uint32), scalars)
+                              m_view[head:end].view(np.uint32), v_view[head:end].view(np.uint32),
+                              _keeper_words(master_view, head, end), scalars)
         if end < n:
             _radam_single(p_view, g_view, m_view, v_view, master_view, n - 1, scalars)
     return by_pairs
@@ -342,16 +459,28 @@ def _threads(serial):
     return threads
 
 
+def _block_keeper(keeper, block_index, b):
+    """Block ``b``'s keeper: the master or remainders as they are, or, for stochastic rounding
+    (``block_index`` not None), the global index of the block's first element."""
+
+
+@overload(_block_keeper, inline="always")
+def _block_keeper_impl(keeper, block_index, b):
+    if isinstance(block_index, types.NoneType):
+        return lambda keeper, block_index, b: keeper
+    return lambda keeper, block_index, b: block_index[b]
+
+
 @njit(parallel=True, cache=True, fastmath=False)
-def _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, block_start, block_stop, block_row, floats, ints,
-                  serial):
+def _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, block_start, block_stop, block_row, block_index,
+                  floats, ints, serial):
     threads = _threads(serial)
     for b in prange(block_start.size):
         prefer_vector_width(VECTOR_BITS)
         row = block_row[b]
         if row >= 0:
-            _radam_range(params, grads, exp_avg, exp_avg_sq, master, block_start[b], block_stop[b],
-                         floats, ints, row)
+            _radam_range(params, grads, exp_avg, exp_avg_sq, _block_keeper(master, block_index, b), block_start[b],
+                         block_stop[b], floats, ints, row)
     set_num_threads(threads)
 
 
@@ -400,6 +529,18 @@ def _tensor_impl(addresses, t, column, n, like):
     return lambda addresses, t, column, n, like: carray(_array_at(addresses[t, column], n, like), n)
 
 
+def _tensor_keeper(addresses, t, n, keeper_like, block_index, b):
+    """Tensor ``t``'s keeper in block ``b``: its master or remainders, or, for stochastic rounding,
+    the global index of the block's first element."""
+
+
+@overload(_tensor_keeper, inline="always")
+def _tensor_keeper_impl(addresses, t, n, keeper_like, block_index, b):
+    if isinstance(block_index, types.NoneType):
+        return lambda addresses, t, n, keeper_like, block_index, b: _tensor(addresses, t, 4, n, keeper_like)
+    return lambda addresses, t, n, keeper_like, block_index, b: block_index[b]
+
+
 @njit(parallel=True, cache=True)
 def _non_finite_tensor_blocks(addresses, block_start, block_stop, block_tensor, tensor_row, g_like, serial):
     """How many gradient elements of the active tensors' blocks are NaN or infinite (read only)."""
@@ -416,8 +557,8 @@ def _non_finite_tensor_blocks(addresses, block_start, block_stop, block_tensor, 
 
 
 @njit(parallel=True, cache=True, fastmath=False)
-def _radam_tensor_blocks(addresses, sizes, block_start, block_stop, block_tensor, tensor_row, floats, ints,
-                         p_like, g_like, m_like, master_like, serial):
+def _radam_tensor_blocks(addresses, sizes, block_start, block_stop, block_tensor, tensor_row, block_index, floats,
+                         ints, p_like, g_like, m_like, master_like, serial):
     threads = _threads(serial)
     for b in prange(block_start.size):
         prefer_vector_width(VECTOR_BITS)
@@ -427,6 +568,6 @@ def _radam_tensor_blocks(addresses, sizes, block_start, block_stop, block_tensor
             n = sizes[t]
             _radam_range(_tensor(addresses, t, 0, n, p_like), _tensor(addresses, t, 1, n, g_like),
                          _tensor(addresses, t, 2, n, m_like), _tensor(addresses, t, 3, n, m_like),
-                         _tensor(addresses, t, 4, n, master_like), block_start[b], block_stop[b],
-                         floats, ints, row)
+                         _tensor_keeper(addresses, t, n, master_like, block_index, b),
+                         block_start[b], block_stop[b], floats, ints, row)
     set_num_threads(threads)

@@ -228,3 +228,150 @@ def _is_finite(value):
     if isinstance(value, types.Float):
         return lambda value: np.isfinite(value)
     return None
+
+
+# --- bfloat16 params that keep their fp32 values (fastradam.rounding states the rules) ---
+
+def _quiet_nan_or(builder, value, bits, high):
+    """LLVM IR: ``high`` (i32 holding bfloat16 bits), or the quiet NaN ``sign | 0x7FC0`` where ``value`` is a NaN."""
+    i32 = ir.IntType(32)
+    quiet_nan = builder.or_(builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 0x8000)),
+                            ir.Constant(i32, 0x7FC0))
+    return builder.select(builder.fcmp_unordered("uno", value, value), quiet_nan, high)
+
+
+@intrinsic
+def join_remainder(typingctx, bits, remainder):
+    """The fp32 master of bfloat16 ``bits`` (uint16) and its int16 ``remainder``:
+    ``((bits - (remainder < 0)) << 16) | uint16(remainder)``."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        low = builder.zext(args[1], i32)
+        borrow = builder.zext(builder.icmp_signed("<", args[1], ir.Constant(ir.IntType(16), 0)), i32)
+        high = builder.sub(builder.zext(args[0], i32), borrow)
+        return builder.bitcast(builder.or_(builder.shl(high, ir.Constant(i32, 16)), low), ir.FloatType())
+
+    return types.float32(types.uint16, types.int16), codegen
+
+
+@intrinsic
+def remainder_of(typingctx, value):
+    """The int16 remainder of an fp32 master ``value``: its low 16 bits."""
+    def codegen(context, builder, signature, args):
+        return builder.trunc(builder.bitcast(args[0], ir.IntType(32)), ir.IntType(16))
+
+    return types.int16(types.float32), codegen
+
+
+@intrinsic
+def remainder_bfloat16(typingctx, value):
+    """The bfloat16 bits (uint16) shown beside the remainder of an fp32 master ``value``: the high
+    half, plus one when bit 15 is set (nearest, ties away from zero); a NaN as the quiet NaN."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        up = builder.and_(builder.lshr(bits, ir.Constant(i32, 15)), ir.Constant(i32, 1))
+        high = builder.add(builder.lshr(bits, ir.Constant(i32, 16)), up)
+        return builder.trunc(_quiet_nan_or(builder, args[0], bits, high), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+def _lowbias32(builder, x):
+    """LLVM IR: Wellons' lowbias32 hash of i32 ``x``."""
+    i32 = ir.IntType(32)
+    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        x = builder.xor(x, builder.lshr(x, ir.Constant(i32, shift)))
+        x = builder.mul(x, ir.Constant(i32, multiplier))
+    return builder.xor(x, builder.lshr(x, ir.Constant(i32, 16)))
+
+
+def _stochastic_half(builder, value, index, key_lo, key_hi):
+    """LLVM IR: float32 ``value`` rounded stochastically (see :func:`stochastic_bfloat16`), as i32
+    holding the bfloat16 bits in its low half."""
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    index = builder.sext(index, i64) if index.type.width < 64 else index
+    low, high = builder.trunc(index, i32), builder.trunc(builder.lshr(index, ir.Constant(i64, 32)), i32)
+    key_lo, key_hi = (builder.trunc(k, i32) if k.type.width > 32 else builder.sext(k, i32) if k.type.width < 32
+                      else k for k in (key_lo, key_hi))
+    mixed = _lowbias32(builder, builder.xor(builder.xor(_lowbias32(builder, builder.xor(low, key_lo)), high), key_hi))
+    bits = builder.bitcast(value, i32)
+    rounded = builder.lshr(builder.add(bits, builder.lshr(mixed, ir.Constant(i32, 16))), ir.Constant(i32, 16))
+    return _quiet_nan_or(builder, value, bits, rounded)
+
+
+def _integers(*kinds) -> bool:
+    return all(isinstance(t, types.Integer) for t in kinds)
+
+
+@intrinsic
+def stochastic_bfloat16(typingctx, value, index, key_lo, key_hi):
+    """float32 ``value`` rounded stochastically to bfloat16 bits (uint16): ``(bits + u) >> 16``
+    with ``u`` the top 16 bits of ``lowbias32(lowbias32(uint32(index) ^ key_lo) ^ (index >> 32) ^ key_hi)``;
+    a NaN as the quiet NaN. All in 32-bit integer lanes, so the loop vectorises."""
+    def codegen(context, builder, signature, args):
+        return builder.trunc(_stochastic_half(builder, *args), ir.IntType(16))
+
+    if not _integers(index, key_lo, key_hi):
+        return None
+    return types.uint16(types.float32, index, key_lo, key_hi), codegen
+
+
+@intrinsic
+def stochastic_bfloat16_word(typingctx, low, high, index, key_lo, key_hi):
+    """Two float32 values rounded stochastically (as :func:`stochastic_bfloat16`, elements ``index``
+    and ``index + 1``) and packed into one 32-bit word, ``low`` in the low half."""
+    def codegen(context, builder, signature, args):
+        low, high, index, key_lo, key_hi = args
+        first = _stochastic_half(builder, low, index, key_lo, key_hi)
+        second = _stochastic_half(builder, high, builder.add(index, ir.Constant(index.type, 1)), key_lo, key_hi)
+        return builder.or_(builder.and_(first, ir.Constant(ir.IntType(32), 0xFFFF)),
+                           builder.shl(second, ir.Constant(ir.IntType(32), 16)))
+
+    if not _integers(index, key_lo, key_hi):
+        return None
+    return types.uint32(types.float32, types.float32, index, key_lo, key_hi), codegen
+
+
+# --- the same, two bfloat16 elements per 32-bit word (the all-bfloat16 loops) ---
+
+def _remainder_half(builder, words, remainders, shift):
+    """LLVM IR: the fp32 master of one half (``shift`` 0: the low half, 16: the high) of a bfloat16
+    word and its remainder word."""
+    i32 = ir.IntType(32)
+    bits = builder.and_(builder.lshr(words, ir.Constant(i32, shift)), ir.Constant(i32, 0xFFFF))
+    remainder = builder.and_(builder.lshr(remainders, ir.Constant(i32, shift)), ir.Constant(i32, 0xFFFF))
+    borrow = builder.lshr(remainder, ir.Constant(i32, 15))
+    return builder.bitcast(builder.or_(builder.shl(builder.sub(bits, borrow), ir.Constant(i32, 16)), remainder),
+                           ir.FloatType())
+
+
+@intrinsic
+def remainder_pair(typingctx, words, remainders):
+    """The two fp32 masters of a bfloat16 word and its remainder word (as :func:`join_remainder`): ``(low, high)``."""
+    def codegen(context, builder, signature, args):
+        halves = [_remainder_half(builder, args[0], args[1], shift) for shift in (0, 16)]
+        return context.make_tuple(builder, signature.return_type, halves)
+
+    return types.UniTuple(types.float32, 2)(types.uint32, types.uint32), codegen
+
+
+@intrinsic
+def remainder_words(typingctx, low, high):
+    """Two fp32 masters as (bfloat16 word, remainder word), each half as :func:`remainder_bfloat16` and
+    :func:`remainder_of`: the inverse of :func:`remainder_pair`."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        shown = []
+        for value in args:
+            bits = builder.bitcast(value, i32)
+            up = builder.and_(builder.lshr(bits, ir.Constant(i32, 15)), ir.Constant(i32, 1))
+            high_half = builder.add(builder.lshr(bits, ir.Constant(i32, 16)), up)
+            shown.append(builder.and_(_quiet_nan_or(builder, value, bits, high_half), ir.Constant(i32, 0xFFFF)))
+        low_bits, high_bits = (builder.bitcast(value, i32) for value in args)
+        word = builder.or_(shown[0], builder.shl(shown[1], ir.Constant(i32, 16)))
+        remainders = builder.or_(builder.and_(low_bits, ir.Constant(i32, 0xFFFF)),
+                                 builder.shl(high_bits, ir.Constant(i32, 16)))
+        return context.make_tuple(builder, signature.return_type, [word, remainders])
+
+    return types.UniTuple(types.uint32, 2)(types.float32, types.float32), codegen
