@@ -193,9 +193,9 @@ def _element_loops(p, g, m, v, master, floats, ints, plain):
 def _word_pair_loops(p, g, m, v, floats, ints, plain):
     scalars = numba_kernels._row_scalars(floats, ints, 0)
     if plain:
-        numba_kernels._radam_word_pair_loop(p, g, m, v, numba_kernels._plain(scalars))
+        numba_kernels._radam_word_pair_loop(p, g, m, v, None, numba_kernels._plain(scalars))
     else:
-        numba_kernels._radam_word_pair_loop(p, g, m, v, scalars)
+        numba_kernels._radam_word_pair_loop(p, g, m, v, None, scalars)
 
 
 @pytest.mark.parametrize("storage", [(np.float32,) * 3 + (None,), (np.float64,) * 3 + (None,),

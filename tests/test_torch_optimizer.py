@@ -551,3 +551,16 @@ def test_cuda_capturable_step_replays_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert optimizer.state[model[0].weight]["step"].item() == 10
     assert_close(reference, model, TOLERANCE[torch.float32])
+
+
+def test_the_optimizer_keeps_torch_thread_count():
+    """Starting Numba's threading layer (the OpenMP one sets the process's OpenMP thread count,
+    which torch reads once it has read it itself) leaves ``torch.set_num_threads`` as the user set
+    it: checked in a fresh process, where the layer is not yet started."""
+    import subprocess
+    import sys
+    code = ("import torch; torch.set_num_threads(1); torch.get_num_threads(); import fastradam.torch as ft; "
+            "p = torch.nn.Parameter(torch.ones(8)); o = ft.RAdam([p]); p.grad = torch.ones(8); o.step(); "
+            "import numba; print(torch.get_num_threads(), numba.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "1", out  # torch's count as the user set it (the layer's own count is its own)

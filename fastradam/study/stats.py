@@ -24,16 +24,21 @@ def mean_std_text(mean: float, std: float, digits: int = 1) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def cells(runs: list[Run]) -> dict[tuple[str, float], list[Run]]:
+    """The runs per (optimizer, lr), in the order given."""
+    by: dict[tuple[str, float], list[Run]] = {}
+    for run in runs:
+        by.setdefault((run.optimizer, run.lr), []).append(run)
+    return by
+
+
 def summarize(runs: list[Run]) -> Summary:
     """Per (optimizer, lr): mean and std over seeds of final test accuracy and loss, and divergences.
 
     The loss statistics leave out diverged (non-finite) runs; ``diverged`` counts them.
     """
-    cells: dict[tuple[str, float], list[Run]] = {}
-    for run in runs:
-        cells.setdefault((run.optimizer, run.lr), []).append(run)
     summary = {}
-    for key, cell in cells.items():
+    for key, cell in cells(runs).items():
         acc_mean, acc_std = mean_std([r.final_accuracy for r in cell])
         loss_mean, loss_std = mean_std([r.final_loss for r in cell])
         summary[key] = {"accuracy_mean": acc_mean, "accuracy_std": acc_std, "loss_mean": loss_mean,
@@ -41,9 +46,11 @@ def summarize(runs: list[Run]) -> Summary:
     return summary
 
 
-def paired_difference(runs: list[Run], a: str, b: str, lr: float) -> tuple[float, float]:
-    """Mean and std over seeds of accuracy(a) - accuracy(b) (same seed: same init and batches)."""
-    by = {(r.optimizer, r.seed): r.final_accuracy for r in runs if r.lr == lr}
+def paired_difference(runs: list[Run], a: str, b: str, lr: float,
+                      metric: str = "final_accuracy") -> tuple[float, float]:
+    """Mean and std over seeds of metric(a) - metric(b) (same seed: same init and batches);
+    ``metric`` names a run's attribute (final test accuracy by default)."""
+    by = {(r.optimizer, r.seed): getattr(r, metric) for r in runs if r.lr == lr}
     diffs = [by[(a, s)] - by[(b, s)] for (o, s) in by if o == a and (b, s) in by]
     return mean_std(diffs)
 

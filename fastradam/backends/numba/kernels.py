@@ -421,7 +421,19 @@ def _radam_range(params, grads, exp_avg, exp_avg_sq, master, start, stop, floats
                  _window(master, start, stop), _row_scalars(floats, ints, row))
 
 
-numba.get_num_threads()  # starts the threading layer, which defines the symbols called below
+def _launch_threading_layer() -> None:
+    """Start Numba's threading layer, which defines the symbols the kernels call below, without
+    changing torch's thread count: the OpenMP layer's launch sets the process's OpenMP thread count,
+    which torch reads, so a ``torch.set_num_threads(1)`` made before would be lost (and torch's
+    ops slowed many times over where another process shares the cores)."""
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    numba.get_num_threads()
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+_launch_threading_layer()
 
 
 @intrinsic
