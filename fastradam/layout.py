@@ -45,6 +45,15 @@ def tiles(offsets: np.ndarray, sizes: np.ndarray, tile: int) -> np.ndarray:
     return np.stack([start, np.minimum(start + tile, offsets[index] + sizes[index]), index], axis=1)
 
 
+def index_shifts(offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Stochastic rounding's global index shift of each range (a segment or a tensor), int64: the
+    element at position ``k`` of range ``i``'s buffer has global index ``k + shift[i]``, where
+    ``shift[i] = sizes[0] + ... + sizes[i-1] - offsets[i]`` (the ranges concatenated in order, no
+    padding between them). Both backends index their work this way."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    return np.cumsum(sizes) - sizes - np.asarray(offsets, dtype=np.int64)
+
+
 @dataclass(frozen=True, eq=False)
 class SegmentArrays:
     """The segment table as read-only int64 arrays. What a backend derives from it (block and

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from fastradam.backends.cuda import TILE, launch
-from fastradam.backends.cuda.tables import index_shifts, pack_tables, table_views
+from fastradam.backends.cuda.tables import pack_tables, table_views
+from fastradam.layout import index_shifts
 from fastradam.flavours import PRESETS, Flavour, resolve_flavour
 from fastradam.layout import FlatLayout, tiles
 from fastradam.options import check_group

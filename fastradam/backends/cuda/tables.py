@@ -24,7 +24,7 @@ import cupy
 import numpy as np
 
 from fastradam.backends.cuda.module import TILE
-from fastradam.layout import SegmentArrays, tiles
+from fastradam.layout import SegmentArrays, index_shifts, tiles
 
 #: Byte alignment of each table inside the one per-call upload.
 _TABLE_ALIGN = 16
@@ -124,14 +124,6 @@ def _layout_table(segments: SegmentArrays, device_id: int, name: str,
 def _layout_tiles(segments: SegmentArrays, device_id: int) -> cupy.ndarray:
     """The layout's tile table on ``device_id``."""
     return _layout_table(segments, device_id, "tiles", lambda s: tiles(s.offsets, s.sizes, TILE))
-
-
-def index_shifts(offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Stochastic rounding's global index shift of each piece (segment or tensor), int64: the element at
-    position ``k`` of piece ``i``'s buffer has global index ``k + shift[i]``, where
-    ``shift[i] = sizes[0] + ... + sizes[i-1] - offsets[i]`` (the pieces concatenated in order, no padding)."""
-    sizes = np.asarray(sizes, dtype=np.int64)
-    return np.cumsum(sizes) - sizes - np.asarray(offsets, dtype=np.int64)
 
 
 def _layout_shifts(segments: SegmentArrays, device_id: int) -> cupy.ndarray:

@@ -23,7 +23,7 @@ from fastradam.backends.numba.kernels import (
     _radam_blocks,
     _radam_tensor_blocks,
 )
-from fastradam.layout import SegmentArrays, tiles
+from fastradam.layout import SegmentArrays, index_shifts, tiles
 
 
 def blocks(offsets: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,16 +94,10 @@ def _skipped(found_inf: bool, check_finite: bool, grads: np.ndarray, start: np.n
 CAPTURABLE = False
 
 
-def _global_index(stochastic: bool, first: np.ndarray, start: np.ndarray, piece: np.ndarray,
-                  offsets: np.ndarray) -> np.ndarray | None:
-    """Stochastic rounding's global index of each block's first element (None without it): piece
-    ``k`` (a segment or tensor) begins at global index ``first[k]`` and at ``offsets[k]`` in its buffer."""
-    return (first[piece] + (start - offsets[piece])).astype(np.int64) if stochastic else None
-
-
-def _firsts(sizes: np.ndarray) -> np.ndarray:
-    """The global index of each piece's element 0: the pieces concatenated in order, nothing between."""
-    return np.cumsum(sizes, dtype=np.int64) - sizes
+def _global_index(stochastic: bool, shifts: np.ndarray, start: np.ndarray, piece: np.ndarray) -> np.ndarray | None:
+    """Stochastic rounding's global index of each block's first element (None without it): block
+    ``b`` starts at ``start[b]`` in piece ``piece[b]``'s buffer, whose :func:`index_shifts` are ``shifts``."""
+    return (shifts[piece] + start).astype(np.int64) if stochastic else None
 
 
 def bind_flat(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
@@ -134,7 +128,7 @@ def bind_segments(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, ex
     (the global index counts the segments' elements in order, not the padding between them).
     The block table is cut here, once."""
     start, stop, segment = blocks(segments.offsets, segments.sizes)
-    index = _global_index(stochastic, _firsts(segments.sizes), start, segment, segments.offsets)
+    index = _global_index(stochastic, index_shifts(segments.offsets, segments.sizes), start, segment)
     serial = int(segments.sizes.sum()) <= SERIAL_UP_TO
 
     def launch(segment_row: np.ndarray, floats: np.ndarray, ints: np.ndarray, found_inf: bool = False,
@@ -163,7 +157,7 @@ def bind_tensors(params: list[np.ndarray], grads: list[np.ndarray] | None, exp_a
                          dtype=np.int64).reshape(-1, len(roles))
     sizes = np.array([a.size for a in params], dtype=np.int64)
     start, stop, tensor = blocks(np.zeros_like(sizes), sizes)
-    index = _global_index(stochastic, _firsts(sizes), start, tensor, np.zeros_like(sizes))
+    index = _global_index(stochastic, index_shifts(np.zeros_like(sizes), sizes), start, tensor)
     serial = int(sizes.sum()) <= SERIAL_UP_TO
     p_like, m_like = (np.empty(0, dtype=x[0].dtype) for x in (params, exp_avg))
     bound_g_like = None if grads is None else np.empty(0, dtype=grads[0].dtype)
