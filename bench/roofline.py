@@ -66,6 +66,19 @@ def same_traffic_step(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray
         _same_traffic(*buffers)
 
 
+@njit(parallel=True, cache=True)
+def _same_traffic_read(grads):
+    folded = 0
+    for i in prange(grads.size):
+        folded += grads[i] & 1
+    return folded
+
+
+def same_traffic_read(grads: np.ndarray) -> int:
+    """Read every byte of ``grads`` once (a reduction of their bits): the clipping pre-pass's traffic."""
+    return int(_same_traffic_read(_bits(grads)))
+
+
 def bytes_per_element(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
                       master: np.ndarray | None = None, remainders: np.ndarray | None = None) -> int:
     """Bytes one step moves per element (:attr:`fastradam.storage.Storage.step_bytes`)."""

@@ -8,8 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fastradam.spec import (GROUP_FLOATS, GROUP_INTS, GROUP_ROW, MODES, SCALAR_FLOATS, SCALAR_INTS, SCALARS,
-                            VALUE_CODES, Field)
+from fastradam.spec import (GROUP_FLOATS, GROUP_INTS, GROUP_ROW, MODES, NORM_CODES, NORM_EPS, SCALAR_FLOATS, SCALAR_INTS,
+                            SCALARS, VALUE_CODES, Field)
 from fastradam.storage import FORMATS, SUPPORTED, Storage
 
 _C_TYPES = {"double": "double", "int": "int"}
@@ -73,6 +73,11 @@ def header() -> str:
         "",
         "//! Type codes of the device values the kernels read (fastradam.spec.VALUE_CODES).",
         *(f"constexpr int {_camel(name)} = {code};" for name, code in VALUE_CODES.items()),
+        "",
+        "//! The norm pre-pass's cases of norm_type (fastradam.spec.NORM_CODES).",
+        *(f"constexpr int kNorm{_camel(name)[1:]} = {code};" for name, code in NORM_CODES.items()),
+        "//! torch's clip_grad_norm_ adds this to the norm before dividing (fastradam.spec.NORM_EPS).",
+        f"constexpr double kNormEps = {NORM_EPS!r};",
         "",
         "//! The folded per-step scalars, in math type M (fastradam.spec.SCALARS); passed by value to",
         "//! the flat kernel, read from the host tables (R, kScalarFloats) and (R, kScalarInts) by the others.",

@@ -43,7 +43,9 @@ def fused_step(
     grad_scale: float = 1.0,
     found_inf: Any = None,
     check_finite: bool = False,
-) -> None:
+    max_grad_norm: float | None = None,
+    norm_type: float = 2.0,
+) -> Any:
     r"""Apply one RAdam step in place, in one fused pass over the four buffers.
 
     Semantics are those of ``torch.optim.RAdam``. With :math:`t` = ``step``, :math:`g` the
@@ -124,6 +126,21 @@ def fused_step(
     check_finite : bool, default False
         Look for NaN/inf gradients first (a read-only pass over ``grads``) and, if there are
         any, skip the step without writing anything.
+    max_grad_norm : float, optional
+        Clip the gradients by their global norm inside the step, as
+        ``torch.nn.utils.clip_grad_norm_(max_norm=max_grad_norm, norm_type=norm_type)`` before it
+        would, without writing them (:mod:`fastradam.clipping`): a read-only pre-pass computes the
+        norm of ``grads / grad_scale`` in float64 (deterministic for any thread count), and the step
+        multiplies each gradient by ``min(1, max_grad_norm / (norm + 1e-6)) / grad_scale``. With
+        ``check_finite`` that pre-pass is the finite check (a NaN/inf norm skips the step).
+    norm_type : float, default 2
+        The clipping norm's p: any p > 0, or ``inf`` (the largest magnitude).
+
+    Returns
+    -------
+    float or 0-d CUDA array or None
+        With ``max_grad_norm``, the norm of the unscaled gradients before clipping (on CUDA a
+        0-d float64 device array, never synchronised); otherwise None.
 
     Raises
     ------
@@ -145,12 +162,13 @@ def fused_step(
     ``torch.optim.RAdam``.
     """
     host_lr = type(lr) is float or isinstance(lr, numbers.Number)  # else a device lr, read at the launch
-    StepPlan(params, grads, exp_avg, exp_avg_sq, master_params=master_params, param_remainders=param_remainders,
+    return StepPlan(params, grads, exp_avg, exp_avg_sq, master_params=master_params, param_remainders=param_remainders,
              stochastic_round_seed=stochastic_round_seed, check_finite=check_finite,
              lr=lr if host_lr or lr is None else 0.0, betas=betas, eps=eps, eps_root=eps_root,
              weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
              flavour=flavour, schedule=schedule,
-             ).step(step, lr=None if host_lr else lr, grad_scale=grad_scale, found_inf=found_inf)
+             ).step(step, lr=None if host_lr else lr, grad_scale=grad_scale, found_inf=found_inf,
+                    max_grad_norm=max_grad_norm, norm_type=norm_type)
 
 
 def fused_step_layout(
@@ -169,7 +187,9 @@ def fused_step_layout(
     grad_scale: float = 1.0,
     found_inf: Any = None,
     check_finite: bool = False,
-) -> None:
+    max_grad_norm: float | None = None,
+    norm_type: float = 2.0,
+) -> Any:
     """One RAdam step for every tensor of a flat layout, every group, in one launch.
 
     Parameters
@@ -189,9 +209,10 @@ def fused_step_layout(
     has_grad : array of bool, one per segment, optional
         Segments without a gradient this step are skipped entirely (default: none skipped).
         Advancing ``steps`` is the caller's: ``steps[has_grad] += 1`` before the call.
-    master_params, param_remainders, stochastic_round_seed, grad_scale, found_inf, check_finite
+    master_params, param_remainders, stochastic_round_seed, grad_scale, found_inf, check_finite, max_grad_norm, norm_type
         As in :func:`fused_step` (``master_params`` and ``param_remainders`` are flat buffers of the layout;
-        ``check_finite`` reads only the active segments).
+        ``check_finite`` and the clipping norm read only the active segments). Returns the norm with
+        ``max_grad_norm``, as :func:`fused_step` does.
 
     Notes
     -----
@@ -200,10 +221,11 @@ def fused_step_layout(
     """
     if not isinstance(layout, FlatLayout):
         raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
-    StepPlan(params, grads, exp_avg, exp_avg_sq, layout=layout, master_params=master_params,
+    return StepPlan(params, grads, exp_avg, exp_avg_sq, layout=layout, master_params=master_params,
              param_remainders=param_remainders, stochastic_round_seed=stochastic_round_seed, groups=groups,
              check_finite=check_finite).step(steps=steps, has_grad=has_grad, grad_scale=grad_scale,
-                                             found_inf=found_inf)
+                                             found_inf=found_inf, max_grad_norm=max_grad_norm,
+                                             norm_type=norm_type)
 
 
 def fused_step_multi(
@@ -222,7 +244,9 @@ def fused_step_multi(
     grad_scale: float = 1.0,
     found_inf: Any = None,
     check_finite: bool = False,
-) -> None:
+    max_grad_norm: float | None = None,
+    norm_type: float = 2.0,
+) -> Any:
     """One RAdam step for lists of separate tensors, in one launch.
 
     For callers whose tensors are not in one buffer. ``params[i]``, ``grads[i]``,
@@ -231,15 +255,17 @@ def fused_step_multi(
     anywhere in the lists overlap. ``group_index`` gives each tensor's group (default: all
     0); ``steps`` and ``has_grad`` are as in :func:`fused_step_layout`. Validation is per
     tensor, in Python: with thousands of small tensors a :class:`~fastradam.layout.FlatLayout`
-    is much cheaper per step.
+    is much cheaper per step. ``max_grad_norm`` and ``norm_type`` clip by the norm of all the
+    active tensors' gradients, as in :func:`fused_step` (which returns it).
     """
     lists = (params, grads, exp_avg, exp_avg_sq) + tuple(x for x in (master_params, param_remainders) if x is not None)
     if not all(isinstance(x, Sequence) for x in lists):
         raise TypeError("params, grads, exp_avg, exp_avg_sq (and master_params or param_remainders) must be "
                         "sequences of arrays")
-    StepPlan(list(params), list(grads), list(exp_avg), list(exp_avg_sq), groups=groups, group_index=group_index,
+    return StepPlan(list(params), list(grads), list(exp_avg), list(exp_avg_sq), groups=groups, group_index=group_index,
              master_params=None if master_params is None else list(master_params),
              param_remainders=None if param_remainders is None else list(param_remainders),
              stochastic_round_seed=stochastic_round_seed,
              check_finite=check_finite).step(steps=steps, has_grad=has_grad, grad_scale=grad_scale,
-                                             found_inf=found_inf)
+                                             found_inf=found_inf, max_grad_norm=max_grad_norm,
+                                             norm_type=norm_type)

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fastradam.backends import backend_for, is_device_array
+from fastradam.clipping import Clip, check_max_norm, check_norm_type
 from fastradam.layout import FlatLayout
 from fastradam.options import CheckedGroups, GroupOptions, check_flag, check_grad_scale, check_step, \
     non_negative
@@ -318,7 +319,7 @@ class StepPlan:
         lr = non_negative("lr", lr)
         return [dataclasses.replace(group, lr=lr) for group in checked]
 
-    def _ready(self, launch: Callable[[], None]) -> Callable[[], None]:
+    def _ready(self, launch: Callable[[], Any]) -> Callable[[], Any]:
         """``launch`` once every check of a step passed: new groups are kept, and the launch first
         does what the backend asks of a bound launch (follow torch's CUDA stream)."""
         if self._pending is not None:
@@ -328,14 +329,15 @@ class StepPlan:
         if order is None:
             return launch
 
-        def ordered() -> None:
+        def ordered() -> Any:
             order()
-            launch()
+            return launch()
         return ordered
 
     def step(self, step: Any = None, *, steps: Any = None, has_grad: Any = None, lr: Any = None,
              groups: Sequence[Mapping[str, Any]] | None = None, grads: Sequence[Any] | None = None,
-             lrs: Sequence[Any] | None = None, grad_scale: float = 1.0, found_inf: Any = None) -> None:
+             lrs: Sequence[Any] | None = None, grad_scale: float = 1.0, found_inf: Any = None,
+             max_grad_norm: float | None = None, norm_type: float = 2.0, grad_norm: Any = None) -> Any:
         """One RAdam step in place over the bound buffers (see :func:`fastradam.fused_step`).
 
         Flat buffers take ``step`` (an int, or on CUDA a 0-d device array: the capturable step);
@@ -345,24 +347,85 @@ class StepPlan:
         ``groups`` replaces the groups' options (re-checked only where they changed); a tensor
         list's ``grads`` replaces its gradients for this step (checked as at binding; ``None``
         where ``has_grad`` is False). Every check runs before any byte is written.
+
+        ``max_grad_norm`` clips the gradients by their global norm inside the step
+        (:mod:`fastradam.clipping`): a read-only pre-pass computes the norm of the unscaled active
+        gradients (``norm_type``: a p > 0 or inf), and the step multiplies each gradient by
+        ``min(1, max_grad_norm / (norm + 1e-6)) / grad_scale``; the norm is returned (a float; on CUDA
+        a 0-d float64 device array, never synchronised). ``grad_norm`` gives a norm computed
+        before (:meth:`grad_norm`, combined over plans or ranks): then no pre-pass runs. With
+        ``check_finite`` the norm is the finite check: a NaN/inf norm skips the step.
         """
-        self.prepare(step, steps=steps, has_grad=has_grad, lr=lr, groups=groups, grads=grads, lrs=lrs,
-                     grad_scale=grad_scale, found_inf=found_inf)()
+        return self.prepare(step, steps=steps, has_grad=has_grad, lr=lr, groups=groups, grads=grads, lrs=lrs,
+                            grad_scale=grad_scale, found_inf=found_inf, max_grad_norm=max_grad_norm,
+                            norm_type=norm_type, grad_norm=grad_norm)()
+
+    def grad_norm(self, norm_type: float = 2.0, *, has_grad: Any = None, grads: Sequence[Any] | None = None,
+                  grad_scale: float = 1.0) -> Any:
+        """The global norm of the unscaled active gradients (``grad / grad_scale``; ``has_grad`` and a
+        tensor list's ``grads`` as for :meth:`step`): the clipping pre-pass alone, nothing written.
+        A float on the host; on CUDA a 0-d float64 device array (no synchronisation). Pass it to
+        :meth:`step` as ``grad_norm=`` (after combining the norms of several plans or ranks,
+        :func:`fastradam.clipping.combine_norms`) to clip without a second read."""
+        clip = Clip(None, check_norm_type(norm_type), 1.0 / check_grad_scale(grad_scale))
+        if self.kind == "flat":
+            return self._prepare(1, None, None, None, None, None, None, grad_scale, None, clip)()
+        return self._prepare(None, np.ones(self.tensor_groups.size, dtype=np.int64), has_grad, None, None, grads, None,
+                             grad_scale, None, clip)()
+
+    def _clip(self, max_grad_norm: Any, norm_type: Any, grad_norm: Any, grad_scale: float) -> Clip | None:
+        """The checked clipping request of a step (None without ``max_grad_norm``)."""
+        if max_grad_norm is None and grad_norm is None and type(norm_type) is float and norm_type == 2.0:
+            return None  # the common step, without the checks below
+        norm_type = check_norm_type(norm_type)
+        if max_grad_norm is None:
+            if grad_norm is not None:
+                raise TypeError("grad_norm= is the norm to clip by: pass max_grad_norm= with it")
+            return None
+        max_norm = check_max_norm(max_grad_norm)
+        if grad_norm is not None:
+            grad_norm = self._check_grad_norm(grad_norm)
+        return Clip(max_norm, norm_type, 1.0 / grad_scale, grad_norm)
+
+    def _check_grad_norm(self, grad_norm: Any) -> Any:
+        """A given norm: a real number (or 0-d NumPy array) >= 0, NaN or inf; or a 0-d float device
+        array of the plan's backend, which reads it there."""
+        if isinstance(grad_norm, np.ndarray) and grad_norm.shape == ():
+            grad_norm = grad_norm.item()
+        if isinstance(grad_norm, numbers.Real) and not isinstance(grad_norm, (bool, np.bool_)):
+            value = float(grad_norm)
+            if value < 0.0:
+                raise ValueError(f"grad_norm must be >= 0 (or NaN/inf), got {value!r}")
+            return value
+        device = getattr(self.backend, "CAPTURABLE", False)
+        if not device or not is_device_array(grad_norm) or \
+                backend_for(("grad_norm",), (grad_norm,)).module_name != self.backend.__name__:
+            raise TypeError(f"grad_norm must be a real number{' or a 0-d device array' if device else ''}, "
+                            f"got {type(grad_norm).__name__}")
+        return self.backend.check_norm(grad_norm)
 
     def prepare(self, step: Any = None, *, steps: Any = None, has_grad: Any = None, lr: Any = None,
                 groups: Sequence[Mapping[str, Any]] | None = None, grads: Sequence[Any] | None = None,
-                lrs: Sequence[Any] | None = None, grad_scale: float = 1.0,
-                found_inf: Any = None) -> Callable[[], None]:
-        """Every check of :meth:`step` (same arguments), and the launch it would make, not yet made.
+                lrs: Sequence[Any] | None = None, grad_scale: float = 1.0, found_inf: Any = None,
+                max_grad_norm: float | None = None, norm_type: float = 2.0,
+                grad_norm: Any = None) -> Callable[[], Any]:
+        """Every check of :meth:`step` (same arguments), and the launch it would make, not yet made
+        (calling it returns what :meth:`step` returns).
 
         Callers that step several plans as one (the torch drop-in: one plan per device and dtype)
         prepare them all first, so a bad argument to the last leaves the first unwritten too.
         """
-        check_grad_scale(grad_scale)
+        grad_scale = check_grad_scale(grad_scale)
+        clip = self._clip(max_grad_norm, norm_type, grad_norm, grad_scale)
+        return self._prepare(step, steps, has_grad, lr, groups, grads, lrs, grad_scale, found_inf, clip)
+
+    def _prepare(self, step: Any, steps: Any, has_grad: Any, lr: Any, groups: Sequence[Mapping[str, Any]] | None,
+                 grads: Sequence[Any] | None, lrs: Sequence[Any] | None, grad_scale: float, found_inf: Any,
+                 clip: Clip | None) -> Callable[[], Any]:
         if self.kind == "flat":
             if steps is not None or has_grad is not None or grads is not None or lrs is not None:
                 raise TypeError("flat buffers take step= (and lr=), not steps=, has_grad=, grads= or lrs=")
-            return self._prepare_flat(step, lr, groups, grad_scale, found_inf)
+            return self._prepare_flat(step, lr, groups, grad_scale, found_inf, clip)
         if step is not None:
             raise TypeError(f"a {'layout' if self.kind == 'layout' else 'tensor list'} takes steps= (one per "
                             "tensor), not step=")
@@ -373,29 +436,31 @@ class StepPlan:
         active = self._all_active if has_grad is None else check_mask("has_grad", has_grad, count)
         all_active = active is self._all_active or bool(active.all())
         if self.kind == "layout" and self.backend.CAPTURABLE and is_device_array(steps):
-            return self._prepare_layout_capturable(steps, active, checked, lrs, grad_scale, found_inf)
+            return self._prepare_layout_capturable(steps, active, checked, lrs, grad_scale, found_inf, clip)
         if lrs is not None:
             raise TypeError("lrs= goes with device step counts (a capturable layout step); pass lr= or groups=")
         steps, first_step, last_step = check_steps("steps", steps, count, active, all_active)
         if self.kind == "tensors" and count == 0:
-            return self._ready(_nothing)
+            return self._ready(_nothing if clip is None else functools.partial(_no_norm, clip))
         if grads is None and self.kind == "tensors" and self.roles[1] is None:
             raise TypeError("this plan was bound without gradients: pass grads= at each step")
         fresh = None if grads is None else self._fresh_grads(grads, active)
         self._check_bound()
         found_inf = _check_found_inf(found_inf, self.backend)
         if last_step == 0:  # no tensor is active: nothing to read or write
-            return self._ready(_nothing)
+            return self._ready(_nothing if clip is None else functools.partial(_no_norm, clip))
         if first_step == last_step:  # every active tensor at one step (the common case): a row per group
             rows = [group_step_scalars(checked[g], first_step, self.round_seed) for g in self._group_ids]
             tensor_row = self._group_row if all_active else np.where(active, self._group_row, -1).astype(np.int32)
         else:
             rows, tensor_row = scalar_rows(checked, self.tensor_groups, steps, active, self.round_seed)
         floats, ints = pack_rows(rows, self.math_dtype, grad_scale)
+        extra = {} if clip is None else {"clip": clip}
         if self.kind == "layout":
-            return self._ready(functools.partial(self._launch, tensor_row, floats, ints, found_inf, self.check_finite))
+            return self._ready(functools.partial(self._launch, tensor_row, floats, ints, found_inf, self.check_finite,
+                                                 **extra))
         return self._ready(functools.partial(self._launch, tensor_row, floats, ints, found_inf, self.check_finite,
-                                             grads=fresh))
+                                             grads=fresh, **extra))
 
     def _fresh_grads(self, grads: Sequence[Any], active: np.ndarray) -> list[Any]:
         """New gradients for the bound tensors (``None`` where inactive), checked as at binding: one
@@ -453,8 +518,8 @@ class StepPlan:
         return self._written
 
     def _prepare_layout_capturable(self, steps: Any, active: np.ndarray, groups: list[GroupOptions],
-                                   lrs: Sequence[Any] | None, grad_scale: float,
-                                   found_inf: Any) -> Callable[[], None]:
+                                   lrs: Sequence[Any] | None, grad_scale: float, found_inf: Any,
+                                   clip: Clip | None) -> Callable[[], Any]:
         """A layout step whose step counts live on the device (CUDA, capturable): one launch reads them."""
         self._refuse_device_steps_with_stochastic_rounding()
         lrs = [group.lr for group in groups] if lrs is None else list(lrs)
@@ -468,9 +533,11 @@ class StepPlan:
         self.backend.capturable_lrs(lrs, segment_group, [r for r in (*self.roles, self.master) if r is not None])
         return self._ready(functools.partial(
             self.backend.radam_step_segments_capturable, *self.roles, self.layout.arrays, segment_group, steps, groups,
-            lrs, master=self.master, grad_scale=grad_scale, found_inf=found_inf, check_finite=self.check_finite))
+            lrs, master=self.master, grad_scale=grad_scale, found_inf=found_inf, check_finite=self.check_finite,
+            **({} if clip is None else {"clip": clip})))
 
-    def _prepare_flat(self, step: Any, lr: Any, groups: Any, grad_scale: float, found_inf: Any) -> Callable[[], None]:
+    def _prepare_flat(self, step: Any, lr: Any, groups: Any, grad_scale: float, found_inf: Any,
+                      clip: Clip | None) -> Callable[[], Any]:
         device_step = step is not None and not isinstance(step, numbers.Number)
         if not device_step:
             host_step = check_step(step)
@@ -479,9 +546,11 @@ class StepPlan:
             found_inf = _check_found_inf(found_inf, self.backend)
             scalars = group_step_scalars(group, host_step, self.round_seed)
 
-            def launch() -> None:
+            def launch() -> Any:
                 pack_row_into(self._floats, self._ints, scalars, grad_scale)
-                self._launch(self._floats, self._ints, found_inf, self.check_finite)
+                if clip is None:
+                    return self._launch(self._floats, self._ints, found_inf, self.check_finite)
+                return self._launch(self._floats, self._ints, found_inf, self.check_finite, clip=clip)
             return self._ready(launch)
         if not self.backend.CAPTURABLE:
             check_step(step)  # raises: a host backend takes only an int step
@@ -494,7 +563,8 @@ class StepPlan:
         found_inf = _check_found_inf(found_inf, self.backend)
         return self._ready(functools.partial(
             self.backend.radam_step_capturable, *self.roles, step, lr if device_lr else group.lr, group,
-            master=self.master, grad_scale=grad_scale, found_inf=found_inf, check_finite=self.check_finite))
+            master=self.master, grad_scale=grad_scale, found_inf=found_inf, check_finite=self.check_finite,
+            **({} if clip is None else {"clip": clip})))
 
     def _refuse_device_steps_with_stochastic_rounding(self) -> None:
         if self.round_seed is not None:
@@ -504,3 +574,8 @@ class StepPlan:
 
 def _nothing() -> None:
     """The launch of a step with nothing to do."""
+
+
+def _no_norm(clip: Clip) -> Any:
+    """The norm of a step with no active gradient: 0, or the norm it was given."""
+    return 0.0 if clip.norm is None else clip.norm

@@ -169,3 +169,136 @@ def stochastic_round_bfloat16(values: np.ndarray, bits: np.ndarray) -> np.ndarra
     rounded = ((words.astype(np.uint64) + bits) >> np.uint64(16)).astype(np.uint16)
     quiet_nan = ((words >> 16) & 0x8000 | 0x7FC0).astype(np.uint16)
     return np.where(np.isnan(values), quiet_nan, rounded)
+
+
+# --- gradient clipping by the global norm: the oracle's own statement of fastradam.clipping's rules ---
+
+def reference_grad_norm(grads: list[np.ndarray], norm_type: float = 2.0, grad_scale: float = 1.0) -> float:
+    """``torch.nn.utils.clip_grad_norm_``'s total norm of the unscaled gradients ``g / grad_scale``
+    (all of ``grads`` together), in float64: ``(sum |g|^p)^(1/p)``, or ``max |g|`` for inf (NaN
+    if any gradient is NaN)."""
+    flat = np.concatenate([np.asarray(g, dtype=np.float64).ravel() for g in grads]) / grad_scale
+    if flat.size == 0:
+        return 0.0
+    magnitudes = np.abs(flat)
+    if norm_type == math.inf:
+        return float(np.max(magnitudes))
+    return float(np.sum(magnitudes**norm_type) ** (1.0 / norm_type))
+
+
+def reference_clip_coefficient(norm: float, max_norm: float) -> float:
+    """torch's ``clamp(max_norm / (norm + 1e-6), max=1)``: NaN stays NaN."""
+    return float(np.minimum(max_norm / (norm + 1e-6), 1.0))
+
+
+# --- blockwise 8-bit and 4-bit moments (issue 16): the oracle's own statement of fastradam.quantization's rules ---
+# Only the formats (block, bits, the float32 code tables) come from fastradam.quantization; the code
+# choice is written here independently of its threshold search: the nearest code by distance.
+
+from typing import NamedTuple  # noqa: E402
+
+from fastradam.quantization import FormatLike, get_format  # noqa: E402
+
+
+def _float32_at_least(value: float) -> np.float32:
+    """The smallest float32 >= ``value`` (NaN stays NaN; beyond float32's range, inf)."""
+    with np.errstate(over="ignore"):
+        rounded = np.float32(value)
+    if float(rounded) < value:
+        rounded = np.nextafter(rounded, np.float32(np.inf))
+    return rounded
+
+
+def quantize_blockwise(values: np.ndarray, format: FormatLike, role: str) -> tuple[np.ndarray, np.ndarray]:
+    """One moment of one tensor (``values``, any float dtype, blocks from its start) in a block
+    format: ``(codes uint8, scales float32)``.
+
+    Per block of ``format.block`` elements (the last one partial): ``scale`` = the largest
+    ``|value|``, rounded up to float32 (NaN if the block holds a NaN); each element gets the code
+    ``c`` minimising ``|value - map[c] * scale|``, of the two at an exact tie the one with the larger
+    ``|map[c]|``; a block whose scale is 0, inf or NaN gets the code nearest 0 throughout. 4-bit
+    codes are packed two per byte, the even element in the high nibble, a 0 nibble after an odd
+    last element.
+    """
+    fmt = get_format(format)
+    table = np.asarray(fmt.code_map(role).values, dtype=np.float64)
+    magnitudes = np.abs(table)
+    x = np.asarray(values, dtype=np.float64).ravel()
+    n, block = x.size, fmt.block
+    n_blocks = -(-n // block)
+    codes = np.empty(n, dtype=np.uint8)
+    scales = np.empty(n_blocks, dtype=np.float32)
+    for b in range(n_blocks):
+        part = slice(b * block, min(n, (b + 1) * block))
+        absmax = np.max(np.abs(x[part]))  # NaN if the block holds one
+        scale = _float32_at_least(absmax)
+        scales[b] = scale
+        if not 0 < scale < np.inf:
+            codes[part] = np.argmin(magnitudes)
+            continue
+        distance = np.abs(x[part, None] - table[None, :] * float(scale))  # the products are exact
+        nearest = distance == distance.min(axis=1, keepdims=True)
+        codes[part] = np.argmax(np.where(nearest, magnitudes, -1.0), axis=1)
+    if fmt.codes_per_byte == 2:
+        padded = np.zeros(2 * (-(-n // 2)), dtype=np.uint8)
+        padded[:n] = codes
+        codes = (padded[0::2] << 4) | padded[1::2]
+    return codes.astype(np.uint8), scales
+
+
+def dequantize_blockwise(codes: np.ndarray, scales: np.ndarray, format: FormatLike, role: str,
+                         n: int | None = None) -> np.ndarray:
+    """The float64 values ``map[code] * scale`` of ``n`` elements (default: every code) stored as
+    ``codes`` and ``scales`` in a block format (exact: both factors are float32)."""
+    fmt = get_format(format)
+    table = np.asarray(fmt.code_map(role).values, dtype=np.float64)
+    codes = np.asarray(codes, dtype=np.uint8).ravel()
+    if fmt.codes_per_byte == 2:
+        codes = np.stack([codes >> 4, codes & 0x0F], axis=1).ravel()
+    n = codes.size if n is None else int(n)
+    per_element = np.repeat(np.asarray(scales, dtype=np.float64), fmt.block)[:n]
+    return table[codes[:n]] * per_element
+
+
+class QuantizedStep(NamedTuple):
+    """The result of :func:`reference_step_quantized`: the new float64 params, both moments'
+    codes and scales, and the float64 moments before they were requantised."""
+
+    params: np.ndarray
+    exp_avg_codes: np.ndarray
+    exp_avg_scales: np.ndarray
+    exp_avg_sq_codes: np.ndarray
+    exp_avg_sq_scales: np.ndarray
+    exp_avg: np.ndarray
+    exp_avg_sq: np.ndarray
+
+
+def reference_step_quantized(
+    params: np.ndarray,
+    grads: np.ndarray,
+    exp_avg_codes: np.ndarray,
+    exp_avg_scales: np.ndarray,
+    exp_avg_sq_codes: np.ndarray,
+    exp_avg_sq_scales: np.ndarray,
+    *,
+    format: FormatLike,
+    step: int,
+    **options,
+) -> QuantizedStep:
+    """One RAdam step of a tensor whose moments are stored in a block format, in float64.
+
+    Per block, in order: dequantise the block's m and v (:func:`dequantize_blockwise`), do the
+    step (:func:`reference_step` with ``step`` and ``options``), take the new absmax of m and of v
+    over the block, requantise both (:func:`quantize_blockwise`). Every stage but the absmax is
+    element-wise, so the whole tensor is done stage by stage here. v (and m) are updated and
+    requantised on every step, below the rectification threshold too, whatever the flavour does
+    with the params there.
+    """
+    fmt = get_format(format)
+    n = np.asarray(params).size
+    m = dequantize_blockwise(exp_avg_codes, exp_avg_scales, fmt, "exp_avg", n)
+    v = dequantize_blockwise(exp_avg_sq_codes, exp_avg_sq_scales, fmt, "exp_avg_sq", n)
+    p, m, v = reference_step(np.asarray(params).ravel(), np.asarray(grads).ravel(), m, v, step=step, **options)
+    m_codes, m_scales = quantize_blockwise(m, fmt, "exp_avg")
+    v_codes, v_scales = quantize_blockwise(v, fmt, "exp_avg_sq")
+    return QuantizedStep(p, m_codes, m_scales, v_codes, v_scales, m, v)

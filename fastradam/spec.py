@@ -71,6 +71,11 @@ GROUP_INTS = tuple(f.name for f in GROUP_ROW if f.kind == "int")
 #: The three element updates, chosen per step (and per segment) on the host.
 MODES = {"momentum": 0, "rectified": 1, "hold": 2}
 
+#: The norm pre-pass's cases of ``norm_type`` (:mod:`fastradam.clipping`): 2, 1, inf, any other p > 0.
+NORM_CODES = {"two": 0, "one": 1, "inf": 2, "power": 3}
+#: torch's ``clip_grad_norm_`` adds this to the norm before dividing (``kNormEps`` in the header).
+NORM_EPS = 1e-6
+
 #: Type codes of the 0-d (or 1-D) device values the kernels read: a step count, an lr, a flag.
 VALUE_CODES = {"no_value": 0, "int8": 1, "int32": 2, "int64": 3, "float32": 4, "float64": 5}
 #: The value code of each NumPy dtype a device value may have (one byte types read as int8).

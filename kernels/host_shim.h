@@ -4,6 +4,8 @@
 // It defines the CUDA qualifiers away, provides threadIdx/blockIdx/blockDim/gridDim as globals,
 // counts vector and scalar element updates through radam.cu's hooks, and launches a kernel by
 // running every (block, thread) pair in turn (the kernels never synchronise, so that is exact).
+// The norm pre-pass's atomicAdd and __threadfence are plain on one thread: the last thread of a
+// block to arrive is its last, the last block the grid's.
 #pragma once
 
 #include <cmath>
@@ -13,6 +15,7 @@
 #define __host__
 #define __forceinline__ inline
 
+using std::fabs;
 using std::pow;
 using std::sqrt;
 
@@ -20,6 +23,15 @@ struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+//! CUDA's atomicAdd on an unsigned int: returns the old value (one thread runs at a time).
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+    const unsigned old = *address;
+    *address = old + value;
+    return old;
+}
+//! Orders memory accesses across the device: nothing to order on one thread.
+inline void __threadfence() {}
 
 //! Elements updated through 16-byte packs and one at a time since the last reset.
 struct ElementCounts {

@@ -297,6 +297,33 @@ __host__ __device__ __forceinline__ bool is_finite(double x) {
 __host__ __device__ __forceinline__ bool is_finite(bfloat16_t x) { return (x.bits & 0x7F80u) != 0x7F80u; }
 __host__ __device__ __forceinline__ bool is_finite(float16_t x) { return (x.bits & 0x7C00u) != 0x7C00u; }
 
+// --- Gradient clipping by the global norm (fastradam/clipping.py states the rules) ---------------
+
+//! The norm of the unscaled gradients from the pre-pass's total (sum |g|^p, or max |g| for
+//! kNormInf) of the scaled ones, as fastradam.clipping.finish_norm computes it: the total's p-th
+//! root (sqrt for kNormTwo, the total itself for kNormOne, pow(total, 1/p) else; none for
+//! kNormInf), times inv_grad_scale.
+__host__ __device__ __forceinline__ double norm_of_total(double total, int code, double power,
+                                                         double inv_grad_scale) {
+    if (code == kNormInf) return total * inv_grad_scale;
+    const double root = code == kNormTwo ? sqrt(total) : code == kNormOne ? total : pow(total, 1.0 / power);
+    return root * inv_grad_scale;
+}
+
+//! torch's clip coefficient min(1, max_norm / (norm + 1e-6)), NaN for a NaN norm (torch.clamp keeps
+//! NaN), 0 for an infinite one (fastradam.clipping.clip_coefficient).
+__host__ __device__ __forceinline__ double clip_coefficient(double norm, double max_norm) {
+    const double coefficient = max_norm / (norm + kNormEps);
+    return coefficient >= 1.0 ? 1.0 : coefficient;
+}
+
+//! Two partial norms combined: their sum, or for kNormInf their max with NaN kept (a NaN on either
+//! side is the result).
+__host__ __device__ __forceinline__ double combine_norms(int code, double a, double b) {
+    if (code != kNormInf) return a + b;
+    return b > a || b != b ? b : a;
+}
+
 //! The scalars of step `step` (1-based) for one group, in float64: fastradam.scalars.step_scalars
 //! on the device, operation for operation.
 //!

@@ -84,7 +84,7 @@ void stochastic_round(const float* in, const long long* index, int key_lo, int k
 }
 
 // Every update kernel of every storage combination (generated/abi.cuh's lists: the capturable
-// ones for every storage but stochastic rounding) and every check_finite pre-pass, as
+// ones for every storage but stochastic rounding) and every gradient pre-pass, as
 // launch_<kernel>_<suffix>(grid, block, args): args[i] points at the value of the kernel's parameter i, as cuLaunchKernel's kernelParams do, packed by the CUDA
 // backend's own argument builders (fastradam/backends/cuda/launch.py).
 #define FASTRADAM_LAUNCHERS(SUFFIX, P, G, MO, K)                                                              \
@@ -108,16 +108,23 @@ FASTRADAM_FOR_EACH_STORAGE(FASTRADAM_LAUNCHERS)
     }
 FASTRADAM_FOR_EACH_CAPTURABLE_STORAGE(FASTRADAM_CAPTURABLE_LAUNCHERS)
 
-#define FASTRADAM_FINITE_LAUNCHERS(SUFFIX, G)                                                                  \
-    void launch_nonfinite_flat_##SUFFIX(unsigned grid, unsigned block, void* const* args) {                  \
-        launch_packed(grid, block, fastradam::nonfinite_flat<G>, args);                                      \
+#define FASTRADAM_PREPASS_LAUNCHERS(SUFFIX, G)                                                                 \
+    void launch_prepass_flat_##SUFFIX(unsigned grid, unsigned block, void* const* args) {                    \
+        launch_packed(grid, block, fastradam::prepass_flat<G>, args);                                        \
     }                                                                                                          \
-    void launch_nonfinite_segments_##SUFFIX(unsigned grid, unsigned block, void* const* args) {              \
-        launch_packed(grid, block, fastradam::nonfinite_segments<G>, args);                                  \
+    void launch_prepass_segments_##SUFFIX(unsigned grid, unsigned block, void* const* args) {                \
+        launch_packed(grid, block, fastradam::prepass_segments<G>, args);                                    \
     }                                                                                                          \
-    void launch_nonfinite_tensors_##SUFFIX(unsigned grid, unsigned block, void* const* args) {               \
-        launch_packed(grid, block, fastradam::nonfinite_tensors<G>, args);                                   \
+    void launch_prepass_tensors_##SUFFIX(unsigned grid, unsigned block, void* const* args) {                 \
+        launch_packed(grid, block, fastradam::prepass_tensors<G>, args);                                     \
     }
-FASTRADAM_FOR_EACH_FORMAT(FASTRADAM_FINITE_LAUNCHERS)
+FASTRADAM_FOR_EACH_FORMAT(FASTRADAM_PREPASS_LAUNCHERS)
+
+//! The clipping rules of radam.cuh, one value at a time (checked against fastradam.clipping).
+double clip_coefficient(double norm, double max_norm) { return fastradam::clip_coefficient(norm, max_norm); }
+double norm_of_total(double total, int code, double power, double inv_grad_scale) {
+    return fastradam::norm_of_total(total, code, power, inv_grad_scale);
+}
+double combine_norms(int code, double a, double b) { return fastradam::combine_norms(code, a, b); }
 
 }  // extern "C"

@@ -10,6 +10,7 @@ builders (``fastradam.layout.tiles``, ``pack_tables``), so those are checked too
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -21,8 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from fastradam.backends.cuda import TILE, launch
+from fastradam.backends.cuda import module as cuda_module
 from fastradam.backends.cuda.tables import pack_tables, table_views
 from fastradam.layout import index_shifts
+from fastradam.clipping import Clip
 from fastradam.flavours import PRESETS, Flavour, resolve_flavour
 from fastradam.layout import FlatLayout, tiles
 from fastradam.options import check_group
@@ -107,6 +110,20 @@ def _flag(found_inf: np.ndarray | None) -> launch.Value:
     return found_inf, np.int32(DTYPE_CODES[found_inf.dtype])
 
 
+class NormScratch:
+    """The clipping pre-pass's memory for a grid of ``grid`` blocks of ``block`` threads (T), as
+    ``prepass.NormScratch`` holds it on a device: 2 T float64 values, a partial per thread then the
+    levels of the reduction tree (NaN: a read of an unwritten one shows), T uint32 arrival counters
+    (zero), and the outputs (NaN, -1: unwritten): the norm, the factor and the update's flag."""
+
+    def __init__(self, grid: int, block: int) -> None:
+        self.partials = np.full(2 * grid * block, np.nan)
+        self.counters = np.zeros(grid * block, dtype=np.uint32)
+        self.norm = np.full((), np.nan)
+        self.factor = np.full((), np.nan)
+        self.flag = np.full((), -1, dtype=np.int32)
+
+
 def _tables(*tables: np.ndarray) -> list[np.ndarray]:
     """``tables`` packed into one buffer and viewed back, as the backend uploads them (the host bytes here)."""
     packed, offsets = pack_tables(*tables)
@@ -120,8 +137,10 @@ class Harness:
     (fp32 master weights beside 16-bit params, or int16 remainders beside bfloat16 params; in a
     tensor list, the fifth array of each tensor), ``stochastic`` (bfloat16 params rounded
     stochastically; not the capturable kernels), ``found_inf`` (a 0-d host array read by the
-    kernel, as a device flag would be) and ``check_finite`` (the read-only pre-pass first, its
-    flag then skipping the update), as the CUDA backend launches them."""
+    kernel, as a device flag would be), ``check_finite`` (the read-only pre-pass first, its
+    flag then skipping the update) and ``clip`` (:class:`fastradam.clipping.Clip`: the clipping
+    pre-pass first, its factor and flag then read by the update; the step returns the norm), as the
+    CUDA backend launches them."""
 
     lib: ctypes.CDLL
 
@@ -136,33 +155,64 @@ class Harness:
         packed, _alive = _packed(arguments)
         getattr(self.lib, f"launch_{kernel}_{suffix}")(ctypes.c_uint(grid), ctypes.c_uint(block), packed)
 
-    def _skip(self, kind: str, grads_storage: str, found_inf, check_finite: bool, grid: int, block: int,
-              arguments) -> launch.Value:
-        """The update's ``skip, skip_code``: found_inf, or the check_finite pre-pass's flag
-        (``arguments(skip, flag)`` builds the pre-pass's argument list)."""
+    def _gate(self, kind: str, grads_storage: str, found_inf, check_finite: bool, grid: int, block: int,
+              arguments, clip: Clip | None = None, norm_launch: tuple[int, int] | None = None,
+              work: int = 0) -> tuple[launch.Value | None, np.ndarray | None, np.ndarray | None]:
+        """The update's ``skip, skip_code`` (None: no update), device factor (None: the tables') and
+        norm (None without ``clip``), as ``fastradam.backends.cuda.prepass.gate`` makes them: found_inf,
+        or the check_finite pre-pass's flag, or the clipping pre-pass (``arguments(skip, flag, norm)``
+        builds the pre-pass's argument list; ``norm_launch`` its (grid, block), by default the backend's:
+        ``norm_grid`` of ``work`` elements for "flat", ``norm_tile_grid`` of ``work`` tiles else, and
+        BLOCK). The clipping pre-pass's scratch stays in ``self.scratch`` (its counters must be left zero)."""
         skip = _flag(found_inf)
-        if not check_finite:
-            return skip
-        self.flag = np.zeros((), dtype=np.int32)
-        self.launch(f"nonfinite_{kind}", FORMATS[grads_storage].short, grid, block, arguments(skip, self.flag))
-        return self.flag, np.int32(DTYPE_CODES[self.flag.dtype])
+        suffix = FORMATS[grads_storage].short
+        if clip is None:
+            if not check_finite:
+                return skip, None, None
+            self.flag = np.zeros((), dtype=np.int32)
+            self.launch(f"prepass_{kind}", suffix, grid, block, arguments(skip, self.flag))
+            return (self.flag, np.int32(DTYPE_CODES[self.flag.dtype])), None, None
+        if norm_launch is None:
+            lanes = 16 // FORMATS[grads_storage].itemsize
+            norm_launch = (cuda_module.norm_grid(work, lanes) if kind == "flat" else cuda_module.norm_tile_grid(work),
+                           cuda_module.BLOCK)
+        norm_grid, norm_block = norm_launch
+        self.scratch = scratch = NormScratch(norm_grid, norm_block)
+        if clip.norm is None:
+            request = launch.norm_request(clip, partials=scratch.partials, counters=scratch.counters,
+                                          norm=scratch.norm, factor=scratch.factor, check_finite=check_finite)
+            self.launch(f"prepass_{kind}", suffix, norm_grid, norm_block, arguments(skip, scratch.flag, request))
+        else:
+            given = clip.norm if isinstance(clip.norm, np.ndarray) else np.array(float(clip.norm))
+            request = launch.norm_request(clip, given=launch.given_norm(given), norm=scratch.norm,
+                                          factor=scratch.factor, check_finite=check_finite)
+            self.launch("prepass_flat", suffix, 1, 1, launch.prepass_flat(None, 0, skip, scratch.flag, request))
+        if clip.max_norm is None:
+            return None, None, scratch.norm
+        return (scratch.flag, np.int32(DTYPE_CODES[scratch.flag.dtype])), scratch.factor, scratch.norm
 
     def step(self, buffers: tuple[np.ndarray, ...], floats: np.ndarray, ints: np.ndarray, grid: int,
              block: int, *, master: np.ndarray | None = None, stochastic: bool = False,
-             found_inf: np.ndarray | None = None, check_finite: bool = False) -> None:
-        """Run ``radam_step<P, G, Mo, K>`` with row 0 of the host tables (``pack_rows``) as its record."""
+             found_inf: np.ndarray | None = None, check_finite: bool = False, clip: Clip | None = None,
+             norm_launch: tuple[int, int] | None = None) -> float | None:
+        """Run ``radam_step<P, G, Mo, K>`` with row 0 of the host tables (``pack_rows``) as its record;
+        with ``clip``, after the clipping pre-pass, returning its norm."""
         p, g, m, v = buffers
         storage = storage_of(p, g, m, master, stochastic)
         scalars = launch.scalars_record(np.asarray(floats, dtype=storage.math_dtype), np.asarray(ints, np.int32))
         self.lib.reset_counts()
-        skip = self._skip("flat", storage.grads, found_inf, check_finite, grid, block,
-                          lambda skip, flag: launch.nonfinite_flat(g, g.size, skip, flag))
-        self.launch("radam_step", storage.short, grid, block, launch.step(buffers, master, p.size, scalars, skip))
+        skip, factor, norm = self._gate("flat", storage.grads, found_inf, check_finite, grid, block,
+                                        functools.partial(launch.prepass_flat, g, g.size), clip, norm_launch, g.size)
+        if skip is not None:
+            self.launch("radam_step", storage.short, grid, block,
+                        launch.step(buffers, master, p.size, scalars, skip, factor))
+        return None if norm is None else float(norm)
 
     def step_segments(self, buffers: tuple[np.ndarray, ...], segments, segment_row: np.ndarray,
                       floats: np.ndarray, ints: np.ndarray, grid: int, block: int, *,
                       master: np.ndarray | None = None, stochastic: bool = False,
-                      found_inf: np.ndarray | None = None, check_finite: bool = False) -> None:
+                      found_inf: np.ndarray | None = None, check_finite: bool = False, clip: Clip | None = None,
+                      norm_launch: tuple[int, int] | None = None) -> float | None:
         """Run ``radam_step_segments`` over ``segments`` (a ``SegmentArrays``), tables as the backend makes them."""
         p, g, m, v = buffers
         storage = storage_of(p, g, m, master, stochastic)
@@ -172,15 +222,19 @@ class Harness:
             np.asarray(ints, np.int32), *((index_shifts(segments.offsets, segments.sizes),) if stochastic else ()))
         n_tiles = table.shape[0]
         self.lib.reset_counts()
-        skip = self._skip("segments", storage.grads, found_inf, check_finite, grid, block,
-                          lambda skip, flag: launch.nonfinite_segments(g, tiles_t, n_tiles, rows, skip, flag))
-        self.launch("radam_step_segments", storage.short, grid, block,
-                    launch.segments(buffers, master, tiles_t, n_tiles, rows, floats_t, ints_t,
-                                    shifts[0] if shifts else None, skip))
+        skip, factor, norm = self._gate("segments", storage.grads, found_inf, check_finite, grid, block,
+                                        functools.partial(launch.prepass_segments, g, tiles_t, n_tiles, rows), clip,
+                                        norm_launch, n_tiles)
+        if skip is not None:
+            self.launch("radam_step_segments", storage.short, grid, block,
+                        launch.segments(buffers, master, tiles_t, n_tiles, rows, floats_t, ints_t,
+                                        shifts[0] if shifts else None, skip, factor))
+        return None if norm is None else float(norm)
 
     def step_tensors(self, tensors: list[tuple[np.ndarray, ...]], tensor_row: np.ndarray, floats: np.ndarray,
                      ints: np.ndarray, grid: int, block: int, *, stochastic: bool = False,
-                     found_inf: np.ndarray | None = None, check_finite: bool = False) -> None:
+                     found_inf: np.ndarray | None = None, check_finite: bool = False, clip: Clip | None = None,
+                     norm_launch: tuple[int, int] | None = None) -> float | None:
         """Run ``radam_step_tensors`` over separate (p, g, m, v[, master or remainders]) arrays through a
         pointer table."""
         columns = len(tensors[0])
@@ -194,17 +248,21 @@ class Harness:
             np.asarray(ints, np.int32), *((index_shifts(np.zeros_like(sizes), sizes),) if stochastic else ()))
         n_tiles = table.shape[0]
         self.lib.reset_counts()
-        skip = self._skip("tensors", storage.grads, found_inf, check_finite, grid, block,
-                          lambda skip, flag: launch.nonfinite_tensors(pointers_t, columns, tiles_t, n_tiles, rows,
-                                                                      skip, flag))
-        self.launch("radam_step_tensors", storage.short, grid, block,
-                    launch.tensors(pointers_t, tiles_t, n_tiles, rows, floats_t, ints_t, shifts[0] if shifts else None,
-                                   skip))
+        skip, factor, norm = self._gate(
+            "tensors", storage.grads, found_inf, check_finite, grid, block,
+            functools.partial(launch.prepass_tensors, pointers_t, columns, tiles_t, n_tiles, rows), clip,
+            norm_launch, n_tiles)
+        if skip is not None:
+            self.launch("radam_step_tensors", storage.short, grid, block,
+                        launch.tensors(pointers_t, tiles_t, n_tiles, rows, floats_t, ints_t,
+                                       shifts[0] if shifts else None, skip, factor))
+        return None if norm is None else float(norm)
 
     def step_segments_capturable(self, buffers: tuple[np.ndarray, ...], segments, segment_group: np.ndarray,
                                  steps: np.ndarray, groups: list, lrs: list, grid: int, block: int, *,
                                  master: np.ndarray | None = None, grad_scale: float = 1.0,
-                                 found_inf: np.ndarray | None = None) -> None:
+                                 found_inf: np.ndarray | None = None, check_finite: bool = False,
+                                 clip: Clip | None = None) -> float | None:
         """Run ``radam_step_segments_capturable``: each segment's step count (``steps``) and group row
         read by the kernel; ``lrs[k]`` a float or a 0-d array read through its address."""
         p, g, m, v = buffers
@@ -214,18 +272,25 @@ class Harness:
         table = tiles(segments.offsets, segments.sizes, TILE)
         tiles_t, rows, floats_t, ints_t, pointers_t = _tables(table, np.asarray(segment_group, np.int32), floats,
                                                               ints, pointers)
+        n_tiles = table.shape[0]
         self.lib.reset_counts()
-        self.launch("radam_step_segments_capturable", storage.short, grid, block,
-                    launch.segments_capturable(buffers, master, tiles_t, table.shape[0], rows,
-                                               (steps, np.int32(DTYPE_CODES[steps.dtype])), floats_t, ints_t,
-                                               pointers_t, _flag(found_inf)))
+        skip, factor, norm = self._gate("segments", storage.grads, found_inf, check_finite, grid, block,
+                                        functools.partial(launch.prepass_segments, g, tiles_t, n_tiles, rows), clip,
+                                        None, n_tiles)
+        if skip is not None:
+            self.launch("radam_step_segments_capturable", storage.short, grid, block,
+                        launch.segments_capturable(buffers, master, tiles_t, n_tiles, rows,
+                                                   (steps, np.int32(DTYPE_CODES[steps.dtype])), floats_t, ints_t,
+                                                   pointers_t, skip, factor))
+        return None if norm is None else float(norm)
 
     def step_capturable(self, buffers: tuple[np.ndarray, ...], step: np.ndarray, lr: float | np.ndarray, *,
                         beta1: float, beta2: float, eps: float, weight_decay: float,
                         decoupled_weight_decay: bool, maximize: bool, grid: int, block: int,
                         flavour: Flavour = PRESETS["torch"], eps_root: float = 0.0,
                         master: np.ndarray | None = None, grad_scale: float = 1.0,
-                        found_inf: np.ndarray | None = None, check_finite: bool = False) -> None:
+                        found_inf: np.ndarray | None = None, check_finite: bool = False,
+                        clip: Clip | None = None) -> float | None:
         """Run ``radam_step_capturable``: ``step`` (and an array ``lr``) read through pointers and type codes."""
         p, g, m, v = buffers
         storage = storage_of(p, g, m, master)
@@ -233,11 +298,13 @@ class Harness:
         lr_ref = (lr.ctypes.data, DTYPE_CODES[lr.dtype]) if isinstance(lr, np.ndarray) else lr
         record, lr_address = launch.group_record(group, lr_ref, grad_scale)
         self.lib.reset_counts()
-        skip = self._skip("flat", storage.grads, found_inf, check_finite, grid, block,
-                          lambda skip, flag: launch.nonfinite_flat(g, g.size, skip, flag))
-        self.launch("radam_step_capturable", storage.short, grid, block,
-                    launch.capturable(buffers, master, p.size, (step, np.int32(DTYPE_CODES[step.dtype])),
-                                      lr_address, record, skip))
+        skip, factor, norm = self._gate("flat", storage.grads, found_inf, check_finite, grid, block,
+                                        functools.partial(launch.prepass_flat, g, g.size), clip, None, g.size)
+        if skip is not None:
+            self.launch("radam_step_capturable", storage.short, grid, block,
+                        launch.capturable(buffers, master, p.size, (step, np.int32(DTYPE_CODES[step.dtype])),
+                                          lr_address, record, skip, factor))
+        return None if norm is None else float(norm)
 
     def step_scalars(self, *, step: float, lr: float, beta1: float, beta2: float, eps: float,
                      weight_decay: float, decoupled_weight_decay: bool, maximize: bool,

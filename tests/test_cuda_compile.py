@@ -60,7 +60,8 @@ def test_source_compiles_every_instantiation_without_warnings(source_name, arch)
 
 def test_backend_instantiates_every_storage_combination():
     # flat, segments, tensors, capturable and capturable-segments kernels per storage combination (no capturable
-    # ones under stochastic rounding), plus the three check_finite pre-passes per gradient storage
+    # ones under stochastic rounding), plus the three gradient pre-passes (check_finite, clipping norm) per
+    # gradient storage
     assert len(cuda.STORAGE_COMBINATIONS) == 43
     stochastic = sum(storage.stochastic for storage in cuda.STORAGE_COMBINATIONS)
     assert stochastic == 6
@@ -86,23 +87,47 @@ def test_cuda_headers_come_from_the_pip_runtime_wheel_or_a_toolkit():
 
 
 VECTOR_OPS = re.compile(r"\b(?:ld|st)\.global(?:\.nc)?\.v(\d)\.(?:f32|u32|b32|f64|u64|b64)\b")
+#: What the CPU harness cannot run: it runs every (block, thread) pair in turn, so no kernel may wait for another thread.
+SYNCHRONISING_OPS = re.compile(r"\b(?:bar|barrier)\.\w+|\b(?:shfl|vote|match|redux)\.|\bnanosleep\b")
 
 
-def test_step_kernels_use_16_byte_vectors_and_no_fma():
+#: The start of a top-level PTX definition: a kernel (.entry) or a device function (.func, e.g. the
+#: math library's pow, whose own fused multiply-adds are its rounding, not a contraction).
+DEFINITION = re.compile(r"(?m)^[ \t]*(?:\.(?:visible|weak|extern)[ \t]+)*\.(entry|func)[ \t]+(?:\([^)]*\)[ \t]*)?([\w$]+)")
+
+
+def ptx_entries(ptx: str) -> dict[str, str]:
+    """Each kernel's own PTX text (up to the next top-level definition), by its lowered name."""
+    starts = [(m.start(), m.group(1), m.group(2)) for m in DEFINITION.finditer(ptx)]
+    ends = [start for start, _, _ in starts[1:]] + [len(ptx)]
+    return {name: ptx[start:end] for (start, kind, name), end in zip(starts, ends) if kind == "entry"}
+
+
+def test_kernels_use_16_byte_vectors_no_fma_and_never_synchronise():
     """Every update kernel of every storage combination moves 16-byte vectors (v4 of 32-bit or
-    v2 of 64-bit words) for loads and stores, and contracts no multiply-add (one PTX build of
-    them all; the PTX is the same for both architectures)."""
-    names = [cuda.kernel_name(kind, storage) for storage in cuda.STORAGE_COMBINATIONS
-             for kind in ("step", "segments", "tensors")]
-    ptx, lowered = compile_program(cuda.KERNEL_FILE, "sm_90", names, ptx=True)
-    entries = {}
-    for chunk in ptx.decode().split(".entry ")[1:]:
-        entries[chunk.split("(", 1)[0].strip()] = chunk
-    for name in names:
+    v2 of 64-bit words) for loads and stores, and every gradient pre-pass for its loads; none
+    contracts a multiply-add or synchronises (no barrier, shuffle or vote: the CPU harness runs
+    threads one after another); the pre-passes gather the clipping norm through atomic arrival
+    counters behind memory fences, their reduction tree's loads unrolled into registers (no local
+    memory) (one PTX build of them all; the PTX is the same for both architectures)."""
+    updates = [cuda.kernel_name(kind, storage) for storage in cuda.STORAGE_COMBINATIONS
+               for kind in ("step", "segments", "tensors")]
+    prepasses = sorted({cuda.kernel_name(kind, storage) for storage in cuda.STORAGE_COMBINATIONS
+                        for kind in cuda.PREPASS_KERNELS})
+    assert len(prepasses) == 3 * len(cuda.STORAGE_TYPES)
+    ptx, lowered = compile_program(cuda.KERNEL_FILE, "sm_90", updates + prepasses, ptx=True)
+    entries = ptx_entries(ptx.decode())
+    for name in updates + prepasses:
         text = entries[lowered[name]]
         ops = [m.group(0) for m in VECTOR_OPS.finditer(text)]
-        assert any(op.startswith("ld.") for op in ops) and any(op.startswith("st.") for op in ops), (name, ops)
+        assert any(op.startswith("ld.") for op in ops), (name, ops)
+        assert name in prepasses or any(op.startswith("st.") for op in ops), (name, ops)
         assert "fma." not in text, f"{name}: --fmad=false must keep multiply-adds uncontracted"
+        assert not SYNCHRONISING_OPS.search(text), f"{name} synchronises: {SYNCHRONISING_OPS.search(text).group(0)}"
+    for name in prepasses:
+        text = entries[lowered[name]]
+        assert "atom.global.add.u32" in text and "membar.gl" in text and "ld.volatile.global.f64" in text, name
+        assert not re.search(r"\b(?:ld|st)\.local\b", text), f"{name}: the tree's loads must stay in registers"
 
 
 def test_kernel_source_carries_the_header_hash():

@@ -17,6 +17,7 @@ import fastradam
 from cuda_harness import MultiCase, bits, capturable_step
 from fastradam.flavours import PRESETS
 from fastradam.layout import FlatLayout
+from fastradam.reference import reference_grad_norm
 from oracle_check import assert_matches_oracle
 
 pytestmark = pytest.mark.gpu
@@ -354,3 +355,142 @@ def test_multi_tensor_kernels_equal_the_flat_kernel(cp, backend):
     for other in (segment, tensor):
         for got, want in zip(written(other), written(flat)):
             np.testing.assert_array_equal(got, want)
+
+
+# --- Gradient clipping (fastradam.clipping), through the real launches, against the Numba backend ----------
+
+NORM_TYPES = (2.0, 1.0, float("inf"), 3.0)
+
+
+#: The options of the clipped steps (step 9: rectified).
+CLIP_OPTIONS = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, decoupled_weight_decay=True)
+
+
+def clip_hyper(step: int = 9) -> dict:
+    return dict(CLIP_OPTIONS, step=step)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", (1, 4099, 2**20 + 3))
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=str)
+def test_clipped_step_matches_the_numba_backend(cp, dtype, n, norm_type):
+    """The device norm (a 0-d float64 array, no synchronisation) equals the Numba backend's to float64
+    rounding; given that norm, the Numba step has the very bits of the device's."""
+    host = host_buffers(np.random.default_rng([n, int(min(norm_type, 9))]), dtype, n)
+    host = (host[0], 8.0 * host[1], host[2], host[3])
+    buffers = device_buffers(cp, host, 1)
+    options = dict(clip_hyper(), grad_scale=8.0, norm_type=norm_type)
+    norm = fastradam.fused_step(*buffers, max_grad_norm=0.5, **options)
+    assert isinstance(norm, cp.ndarray) and norm.shape == () and norm.dtype == cp.float64
+    ours = [b.copy() for b in host]
+    theirs = [b.copy() for b in host]
+    assert float(norm) == pytest.approx(fastradam.fused_step(*ours, max_grad_norm=0.5, **options), rel=1e-12)
+    fastradam.StepPlan(*theirs, **CLIP_OPTIONS).step(9, grad_scale=8.0, max_grad_norm=0.5, norm_type=norm_type,
+                                                     grad_norm=float(norm))
+    for got, want in zip((b.get() for b in buffers), theirs):
+        np.testing.assert_array_equal(bits(got), bits(want))
+
+
+def test_clipped_layout_and_tensor_list_match_the_numba_backend(cp):
+    case = MultiCase(PRESETS["torch"])
+    layout = FlatLayout([(n,) for n in case.sizes])  # one group
+    host = [np.nan_to_num(x, nan=0.25).astype(np.float32) for x in case.flat_values(layout)]
+    has_grad = case.index_row >= 0
+    steps = np.full(len(case.sizes), 9)
+    device = [cp.asarray(x) for x in host]
+    norm = fastradam.fused_step_layout(layout, *device, steps=steps, has_grad=has_grad, max_grad_norm=1.0,
+                                       norm_type=3.0)
+    theirs = [x.copy() for x in host]
+    fastradam.StepPlan(*theirs, layout=layout).step(steps=steps, has_grad=has_grad, max_grad_norm=1.0, norm_type=3.0,
+                                                    grad_norm=float(norm))
+    for got, want in zip(device, theirs):
+        np.testing.assert_array_equal(bits(got.get()), bits(want))
+    tensors = [[x.astype(np.float32) for x in case.random_values(i)] for i in range(len(case.sizes))]
+    device = [[cp.asarray(x) for x in t] for t in tensors]
+    norm = fastradam.fused_step_multi(*(list(r) for r in zip(*device)), steps=steps, has_grad=has_grad,
+                                      max_grad_norm=1.0, norm_type="inf")
+    want = reference_grad_norm([t[1] for t, a in zip(tensors, has_grad) if a], float("inf"))
+    assert float(norm) == want  # the largest magnitude: exact
+    fastradam.fused_step_multi(*(list(r) for r in zip(*tensors)), steps=steps, has_grad=has_grad,
+                               max_grad_norm=1.0, norm_type="inf")
+    for ours, their in zip(device, tensors):
+        for got, want in zip(ours, their):
+            np.testing.assert_array_equal(bits(got.get()), bits(want))
+
+
+def test_clipped_norm_has_the_same_bits_on_every_run(cp):
+    host = host_buffers(np.random.default_rng(11), np.dtype(np.float32), 2**22 + 5)
+    norms = []
+    for _ in range(3):
+        buffers = device_buffers(cp, host)
+        norms.append(fastradam.fused_step(*buffers, max_grad_norm=1.0, **clip_hyper()).get().tobytes())
+    assert len(set(norms)) == 1
+
+
+@pytest.mark.parametrize("bad", (np.nan, np.inf))
+def test_clipped_check_finite_skips_and_found_inf_skips_after_the_norm(cp, bad):
+    host = host_buffers(np.random.default_rng(12), np.dtype(np.float32), 70001)
+    buffers = device_buffers(cp, host)
+    buffers[1][70000] = bad
+    before = written(buffers)
+    norm = fastradam.fused_step(*buffers, max_grad_norm=1.0, check_finite=True, **clip_hyper())
+    assert not np.isfinite(float(norm))
+    buffers[1][70000] = 0.5
+    norm = fastradam.fused_step(*buffers, max_grad_norm=1.0, found_inf=cp.ones((), cp.bool_), **clip_hyper())
+    assert np.isfinite(float(norm))
+    norm = fastradam.fused_step(*buffers, max_grad_norm=1.0, found_inf=True, **clip_hyper())
+    assert np.isfinite(float(norm))
+    for got, want in zip(written(buffers), before):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_grad_norm_alone_and_a_given_device_norm(cp):
+    host = host_buffers(np.random.default_rng(13), np.dtype(np.float32), 4099)
+    buffers = device_buffers(cp, host)
+    plan = fastradam.StepPlan(*buffers, lr=1e-2)
+    before = written(buffers)
+    norm = plan.grad_norm(2.0, grad_scale=4.0)
+    assert isinstance(norm, cp.ndarray) and norm.dtype == cp.float64
+    for got, want in zip(written(buffers), before):
+        np.testing.assert_array_equal(got, want)
+    assert float(norm) == pytest.approx(reference_grad_norm([host[1]], 2.0, 4.0), rel=1e-12)
+    twin = device_buffers(cp, host)
+    returned = plan.step(step=3, grad_scale=4.0, max_grad_norm=0.1, grad_norm=norm.astype(cp.float32))
+    assert float(returned) == float(np.float32(float(norm)))
+    fastradam.StepPlan(*twin, lr=1e-2).step(step=3, grad_scale=4.0, max_grad_norm=0.1,
+                                            grad_norm=float(np.float32(float(norm))))
+    for got, want in zip(written(buffers), written(twin)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_clipped_capturable_step_replays_in_a_graph(cp, backend):
+    """Pre-pass and update are captured together: each replay clips by the norm of the gradients it
+    finds (the very bits of a host-step clipped step's norm), advancing the device step; the step as
+    the host-step one's to the device's folding of the scalars (as test_capturable_step_equals_host_scalar_step)."""
+    host = host_buffers(np.random.default_rng(14), np.dtype(np.float32), 2**16 + 3)
+    buffers, twin = device_buffers(cp, host, 1), device_buffers(cp, host, 1)
+    plan, twin_plan = fastradam.StepPlan(*buffers, lr=1e-2), fastradam.StepPlan(*twin, lr=1e-2)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        step = cp.zeros((), dtype=cp.int64)
+        fastradam.StepPlan(*device_buffers(cp, host, 1), lr=1e-2).step(step=step + 1, max_grad_norm=0.5)  # compile
+        stream.synchronize()
+        stream.begin_capture()
+        step += 1
+        norm = plan.step(step=step, max_grad_norm=0.5)
+        graph = stream.end_capture()
+        for t in range(1, 8):
+            graph.launch(stream)
+            want = twin_plan.step(step=t, max_grad_norm=0.5)
+            stream.synchronize()
+            assert float(norm) == float(want)
+            for got, expected in zip(written(buffers), written(twin)):
+                np.testing.assert_allclose(got, expected, rtol=4 * 2.0**-24, atol=0)
+
+
+def test_a_given_norm_must_be_a_0d_float_device_array(cp, backend):
+    with pytest.raises(TypeError, match="dtype float32 or float64"):
+        backend.check_norm(cp.zeros((), cp.int32))
+    with pytest.raises(ValueError, match="0-d"):
+        backend.check_norm(cp.zeros((1,), cp.float64))
+    assert backend.check_norm(cp.zeros((), cp.float32)).dtype == cp.float32

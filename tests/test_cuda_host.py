@@ -424,7 +424,7 @@ def test_kernel_names_follow_cupys_name_expressions(backend):
     storage = backend.Storage("bfloat16", "float16", "float32", True)
     assert backend.kernel_name("segments", storage) == (
         "fastradam::radam_step_segments<fastradam::bfloat16_t, fastradam::float16_t, float, fastradam::FloatMaster>")
-    assert backend.kernel_name("nonfinite_tensors", storage) == "fastradam::nonfinite_tensors<fastradam::float16_t>"
+    assert backend.kernel_name("prepass_tensors", storage) == "fastradam::prepass_tensors<fastradam::float16_t>"
     assert backend.name_expressions(storage) == tuple(backend.kernel_name(k, storage) for k in backend.KERNEL_KINDS)
     with pytest.raises(ValueError, match="unknown kernel kind 'flat'"):
         backend.kernel_name("flat", storage)

@@ -11,6 +11,10 @@
 - DDP(gradient_as_bucket_view=True): the gradients stay DDP's bucket views (no flat gradient
   buffer of ours, no copy).
 - A rank with a bad hyperparameter raises a clear error and writes nothing on that rank.
+- ``optimizer.clip_grad_norm_`` under FSDP2 (the norm reduced over the DTensors' mesh) and under
+  ZeRO (``process_group=``; ranks hold different numbers of tensors on 3 ranks) equals
+  ``torch.nn.utils.clip_grad_norm_`` + ``torch.optim.RAdam`` on the full batch, norms included
+  (2-norm and inf, the SUM and MAX reductions).
 
 What the engines guarantee when one rank raises in the step (fastradam checks everything before
 its first write, so the failing rank's shard and state are untouched): FSDP2's optimizer step has
@@ -31,6 +35,7 @@ spawn/import time per world (each process runs with one thread).
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import traceback
 import warnings
@@ -154,6 +159,98 @@ def check_zero(rank, world):
                 assert float(mine["step"]) == STEPS
                 assert_close(mine["exp_avg"], theirs["exp_avg"], f"consolidated exp_avg into {cls.__module__}")
                 assert_close(mine["exp_avg_sq"], theirs["exp_avg_sq"], "consolidated exp_avg_sq")
+
+
+CLIP = {2.0: 0.5, float("inf"): 0.05}  # max_norm per norm type: below the norms here, so every step clips
+
+
+def clip_reference(steps, norm_type, skip=()):
+    """torch.optim.RAdam with torch.nn.utils.clip_grad_norm_ on the full batch (the steps in ``skip``
+    skipped, as a GradScaler skips them); the norms it returned."""
+    model = make_model()
+    optimizer = torch.optim.RAdam(model.parameters(), lr=LR, weight_decay=0.01, decoupled_weight_decay=True)
+    norms = []
+    for s in range(steps):
+        optimizer.zero_grad()
+        loss_of(model, *batch(s)).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP[norm_type], norm_type))
+        if s not in skip:
+            optimizer.step()
+    return model, norms
+
+
+def train_clipped(model, optimizer, clip, steps, norm_type, rank, world):
+    norms = []
+    for s in range(steps):
+        x, y = batch(s)
+        optimizer.zero_grad()
+        loss_of(model, rank_slice(x, rank, world), rank_slice(y, rank, world)).backward()
+        norms.append(clip(CLIP[norm_type], norm_type))
+        optimizer.step()
+    return norms
+
+
+def check_clip(model, norms, norm_type, what):
+    expected, expected_norms = clip_reference(len(norms), norm_type)
+    assert all(float(n) > CLIP[norm_type] for n in expected_norms)  # clipped at every step
+    for n, e in zip(norms, expected_norms):
+        assert n.dtype == e.dtype and not hasattr(n, "placements")
+        assert_close(n, e, f"{what} norm")
+    for p, q in zip(model.parameters(), expected.parameters()):
+        assert_close(p, q, f"{what} vs torch.optim.RAdam + clip_grad_norm_")
+
+
+def check_clip_fsdp(rank, world):
+    for norm_type in CLIP:
+        model = shard(make_model())
+        optimizer = fsdp_optimizer(model)
+        norms = train_clipped(model, optimizer, optimizer.clip_grad_norm_, 3, norm_type, rank, world)
+        check_clip(model, norms, norm_type, f"FSDP2 clip ({norm_type})")
+
+
+def check_clip_fsdp_amp(rank, world):
+    """fastradam.torch.GradScaler under FSDP2: unscale_ + clip + step; an inf in rank 0's shard at step 1
+    makes every rank skip it (the pre-pass norm is global) and the scale back off everywhere."""
+    import fastradam.torch as ft
+
+    model = shard(make_model())
+    optimizer = fsdp_optimizer(model)
+    scaler = ft.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=100)
+    norms, scales = [], []
+    for s in range(3):
+        x, y = batch(s)
+        optimizer.zero_grad()
+        scaler.scale(loss_of(model, rank_slice(x, rank, world), rank_slice(y, rank, world))).backward()
+        if s == 1 and rank == 0:
+            next(p for p in model.parameters() if p.grad.to_local().numel()).grad.to_local().view(-1)[0] = float("inf")
+        scaler.unscale_(optimizer)
+        norms.append(optimizer.clip_grad_norm_(CLIP[2.0]))
+        scaler.step(optimizer)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    assert scales == [2.0 ** 8, 2.0 ** 7, 2.0 ** 7] and math.isinf(norms[1])
+    expected, expected_norms = clip_reference(3, 2.0, skip=(1,))
+    for n, e in zip(norms[::2], expected_norms[::2]):
+        assert_close(n, e, "FSDP2 + GradScaler norm")
+    for p, q in zip(model.parameters(), expected.parameters()):
+        assert_close(p, q, "FSDP2 + GradScaler vs torch.optim.RAdam + clip_grad_norm_")
+
+
+def check_clip_zero(rank, world):
+    import fastradam.torch as ft
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    for norm_type in CLIP:
+        model = make_model()
+        optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=ft.RAdam, lr=LR, weight_decay=0.01,
+                                            decoupled_weight_decay=True)
+
+        def clip(max_norm, norm_type):
+            return optimizer.optim.clip_grad_norm_(max_norm, norm_type, process_group=optimizer.process_group)
+
+        norms = train_clipped(DDP(model), optimizer, clip, 3, norm_type, rank, world)
+        check_clip(model, norms, norm_type, f"ZeRO clip ({norm_type})")
 
 
 def check_zero_bucket_view(rank, world):
@@ -302,8 +399,8 @@ def check_dcp_load(rank, world, directory):
 
 SCENARIOS = {
     2: [check_zero, check_zero_bucket_view, check_ddp_bucket_views, check_fsdp, check_fsdp_bad_rank,
-        check_fsdp_torch_interchange, check_dcp_save],
-    3: [check_zero, check_fsdp, check_dcp_load],
+        check_fsdp_torch_interchange, check_dcp_save, check_clip_fsdp, check_clip_fsdp_amp, check_clip_zero],
+    3: [check_zero, check_fsdp, check_dcp_load, check_clip_zero],
     1: [check_dcp_load],
 }
 

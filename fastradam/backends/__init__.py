@@ -11,10 +11,23 @@ else needs to know:
   m, v, segments, master=, stochastic=)`` and ``bind_tensors(ps, gs, ms, vs, master=, stochastic=)``
   (``master``: the fp32 master or the int16 remainders, by its dtype; ``stochastic``: round bfloat16
   params stochastically, with each element's global index, :mod:`fastradam.rounding`), each returning
-  ``launch(rows..., floats, ints, found_inf, check_finite)`` over the scalar tables of
+  ``launch(rows..., floats, ints, found_inf, check_finite, clip=None)`` over the scalar tables of
   ``scalars.pack_rows`` (a tensor list's also takes this step's ``grads=``);
+- gradient clipping (:mod:`fastradam.clipping` states the rules): every launch, bound or capturable,
+  takes ``clip=`` a :class:`~fastradam.clipping.Clip` (passed only when clipping) and then returns
+  the norm of the unscaled active gradients: a float on the host, a 0-d float64 device array on a
+  device (never synchronised); without it, None. A read-only pre-pass (the check_finite pass, when
+  both are asked: one read) computes the norm, deterministically; the update multiplies each
+  gradient by ``clip.inv_grad_scale * coefficient`` in place of the tables' inv_grad_scale, and
+  with ``check_finite`` (or a set ``found_inf``) a NaN/inf norm skips it. ``clip.max_norm`` None
+  asks for the norm alone (nothing written); ``clip.norm`` given (a float, or a device array the
+  backend's ``check_norm(array)`` accepted) is the norm to clip by, and no gradient is read first.
+  ``check_norm(array)`` (device backends) checks a 0-d device norm without reading it and returns
+  the array its kernels read;
 - ``CAPTURABLE``: whether it also has the device-step launches ``radam_step_capturable`` and
-  ``radam_step_segments_capturable`` (and ``capturable_lrs``, their lr check), as the CUDA one does.
+  ``radam_step_segments_capturable`` (and ``capturable_lrs``, their lr check), as the CUDA one does
+  (both take ``clip=`` too: norm, coefficient and skip flag stay on the device, so the pre-pass and
+  the update are a pair of launches a CUDA graph captures).
 
 :func:`get` loads a backend by name. Claiming an array and probing availability are cheap and
 import nothing heavy, so ``import fastradam`` stays light.

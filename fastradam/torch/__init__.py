@@ -2,7 +2,9 @@
 
 Change ``torch.optim.RAdam(...)`` to ``fastradam.torch.RAdam(...)``: same constructor, param
 groups, ``state_dict`` format and training trajectory; the flat buffers live in
-:mod:`fastradam.torch.buckets`.
+:mod:`fastradam.torch.buckets`. ``optimizer.clip_grad_norm_`` and :class:`GradScaler` (``torch.amp.GradScaler``
+whose ``unscale_`` writes no gradient) fold clipping and AMP unscaling into the step
+(:mod:`fastradam.torch.clipping`, :mod:`fastradam.torch.amp`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from fastradam.torch.buckets import (KEEPER_DTYPE, MASTER_KEY, SIXTEEN_BIT, Chan
                                      StateEntry, check_master_entry, check_parameter, check_state_entry,
                                      checked_gradient, is_dtensor, local_tensor, memory_overlap, storage_of)
 from fastradam.options import DEFAULTS, CheckedGroups, GroupOptions, check_flag, check_group
+from fastradam.torch import clipping
+from fastradam.torch.clipping import NONFINITE, Pending, Unscaled
 
-__all__ = ["RAdam"]
+__all__ = ["RAdam", "GradScaler"]
 
 #: Group keys torch.optim.RAdam keeps that fastradam does not use (``foreach`` is ignored).
 TORCH_ONLY_DEFAULTS = {"foreach": None, "capturable": False, "differentiable": False}
@@ -305,6 +309,47 @@ class RAdam(torch.optim.Optimizer):
         without it (``torch.optim.RAdam``'s) starts the masters from the parameters; one of the
         other format or dtype is refused before anything is loaded.
 
+    Clipping and AMP (``tests/test_torch_clip.py``)
+        * ``optimizer.clip_grad_norm_(max_norm, norm_type=2.0, error_if_nonfinite=False,
+          foreach=None, *, process_group=None)`` is ``torch.nn.utils.clip_grad_norm_`` over this
+          optimizer's gradients, fused: it returns the total norm as torch does (a 0-d tensor of the
+          gradients' promoted dtype on the first gradient's device), computed now by one read-only
+          pre-pass per buffer (the gradients exactly as the next step takes them: views of the flat
+          gradient buffer, fresh gradients, which a gathering buffer copies into its flat gradient
+          buffer now instead of at the step, or engine-owned views read where they are), in float64.
+          **The clip applies at the next step**, which multiplies each gradient by
+          ``min(1, max_norm / (norm + 1e-6))`` inside its own pass, with the norm computed at the call:
+          the gradients are never written, so ``p.grad`` keeps its unclipped values (torch's are
+          clipped in place; read the returned norm instead). torch keeps no such state: here
+          ``zero_grad()`` drops a pending clip, a second call replaces it, and a step whose gradients
+          changed since the call (another backward, a gradient written or replaced; seen by each
+          gradient's identity and version counter) raises a RuntimeError, writing nothing, rather
+          than clip them by a stale norm. ``max_norm`` must be > 0; ``norm_type`` any p > 0 or inf
+          (complex gradients: the norm of their magnitudes, torch's; stepped as real views).
+        * Across ranks the norm is global, summed as ``norm**p`` (max for inf) through
+          ``torch.distributed``: FSDP2's DTensor parameters over the mesh dimensions they are
+          sharded on, automatically (as FSDP2's clipping does); plain parameters over
+          ``process_group`` when given, for ZeroRedundancyOptimizer
+          (``zero.optim.clip_grad_norm_(max_norm, process_group=zero.process_group)``, then
+          ``zero.step()``). Every rank must call it (it is a collective then).
+        * ``_step_supports_amp_scaling``: ``torch.amp.GradScaler.step`` hands this optimizer the scale
+          (``grad_scale``) and ``found_inf``; the step divides the scale out inside its pass and a
+          found_inf skips it entirely (nothing written, no step count advanced, no state made, as
+          ``torch.optim.RAdam`` under the scaler), so ``scaler.step`` without ``unscale_`` costs
+          torch's found_inf check and one step pass. ``scaler.unscale_`` (torch's) writes the
+          gradients and then works as usual with either clip.
+        * ``fastradam.torch.GradScaler`` (a ``torch.amp.GradScaler``) does not write them: its
+          ``unscale_`` runs one 2-norm pre-pass of ``grad / scale`` (its finiteness is found_inf, so
+          ``update()`` backs off as torch's) and records the scale; a following
+          ``clip_grad_norm_(max_norm)`` (2-norm) reuses that norm, and ``scaler.step`` steps with the
+          scale and the clip folded in: ``unscale_`` + clip + step read the gradients twice and
+          write them never (torch's
+          recipe: four reads and two writes). It also unscales float16 gradients,
+          which torch's ``unscale_`` refuses.
+        * On CUDA the scale and found_inf are read on the host at the step (``float()``: a
+          synchronisation), and so is the norm for ``error_if_nonfinite=True``; the norms
+          themselves stay on the device.
+
     Not supported: sparse gradients (RuntimeError at the step), complex32 and other dtypes,
     complex DTensors (TypeError), ``differentiable=True`` (NotImplementedError), ``capturable``
     on the CPU (ValueError), a parameter listed twice or two over overlapping memory (ValueError).
@@ -345,6 +390,9 @@ class RAdam(torch.optim.Optimizer):
         self._capturable = bool(capturable)
         self._packing = _Packing()
         self._group_checks: CheckedGroups | None = None
+        #: The clip and the AMP unscale the next step applies (:meth:`clip_grad_norm_`, GradScaler.unscale_)
+        self._clip_pending: Pending | None = None
+        self._unscaled: Unscaled | None = None
         self._building = True
         super().__init__(params, defaults)
         self._building = False
@@ -550,6 +598,11 @@ class RAdam(torch.optim.Optimizer):
 
     # -- the step ----------------------------------------------------------------------------
 
+    #: torch's contract for fused optimizers: ``torch.amp.GradScaler.step`` sets ``optimizer.grad_scale``
+    #: and ``optimizer.found_inf`` and calls :meth:`step`, which divides the scale out inside its pass
+    #: and skips the step where ``found_inf`` is set (torch's fused Adam does the same).
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One RAdam step of every parameter with a gradient; returns ``closure()``'s loss, if given.
@@ -561,18 +614,38 @@ class RAdam(torch.optim.Optimizer):
         buffers) run before any parameter, moment or step count is written. So a bad option, a
         refused state entry or a refused gradient leaves the buffers and the state as they were;
         a hand change followed stays followed (the buffers then hold what the groups and state say).
+
+        A clip asked for by :meth:`clip_grad_norm_` (and a scale recorded by
+        :class:`fastradam.torch.GradScaler`'s ``unscale_``) is applied inside this step, then
+        cleared. Under ``torch.amp.GradScaler.step`` (``grad_scale``/``found_inf`` set on the
+        optimizer) the gradients are divided by the scale inside the step, and a set ``found_inf``
+        skips it: nothing is checked or written, no step count advances, the pending clip is dropped.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        pending, unscaled = self._clip_pending, self._unscaled
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0.0:  # (a sync on CUDA)
+            self._clip_pending = self._unscaled = None
+            return loss
+        grad_scale = 1.0 if unscaled is None else unscaled.grad_scale
+        amp_scale = getattr(self, "grad_scale", None)
+        if amp_scale is not None:
+            grad_scale *= float(amp_scale)  # (a sync on CUDA)
         checked, lrs = self._check_options()
         if self._changed():
             self._follow(gradients=True)
         buckets = self._packing.buckets
         gradients = [bucket.check_gradients() for bucket in buckets]
-        steps = [bucket.prepare(active, grads, checked, lrs) for bucket, (active, grads) in zip(buckets, gradients)]
+        if pending is None and unscaled is None:  # the common step: no clip, no recorded scale
+            steps = [bucket.prepare(active, grads, checked, lrs, grad_scale)
+                     for bucket, (active, grads) in zip(buckets, gradients)]
+        else:
+            steps = self._prepare_recorded(pending, unscaled, buckets, gradients, checked, lrs, grad_scale)
         installed = False
+        self._clip_pending = self._unscaled = None  # every check passed: applied now
         for bucket, (active, _), step in zip(buckets, gradients, steps):
             bucket.take_masters(active, self.state)
             new = active & ~bucket.has_state
@@ -585,6 +658,70 @@ class RAdam(torch.optim.Optimizer):
         if installed:
             self._watch()
         return loss
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach: bool | None = None, *, process_group: Any = None) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` of this optimizer's gradients, applied inside the next :meth:`step`.
+
+        Returns the total norm of the gradients (of every parameter with one; ``norm_type`` a p > 0
+        or inf, ``"inf"`` too), computed now by one read-only pre-pass per buffer, as torch returns
+        it: a 0-d tensor of the gradients' (promoted) dtype on the first gradient's device
+        (``torch.tensor(0.)`` without gradients; for FSDP2's DTensor gradients a plain tensor, the
+        full norm). The gradients are **not** written: the next :meth:`step` multiplies each by
+        ``min(1, max_norm / (total + 1e-6))`` inside its own pass, with the total computed here
+        (kept in float64). So the clip applies at the next step, not at this call, to the gradients
+        seen here; ``zero_grad()`` drops it, a new call replaces it, and a step whose gradients
+        changed since (another backward, a gradient written or replaced) raises rather than clip
+        them by a stale norm. After :class:`fastradam.torch.GradScaler`'s ``unscale_`` the norm is
+        of the unscaled gradients and a 2-norm reuses its pre-pass.
+
+        ``error_if_nonfinite=True``: a NaN/inf total raises torch's RuntimeError (nothing kept).
+        ``foreach`` is accepted and ignored. ``process_group``: the ranks whose optimizers hold
+        disjoint parts of the model (``ZeroRedundancyOptimizer``'s ``process_group``, e.g.
+        ``torch.distributed.group.WORLD``): the norm**p is summed (max for inf) over them. DTensor
+        parameters (FSDP2) are reduced over their mesh's sharded dimensions without it, as
+        FSDP2's clipping does. ``max_norm`` must be > 0 (torch also takes 0 and negative values).
+        """
+        max_norm, norm_type = clipping.check_clip_arguments(max_norm, norm_type)
+        unscaled = self._unscaled
+        norms = None if unscaled is None else clipping.reuse(self, unscaled.norms, norm_type, process_group)
+        if norms is None:
+            norms = clipping.compute(self, norm_type, 1.0 if unscaled is None else unscaled.grad_scale, process_group)
+        if error_if_nonfinite and not clipping.is_finite(norms.total):
+            raise RuntimeError(NONFINITE.format(norm_type=norm_type))
+        self._clip_pending = Pending(max_norm, norms)
+        return clipping.as_tensor(norms)
+
+    def _unscale(self, grad_scale: float, device: torch.device) -> torch.Tensor:
+        """:class:`fastradam.torch.GradScaler`'s ``unscale_``: the 2-norm pre-pass of the gradients
+        divided by ``grad_scale``, recorded for the next :meth:`clip_grad_norm_` and :meth:`step`
+        (nothing written); returns found_inf (1.0 where the norm is NaN/inf) on ``device``."""
+        norms = clipping.compute(self, 2.0, grad_scale, None)
+        self._unscaled = Unscaled(grad_scale, norms)
+        return clipping.found_inf_of(norms.total, device)
+
+    def _prepare_recorded(self, pending: Any, unscaled: Any, buckets: list, gradients: list,
+                          checked: list[GroupOptions], lrs: list[Any], grad_scale: float) -> list:
+        """The buckets' prepared steps with a pending clip or a recorded scale, once the gradients
+        are checked to be the ones those were computed on."""
+        for record, what, hint in (
+                (unscaled, "fastradam.torch.GradScaler.unscale_(optimizer)",
+                 "; it leaves the gradients scaled (the step divides the scale out): clip them with "
+                 "optimizer.clip_grad_norm_(), not torch.nn.utils.clip_grad_norm_"),
+                (pending, "optimizer.clip_grad_norm_()", "")):
+            if record is not None and not clipping.same_gradients(self, record.norms, gradients):
+                raise RuntimeError(
+                    f"the gradients changed after {what} (another backward, a gradient written or replaced, "
+                    "parameters repacked): the clip and the unscaling are applied inside the next step, to the "
+                    f"gradients they were computed on; call zero_grad() to drop them{hint}")
+        clips = [None] * len(buckets) if pending is None else [
+            {"max_grad_norm": pending.max_norm, "norm_type": pending.norms.norm_type,
+             "grad_norm": clipping.norm_for(pending.norms.total, bucket)} for bucket in buckets]
+        gathered = [any(record.norms.gathered[b] for record in (unscaled, pending) if record is not None)
+                    for b in range(len(buckets))]  # (the records were checked: these very gradients)
+        return [bucket.prepare(active, grads, checked, lrs, grad_scale, clip, copied)
+                for bucket, (active, grads), clip, copied in zip(buckets, gradients, clips, gathered)]
 
     def _check_options(self) -> tuple[list[GroupOptions], list[Any]]:
         """Every group's options checked (every group, with or without gradients; nothing written):
@@ -606,7 +743,9 @@ class RAdam(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; ``set_to_none=False`` zeroes one flat gradient buffer per device/dtype
-        (and makes the gradients views of it, so the next step copies nothing)."""
+        (and makes the gradients views of it, so the next step copies nothing). A pending
+        :meth:`clip_grad_norm_` (and GradScaler unscale) is dropped with the gradients."""
+        self._clip_pending = self._unscaled = None  # they were of the gradients dropped here
         if self._changed(state=False):
             self._follow(state=False)  # parameters added by hand are zeroed too; the state waits for the step
         with torch.no_grad():
@@ -680,6 +819,7 @@ class RAdam(torch.optim.Optimizer):
         self._keeping = {**NO_KEEPING, **state.get("_keeping", {})}
         self._packing = _Packing()
         self._group_checks = None
+        self._clip_pending = self._unscaled = None
         self._building = False
         self._check_params()
         self._rebuild()
@@ -711,3 +851,6 @@ class RAdam(torch.optim.Optimizer):
         torch.optim.Optimizer.__setstate__(copied, {key: value for key, value in self.__dict__.items()
                                                     if not key.startswith("_optimizer_")})
         return copied
+
+
+from fastradam.torch.amp import GradScaler  # noqa: E402  (it needs RAdam)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import weakref
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -372,6 +373,7 @@ class FlatBucket:
         #: The step plans, bound on first use: over the flat buffers, and over the tensor views.
         self._plan: StepPlan | None = None
         self._tensors: StepPlan | None = None
+        self._shard_groups: list | None = None  # (:meth:`shard_groups`)
 
     # -- moving in ---------------------------------------------------------------------------
 
@@ -625,34 +627,42 @@ class FlatBucket:
                 self._tensors = None  # bound to the old shard
 
     def prepare(self, active: np.ndarray, grads: list | None, groups: list[GroupOptions],
-                lrs: list[Any]) -> Callable[[], None]:
+                lrs: list[Any], grad_scale: float = 1.0, clip: Mapping[str, Any] | None = None,
+                gathered: bool = False) -> Callable[[], None]:
         """Every check of one fused step of the parameters in ``active`` (a checked
         :meth:`check_gradients`), and the step itself, not yet taken: calling it writes the
         parameters and moments and advances the step counts. ``groups`` are the validated options of every
-        param group (host lrs), ``lrs`` their learning rates as given (tensors where capturable)."""
+        param group (host lrs), ``lrs`` their learning rates as given (tensors where capturable).
+        ``grad_scale`` divides the gradients inside the step (AMP's scale, folded in); ``clip`` is the
+        plans' clipping arguments (``max_grad_norm``, ``norm_type``, ``grad_norm``: a norm computed
+        before, so no pre-pass runs here). ``gathered``: :meth:`grad_norms` already copied these fresh
+        gradients into the flat gradient buffer (the caller checked that they are the same gradients)."""
         count = int(np.count_nonzero(active))
         if count == 0:
             return _nothing
         every = count == active.size
+        extra = {} if clip is None else dict(clip)
+        if grad_scale != 1.0:
+            extra["grad_scale"] = grad_scale
         with _stream(self.device):
             if self.capturable:
-                return self._prepare_capturable(active, every, grads, groups, lrs)
+                return self._prepare_capturable(active, every, None if gathered else grads, groups, lrs, extra)
             has_grad = None if every else active  # (the plan's own all-active mask)
             steps = self.steps_host.astype(np.int64) + active
             # gradients that view an engine's buffers (DDP's gradient_as_bucket_view) are stepped where they
             # are on the CPU, never copied; fresh ones of a small bucket are gathered
-            gather = grads is not None and self.gathers and not (
-                self.on_cpu and any(grad is not None and grad._base is not None for grad in grads))
+            gather = self._gathers(grads)
             if grads is not None and not gather:
-                launch = self._tensor_plan(groups).prepare(
-                    steps=steps, has_grad=has_grad, groups=groups,
-                    grads=[None if grad is None else self._array(self._grad_tensor(grad)) for grad in grads])
+                launch = self._tensor_plan(groups).prepare(steps=steps, has_grad=has_grad, groups=groups,
+                                                           grads=self._grad_arrays(grads), **extra)
             else:
-                launch = self._layout_plan(groups).prepare(steps=steps, has_grad=has_grad, groups=groups)
+                launch = self._layout_plan(groups).prepare(steps=steps, has_grad=has_grad, groups=groups, **extra)
+
+        copy = gather and not gathered
 
         def step() -> None:
             with _stream(self.device):
-                if gather:
+                if copy:
                     self._gather_grads(active, grads)
                 launch()
             if every:
@@ -660,6 +670,98 @@ class FlatBucket:
             else:
                 self.steps_host[active] += 1
         return step
+
+    def _gathers(self, grads: list | None) -> bool:
+        """Whether a step copies these fresh gradients into the flat gradient buffer (the layout step)
+        rather than stepping them where they are (the tensor list): :attr:`gathers`, except that on
+        the CPU gradients that view an engine's buffers (DDP's gradient_as_bucket_view) are never copied."""
+        return grads is not None and self.gathers and not (
+            self.on_cpu and any(grad is not None and grad._base is not None for grad in grads))
+
+    def _grad_arrays(self, grads: list) -> list:
+        """Fresh gradients as the tensor-list plan takes them (None where absent)."""
+        return [None if grad is None else self._array(self._grad_tensor(grad)) for grad in grads]
+
+    # -- clipping ----------------------------------------------------------------------------
+
+    def grad_norms(self, active: np.ndarray, grads: list | None, groups: list[GroupOptions], norm_type: float,
+                   grad_scale: float, masks: Sequence[np.ndarray | None] = (None,)) -> tuple[list[Any], bool]:
+        """The norms of the unscaled active gradients (a checked :meth:`check_gradients`), one per mask
+        of ``masks`` (the parameters where it is True; None: all), read exactly as the next step
+        reads them: no gradient is written. Fresh gradients that the step would gather into the
+        flat gradient buffer are gathered now instead (the same ``_foreach_copy_``, into this
+        bucket's own buffer) and read there; the second value says so, and the step then skips
+        its copy (``prepare(gathered=True)``). Others are read where they are (the tensor-list
+        plan). Each norm is a float on the CPU, a 0-d float64 tensor on CUDA (no sync).
+
+        Complex gradients are stepped as their real views; their 2-norm is the real view's, but other
+        norms are of the complex magnitudes (torch's): those are computed here with torch."""
+        norms = []
+        gathered = self._gathers(grads) and bool(active.any())
+        with _stream(self.device):
+            if gathered:
+                self._gather_grads(active, grads)
+            for mask in masks:
+                used = active if mask is None else active & mask
+                if not used.any():
+                    norms.append(0.0 if self.on_cpu else torch.zeros((), dtype=torch.float64, device=self.device))
+                    continue
+                has_grad = None if used.all() else used
+                if self.complex and norm_type != 2.0:
+                    value = self._complex_norm(used, grads, norm_type, grad_scale)
+                elif grads is None or gathered:
+                    value = self._layout_plan(groups).grad_norm(norm_type, has_grad=has_grad, grad_scale=grad_scale)
+                else:
+                    value = self._tensor_plan(groups).grad_norm(
+                        norm_type, has_grad=has_grad, grad_scale=grad_scale,
+                        grads=self._grad_arrays([grad if used[i] else None for i, grad in enumerate(grads)]))
+                norms.append(float(value) if self.on_cpu else torch.as_tensor(value, device=self.device))
+        return norms, gathered
+
+    def _complex_norm(self, used: np.ndarray, grads: list | None, norm_type: float, grad_scale: float) -> Any:
+        """The ``norm_type`` norm of the complex gradients in ``used`` (their magnitudes), in float64."""
+        tensors = [self.grad_views[i] if grads is None else grads[i] for i in np.flatnonzero(used).tolist()]
+        norms = torch.stack([torch.linalg.vector_norm(t.to(torch.complex128), norm_type) for t in tensors])
+        return torch.linalg.vector_norm(norms, norm_type) / grad_scale
+
+    def grad_fingerprint(self, active: np.ndarray, grads: list | None) -> tuple:
+        """What says that the gradients a step would take (a :meth:`check_gradients`) are still the
+        ones seen now: the mask, and each gradient's identity (a weak reference) and version counter
+        (autograd's accumulation, ``mul_``, ``copy_`` bump it; views of the flat gradient buffer share
+        its counter). Compared by :meth:`same_gradients`."""
+        if grads is None:
+            return active.tobytes(), None if self.grad_flat is None else self.grad_flat._version
+        return active.tobytes(), [(weakref.ref(grad), grad._version) for grad in grads if grad is not None]
+
+    def same_gradients(self, fingerprint: tuple, active: np.ndarray, grads: list | None) -> bool:
+        """Whether :meth:`grad_fingerprint` of these gradients would be ``fingerprint``."""
+        mask, seen = fingerprint
+        if mask != active.tobytes() or (grads is None) != (not isinstance(seen, list)):
+            return False
+        if grads is None:
+            return seen == (None if self.grad_flat is None else self.grad_flat._version)
+        present = [grad for grad in grads if grad is not None]
+        return len(present) == len(seen) and all(ref() is grad and grad._version == version
+                                                 for grad, (ref, version) in zip(present, seen))
+
+    def shard_groups(self) -> list[tuple[Any, tuple[int, ...], np.ndarray | None]]:
+        """How this bucket's norm is reduced across ranks: ``(mesh, dims, mask)`` per set of
+        parameters sharing a DTensor device mesh and the mesh dimensions they are sharded over
+        (the norm**p is summed over those dimensions' process groups, as FSDP2's clipping does;
+        replicated dimensions hold the same values on every rank); ``[(None, (), None)]`` for plain
+        tensors. Found once (placements do not change)."""
+        if self._shard_groups is None:
+            if not self.sharded:
+                self._shard_groups = [(None, (), None)]
+            else:
+                keys: dict[tuple, tuple] = {}
+                for i, p in enumerate(self.params):
+                    dims = tuple(d for d, placement in enumerate(p.placements) if placement.is_shard())
+                    mesh, _, mask = keys.setdefault((id(p.device_mesh), dims), (p.device_mesh, dims,
+                                                                               np.zeros(len(self.params), bool)))
+                    mask[i] = True
+                self._shard_groups = [(mesh, dims, None if mask.all() else mask) for mesh, dims, mask in keys.values()]
+        return self._shard_groups
 
     def _layout_plan(self, groups: list[GroupOptions]) -> StepPlan:
         """The plan over the flat buffers (gradients: the flat gradient buffer), bound once."""
@@ -710,12 +812,13 @@ class FlatBucket:
             torch._foreach_copy_([view for view, _ in pairs], [grad for _, grad in pairs])
 
     def _prepare_capturable(self, active: np.ndarray, every: bool, grads: list | None, groups: list[GroupOptions],
-                            lrs: list[Any]) -> Callable[[], None]:
+                            lrs: list[Any], extra: Mapping[str, Any]) -> Callable[[], None]:
         """capturable: the step counts advance on the device, then one launch over the flat buffers
         reads them (and any tensor lr) there; fresh gradients are gathered into the flat gradient
-        buffer first, gradient views are read in place. ``every``: all of ``active`` is set."""
+        buffer first, gradient views are read in place. ``every``: all of ``active`` is set;
+        ``extra``: the plan's ``grad_scale`` and clipping arguments."""
         plan = self._layout_plan(groups)
-        launch = plan.prepare(steps=self.steps_array, has_grad=active, groups=groups, lrs=lrs)
+        launch = plan.prepare(steps=self.steps_array, has_grad=active, groups=groups, lrs=lrs, **extra)
 
         def step() -> None:
             with _stream(self.device):

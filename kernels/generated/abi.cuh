@@ -17,6 +17,14 @@ constexpr int kInt64 = 3;
 constexpr int kFloat32 = 4;
 constexpr int kFloat64 = 5;
 
+//! The norm pre-pass's cases of norm_type (fastradam.spec.NORM_CODES).
+constexpr int kNormTwo = 0;
+constexpr int kNormOne = 1;
+constexpr int kNormInf = 2;
+constexpr int kNormPower = 3;
+//! torch's clip_grad_norm_ adds this to the norm before dividing (fastradam.spec.NORM_EPS).
+constexpr double kNormEps = 1e-06;
+
 //! The folded per-step scalars, in math type M (fastradam.spec.SCALARS); passed by value to
 //! the flat kernel, read from the host tables (R, kScalarFloats) and (R, kScalarInts) by the others.
 template <typename M>

@@ -1,17 +1,16 @@
 """Device arguments: the values the kernels read on the device, checked on the host without a sync.
 
-found_inf (a 0-d device array) is read by the kernels themselves (:func:`_flag_arguments`);
-``check_finite`` runs a read-only pre-pass that sets a device flag the update kernel reads
-(:func:`_checked_skip`): no host synchronisation. The capturable kernels read the step count
-and, optionally, the learning rate on the device too (:func:`_device_scalar`,
-:func:`capturable_lrs`; their tables: ``launch.group_tables``), through the type codes of
-:data:`VALUE_CODES`.
+found_inf (a 0-d device array) is read by the kernels themselves (:func:`_flag_arguments`; the
+pre-passes that gate an update, check_finite and the clipping norm: :mod:`.prepass`), and so is a
+given clipping norm (:func:`check_norm`). The capturable kernels read the step count and,
+optionally, the learning rate on the device too (:func:`_device_scalar`, :func:`capturable_lrs`;
+their tables: ``launch.group_tables``), through the type codes of :data:`VALUE_CODES`.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import cupy
 import numpy as np
@@ -19,7 +18,6 @@ import numpy as np
 from fastradam.backends import backend_for
 from fastradam.backends.cuda.interop import _device_id, as_array, storage_of
 from fastradam.backends.cuda.launch import NO_FLAG
-from fastradam.backends.cuda.module import BLOCK, Storage, _kernel, kernel_name
 from fastradam.spec import DTYPE_CODES
 
 #: Type codes of the 0-d device values the kernels read, by dtype (:data:`fastradam.spec.DTYPE_CODES`).
@@ -28,6 +26,8 @@ VALUE_CODES = DTYPE_CODES
 STEP_DTYPES = (np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.float32), np.dtype(np.float64))
 #: dtypes a device-side learning rate may have.
 LR_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: dtypes a given clipping norm on the device may have.
+NORM_DTYPES = LR_DTYPES
 
 
 def _flag_arguments(found_inf: Any, device_id: int) -> tuple[np.uint64, np.int32] | None:
@@ -40,34 +40,6 @@ def _flag_arguments(found_inf: Any, device_id: int) -> tuple[np.uint64, np.int32
     if _device_id(found_inf) != device_id:
         raise ValueError(f"found_inf is on CUDA device {_device_id(found_inf)} but params is on device {device_id}")
     return np.uint64(found_inf.data.ptr), np.int32(VALUE_CODES[found_inf.dtype])
-
-
-_finite_flags: dict[tuple[int, int], cupy.ndarray] = {}
-
-
-def _finite_flag(device_id: int) -> cupy.ndarray:
-    """A device int for the check_finite pre-pass, zeroed by an async memset on the current stream.
-
-    One per (device, stream), kept: stream order keeps one step's flag from the next, and a graph
-    captured on the stream replays the memset, the pre-pass and the update on the same memory
-    (so call once before capturing, to allocate it outside the capture).
-    """
-    stream = cupy.cuda.get_current_stream()
-    key = (device_id, stream.ptr)
-    flag = _finite_flags.get(key)
-    if flag is None:
-        flag = _finite_flags[key] = cupy.empty((), dtype=np.int32)
-    cupy.cuda.runtime.memsetAsync(flag.data.ptr, 0, flag.nbytes, stream.ptr)
-    return flag
-
-
-def _checked_skip(storage: Storage, device_id: int, skip: tuple, kind: str, grid: int,
-                  arguments: Callable[[tuple, cupy.ndarray], tuple]) -> tuple[np.uint64, np.int32]:
-    """Run the check_finite pre-pass ``kind`` ("flat", "segments", "tensors"; found_inf folded in),
-    its arguments ``arguments(skip, flag)`` (a ``launch.nonfinite_*``); the update's new ``skip, skip_code``."""
-    flag = _finite_flag(device_id)
-    _kernel(device_id, storage, kernel_name(f"nonfinite_{kind}", storage))((grid,), (BLOCK,), arguments(skip, flag))
-    return np.uint64(flag.data.ptr), np.int32(VALUE_CODES[np.dtype(np.int32)])
 
 
 def _device_scalar(name: str, value: Any, dtypes: Sequence[np.dtype], buffers: Sequence[cupy.ndarray],
@@ -115,3 +87,19 @@ def _lr_reference(name: str, lr: Any, written: Sequence[cupy.ndarray]) -> float 
         raise TypeError(f"{name} must be a real number or a 0-d CUDA array, got {type(lr).__name__}")
     lr_array = _device_scalar(name, lr, LR_DTYPES, written)
     return lr_array.data.ptr, VALUE_CODES[lr_array.dtype]
+
+
+def check_norm(value: Any) -> cupy.ndarray:
+    """A clipping norm given on the device (``StepPlan.step(grad_norm=...)``, e.g. a ``grad_norm()``
+    of this backend, combined): a 0-d float32/float64 CUDA array, as the array the pre-pass kernel
+    reads when the step runs (its device is checked then, against the buffers'). TypeError or
+    ValueError otherwise; nothing is read (no synchronisation)."""
+    if backend_for(("grad_norm",), (value,)).name != "cuda":
+        raise TypeError(f"grad_norm must be a 0-d CUDA array, got a host {type(value).__name__}")
+    array = as_array(value)
+    if array.dtype not in NORM_DTYPES:
+        raise TypeError(f"grad_norm must have dtype {' or '.join(d.name for d in NORM_DTYPES)}, "
+                        f"got {storage_of(value)}")
+    if array.shape != ():
+        raise ValueError(f"grad_norm must be a 0-d CUDA array, got shape {array.shape}")
+    return array

@@ -19,8 +19,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fastradam.clipping import Clip
 from fastradam.options import GroupOptions
-from fastradam.spec import GROUP_FLOATS, GROUP_INTS, GROUP_ROW, SCALARS, VALUE_CODES, record_dtype
+from fastradam.spec import DTYPE_CODES, GROUP_FLOATS, GROUP_INTS, GROUP_ROW, SCALARS, VALUE_CODES, record_dtype
 
 #: A pair ``(address or array, value code)`` for a kernel's ``const void*, int`` value parameters.
 Value = tuple[Any, np.int32]
@@ -79,53 +80,91 @@ def group_tables(groups: Sequence[GroupOptions], lrs: Sequence[float | tuple[int
     return floats.reshape(-1, len(GROUP_FLOATS)), ints.reshape(-1, len(GROUP_INTS)), pointers
 
 
-def step(buffers: Sequence[Any], master: Any, n: int, scalars: np.void, skip: Value) -> tuple:
-    """``radam_step(p, g, m, v, side, n, ElementScalars<M> s, skip, skip_code)``; ``master`` (the side
-    buffer) is the fp32 master or the int16 remainders, or None."""
-    return (*buffers, null_or(master), np.int64(n), scalars, *skip)
+def step(buffers: Sequence[Any], master: Any, n: int, scalars: np.void, skip: Value, factor: Any = None) -> tuple:
+    """``radam_step(p, g, m, v, side, n, ElementScalars<M> s, factor, skip, skip_code)``; ``master`` (the
+    side buffer) is the fp32 master or the int16 remainders, or None; ``factor`` the clipped step's
+    device gradient factor (the norm pre-pass's), or None (the scalars' inv_grad_scale)."""
+    return (*buffers, null_or(master), np.int64(n), scalars, null_or(factor), *skip)
 
 
 def segments(buffers: Sequence[Any], master: Any, tiles: Any, n_tiles: int, rows: Any, floats: Any, ints: Any,
-             shifts: Any, skip: Value) -> tuple:
-    """``radam_step_segments(p, g, m, v, side, tiles, n_tiles, segment_row, floats, ints, shifts, skip,
-    skip_code)``; ``shifts`` (:func:`~fastradam.backends.cuda.tables.index_shifts`) only with stochastic
-    rounding, else None."""
-    return (*buffers, null_or(master), tiles, np.int64(n_tiles), rows, floats, ints, null_or(shifts), *skip)
+             shifts: Any, skip: Value, factor: Any = None) -> tuple:
+    """``radam_step_segments(p, g, m, v, side, tiles, n_tiles, segment_row, floats, ints, shifts, factor,
+    skip, skip_code)``; ``shifts`` (:func:`~fastradam.backends.cuda.tables.index_shifts`) only with
+    stochastic rounding, else None; ``factor`` as for :func:`step`."""
+    return (*buffers, null_or(master), tiles, np.int64(n_tiles), rows, floats, ints, null_or(shifts),
+            null_or(factor), *skip)
 
 
 def tensors(pointers: Any, tiles: Any, n_tiles: int, rows: Any, floats: Any, ints: Any, shifts: Any,
-            skip: Value) -> tuple:
-    """``radam_step_tensors(pointers, tiles, n_tiles, tensor_row, floats, ints, shifts, skip, skip_code)``;
-    ``shifts`` as for :func:`segments`."""
-    return (pointers, tiles, np.int64(n_tiles), rows, floats, ints, null_or(shifts), *skip)
+            skip: Value, factor: Any = None) -> tuple:
+    """``radam_step_tensors(pointers, tiles, n_tiles, tensor_row, floats, ints, shifts, factor, skip,
+    skip_code)``; ``shifts`` as for :func:`segments`, ``factor`` as for :func:`step`."""
+    return (pointers, tiles, np.int64(n_tiles), rows, floats, ints, null_or(shifts), null_or(factor), *skip)
 
 
 def capturable(buffers: Sequence[Any], master: Any, n: int, step_count: Value, lr_address: Any, group: np.void,
-               skip: Value) -> tuple:
-    """``radam_step_capturable(p, g, m, v, side, n, step, step_code, lr, GroupRow group, skip, skip_code)``."""
+               skip: Value, factor: Any = None) -> tuple:
+    """``radam_step_capturable(p, g, m, v, side, n, step, step_code, lr, GroupRow group, factor, skip,
+    skip_code)``; ``factor`` as for :func:`step` (in place of the group's inv_grad_scale)."""
     return (*buffers, null_or(master), np.int64(n), *step_count, np.uint64(lr_address) if isinstance(
-        lr_address, int) else lr_address, group, *skip)
+        lr_address, int) else lr_address, group, null_or(factor), *skip)
 
 
 def segments_capturable(buffers: Sequence[Any], master: Any, tiles: Any, n_tiles: int, segment_group: Any,
-                        steps: Value, group_floats: Any, group_ints: Any, lr_pointers: Any, skip: Value) -> tuple:
+                        steps: Value, group_floats: Any, group_ints: Any, lr_pointers: Any, skip: Value,
+                        factor: Any = None) -> tuple:
     """``radam_step_segments_capturable(p, g, m, v, side, tiles, n_tiles, segment_group, steps, step_code,
-    group_floats, group_ints, lr_pointers, skip, skip_code)``."""
+    group_floats, group_ints, lr_pointers, factor, skip, skip_code)``; ``factor`` as for :func:`capturable`."""
     return (*buffers, null_or(master), tiles, np.int64(n_tiles), segment_group, *steps, group_floats, group_ints,
-            lr_pointers, *skip)
+            lr_pointers, null_or(factor), *skip)
 
 
-def nonfinite_flat(grads: Any, n: int, skip: Value, flag: Any) -> tuple:
-    """``nonfinite_flat(g, n, found_inf, found_inf_code, flag)``."""
-    return (grads, np.int64(n), *skip, flag)
+# --- The gradient pre-pass: check_finite, or the clipping norm ------------------------------------
 
 
-def nonfinite_segments(grads: Any, tiles: Any, n_tiles: int, rows: Any, skip: Value, flag: Any) -> tuple:
-    """``nonfinite_segments(g, tiles, n_tiles, segment_row, found_inf, found_inf_code, flag)``."""
-    return (grads, tiles, np.int64(n_tiles), rows, *skip, flag)
+def norm_request(clip: Clip | None = None, *, partials: Any = None, counters: Any = None, given: Value = NO_FLAG,
+                 norm: Any = None, factor: Any = None, check_finite: bool = False) -> tuple:
+    """The pre-pass's norm arguments ``partials, counters, given, given_code, norm, factor, code, power,
+    inv_grad_scale, max_norm, check_finite`` (``NormRequest`` in radam.cu).
+
+    Without ``clip``: the finite check (every pointer null). With it: the norm of ``clip`` into the
+    0-d float64 ``norm``, from the gradients (``partials``: the float64 scratch, ``counters``: the
+    uint32 arrival counters, zero) or from ``given`` (``(norm array, value code)``: no gradient read),
+    and, unless ``clip.max_norm`` is None (the norm alone), the gradient factor into the 0-d float64
+    ``factor``; ``check_finite``: a NaN/inf norm sets the update's flag."""
+    if clip is None:
+        return (*(np.uint64(0),) * 2, *NO_FLAG, *(np.uint64(0),) * 2, np.int32(0), np.float64(0.0),
+                np.float64(1.0), np.float64(0.0), np.int32(0))
+    max_norm = 0.0 if clip.max_norm is None else clip.max_norm
+    return (null_or(partials), null_or(counters), *given, norm, null_or(None if clip.max_norm is None else factor),
+            np.int32(clip.code), np.float64(clip.norm_type), np.float64(clip.inv_grad_scale),
+            np.float64(max_norm), np.int32(bool(check_finite)))
 
 
-def nonfinite_tensors(pointers: Any, columns: int, tiles: Any, n_tiles: int, rows: Any, skip: Value,
-                      flag: Any) -> tuple:
-    """``nonfinite_tensors(pointers, columns, tiles, n_tiles, tensor_row, found_inf, found_inf_code, flag)``."""
-    return (pointers, np.int64(columns), tiles, np.int64(n_tiles), rows, *skip, flag)
+#: The norm arguments of the finite check alone.
+FINITE_CHECK = norm_request()
+
+
+def given_norm(norm: Any) -> Value:
+    """``given, given_code`` of a given 0-d device norm (float32 or float64)."""
+    return norm, np.int32(DTYPE_CODES[norm.dtype])
+
+
+def prepass_flat(grads: Any, n: int, skip: Value, flag: Any, norm: tuple = FINITE_CHECK) -> tuple:
+    """``prepass_flat(g, n, found_inf, found_inf_code, flag, <norm arguments>)`` (:func:`norm_request`)."""
+    return (null_or(grads), np.int64(n), *skip, null_or(flag), *norm)
+
+
+def prepass_segments(grads: Any, tiles: Any, n_tiles: int, rows: Any, skip: Value, flag: Any,
+                     norm: tuple = FINITE_CHECK) -> tuple:
+    """``prepass_segments(g, tiles, n_tiles, segment_row, found_inf, found_inf_code, flag, <norm arguments>)``."""
+    return (grads, tiles, np.int64(n_tiles), rows, *skip, null_or(flag), *norm)
+
+
+def prepass_tensors(pointers: Any, columns: int, tiles: Any, n_tiles: int, rows: Any, skip: Value, flag: Any,
+                    norm: tuple = FINITE_CHECK) -> tuple:
+    """``prepass_tensors(pointers, columns, tiles, n_tiles, tensor_row, found_inf, found_inf_code, flag,
+    <norm arguments>)``."""
+    return (pointers, np.int64(columns), tiles, np.int64(n_tiles), rows, *skip, null_or(flag), *norm)
+

@@ -5,8 +5,8 @@ device's architecture and cached by CuPy (``~/.cupy/kernel_cache``): one ``RawMo
 storage combination (:class:`fastradam.storage.Storage`: params, grads, moments, and how the params
 keep their values: the kernels' keeper, :func:`fastradam.abi_header.keeper_type`) holds its eight
 kernels (six under stochastic rounding: no capturable ones), instantiated from the templates with
-``name_expressions`` (43 combinations, 203 update kernels and 12 check_finite pre-passes in all;
-see :data:`NAME_EXPRESSIONS`).
+``name_expressions`` (43 combinations, 203 update kernels and 12 gradient pre-passes in all: the
+check_finite and clipping-norm pass, templated on the grads' storage; see :data:`NAME_EXPRESSIONS`).
 
 Notes
 -----
@@ -23,6 +23,9 @@ Notes
   4 floats, 2 doubles, 8 with any 16-bit role, whose float roles then move 32 bytes). The
   multi-tensor kernels cut the work into :data:`TILE`-element tiles (``fastradam.layout.tiles``)
   and launch ``min(tiles, SMs * blocks_per_SM)`` blocks, each taking tiles in turn.
+- The clipping norm's pre-pass sizes its grid from the work alone (:func:`norm_grid`,
+  :func:`norm_tile_grid`), never from the device: its sums are added in an order fixed by the grid,
+  so the norm has the same bits on every run and every device.
 """
 
 from __future__ import annotations
@@ -49,13 +52,18 @@ STORAGE_TYPES = {name: f.c_type for name, f in FORMATS.items()}
 
 BLOCK = 256
 BLOCKS_PER_SM = 8
+#: The clipping norm's pre-pass: at most this many blocks (of :data:`BLOCK` threads), each thread
+#: taking at least :data:`NORM_PACKS` 16-byte packs of the grads before the grid grows.
+NORM_BLOCKS = 1024
+NORM_PACKS = 4
 #: Elements per tile of the multi-tensor kernels: a multiple of the 64-element layout alignment
 #: (so tiles of an aligned layout stay 16-byte co-aligned) and of BLOCK * 8 lanes.
 TILE = 4096
 _PACK_BYTES = 16
 
 #: The kernel templates of radam.cu by kind: the update kernels are templated on the whole
-#: :class:`Storage`, the check_finite pre-passes (``nonfinite_*``) on the grads storage only.
+#: :class:`Storage`, the gradient pre-passes (``prepass_*``: check_finite, the clipping norm) on the
+#: grads storage only.
 UPDATE_KERNELS = {
     "step": "radam_step",  # host scalars by value
     "segments": "radam_step_segments",  # over the segments of flat buffers
@@ -63,17 +71,23 @@ UPDATE_KERNELS = {
     "capturable": "radam_step_capturable",  # step and lr read through type codes
     "segments_capturable": "radam_step_segments_capturable",  # step counts and lrs read on the device
 }
-FINITE_KERNELS = ("nonfinite_flat", "nonfinite_segments", "nonfinite_tensors")
+PREPASS_KERNELS = ("prepass_flat", "prepass_segments", "prepass_tensors")
 #: The update kernels whose step count is read on the device (none under stochastic rounding).
 CAPTURABLE_KERNELS = ("capturable", "segments_capturable")
 #: Every kind :func:`kernel_name` takes, in the order of :func:`name_expressions`.
-KERNEL_KINDS = (*UPDATE_KERNELS, *FINITE_KERNELS)
+KERNEL_KINDS = (*UPDATE_KERNELS, *PREPASS_KERNELS)
 
 
 @functools.lru_cache(maxsize=None)
 def lanes(storage: Storage) -> int:
     """Elements per 16-byte pack of the narrowest role of ``storage``."""
     return _PACK_BYTES // min(FORMATS[f].itemsize for f in (storage.params, storage.grads, storage.moments))
+
+
+@functools.lru_cache(maxsize=None)
+def grad_lanes(storage: Storage) -> int:
+    """Gradient elements per 16-byte pack (the pre-passes read the grads alone)."""
+    return _PACK_BYTES // FORMATS[storage.grads].itemsize
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,12 +131,12 @@ def check_capturable(stochastic: bool) -> None:
 @functools.lru_cache(maxsize=None)
 def kernel_name(kind: str, storage: Storage) -> str:
     """Name expression of the kernel ``kind`` (one of :data:`KERNEL_KINDS`) for ``storage``, in
-    CuPy's style: ``fastradam::radam_step_segments<float, float, float, fastradam::RoundNearest>``; a check_finite
-    pre-pass (``nonfinite_flat``, ``nonfinite_segments``, ``nonfinite_tensors``) is templated on
+    CuPy's style: ``fastradam::radam_step_segments<float, float, float, fastradam::RoundNearest>``; a gradient
+    pre-pass (``prepass_flat``, ``prepass_segments``, ``prepass_tensors``) is templated on
     ``storage.grads`` only."""
     if kind in UPDATE_KERNELS:
         return f"fastradam::{UPDATE_KERNELS[kind]}<{template_arguments(storage)}>"
-    if kind in FINITE_KERNELS:
+    if kind in PREPASS_KERNELS:
         return f"fastradam::{kind}<{STORAGE_TYPES[storage.grads]}>"
     raise ValueError(f"unknown kernel kind {kind!r}; expected one of {', '.join(KERNEL_KINDS)}")
 
@@ -203,3 +217,16 @@ def _grid(n: int, lanes: int, device_id: int) -> int:
 
 def _tile_grid(n_tiles: int, device_id: int) -> int:
     return max(1, min(n_tiles, _sm_count(device_id) * BLOCKS_PER_SM))
+
+
+def norm_grid(n: int, grad_lanes: int) -> int:
+    """Blocks of the clipping norm's pre-pass over ``n`` flat gradient elements (``grad_lanes`` per
+    16-byte pack): ``min(ceil(n / (BLOCK * grad_lanes * NORM_PACKS)), NORM_BLOCKS)``, at least 1. A
+    function of the work alone, never of the device: the order of the norm's sums follows it."""
+    return max(1, min(math.ceil(n / (BLOCK * grad_lanes * NORM_PACKS)), NORM_BLOCKS))
+
+
+def norm_tile_grid(n_tiles: int) -> int:
+    """Blocks of the clipping norm's pre-pass over ``n_tiles`` tiles (layouts, tensor lists):
+    ``min(n_tiles, NORM_BLOCKS)``, at least 1, whichever tiles are active."""
+    return max(1, min(n_tiles, NORM_BLOCKS))

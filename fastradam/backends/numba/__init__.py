@@ -10,6 +10,7 @@ This face binds validated buffers into launchers: everything that depends only o
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -23,7 +24,10 @@ from fastradam.backends.numba.kernels import (
     _radam_blocks,
     _radam_tensor_blocks,
 )
+from fastradam.backends.numba.norms import norm_blocks, norm_tensor_blocks, total_of
+from fastradam.clipping import Clip, clip_coefficient, finish_norm
 from fastradam.layout import SegmentArrays, index_shifts, tiles
+from fastradam.spec import SCALAR_INDEX
 
 
 def blocks(offsets: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -92,6 +96,23 @@ def _skipped(found_inf: bool, check_finite: bool, grads: np.ndarray, start: np.n
 
 #: This backend steps with host scalars only: no device step counts (torch's ``capturable``).
 CAPTURABLE = False
+_INV_GRAD_SCALE = SCALAR_INDEX["inv_grad_scale"]
+
+
+def _clipped(clip: Clip, norm_of: Callable[[int, float], np.ndarray], floats: np.ndarray, found_inf: bool,
+             check_finite: bool) -> tuple[float, bool]:
+    """A clipped step's norm (:mod:`fastradam.clipping`: the pre-pass ``norm_of(code, power)``'s
+    block partials unless ``clip.norm`` is given) and whether the step goes on; when it does, the
+    tables' gradient factor is set, in place, to ``inv_grad_scale * coefficient`` (rounded once)."""
+    if clip.norm is None:
+        code = clip.code
+        norm = finish_norm(total_of(norm_of(code, clip.norm_type), code), clip.norm_type, clip.inv_grad_scale)
+    else:
+        norm = float(clip.norm)
+    if clip.max_norm is None or found_inf or (check_finite and not math.isfinite(norm)):
+        return norm, False
+    floats[:, _INV_GRAD_SCALE] = clip.inv_grad_scale * clip_coefficient(norm, clip.max_norm)
+    return norm, True
 
 
 def _global_index(stochastic: bool, shifts: np.ndarray, start: np.ndarray, piece: np.ndarray) -> np.ndarray | None:
@@ -113,9 +134,20 @@ def bind_flat(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, exp_av
     serial = params.size <= SERIAL_UP_TO
     params, grads, exp_avg, exp_avg_sq, master = (_flat(a) for a in (params, grads, exp_avg, exp_avg_sq, master))
 
-    def launch(floats: np.ndarray, ints: np.ndarray, found_inf: bool = False, check_finite: bool = False) -> None:
+    def norm_of(code: int, power: float) -> np.ndarray:
+        return norm_blocks(grads, start, stop, row, code, power, serial)
+
+    def launch(floats: np.ndarray, ints: np.ndarray, found_inf: bool = False, check_finite: bool = False,
+               clip: Clip | None = None) -> float | None:
+        if clip is not None:
+            norm, go_on = _clipped(clip, norm_of, floats, found_inf, check_finite)
+            if go_on:
+                _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, start, stop, row, index, floats, ints,
+                              serial)
+            return norm
         if not _skipped(found_inf, check_finite, grads, start, stop, row, serial):
             _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, start, stop, row, index, floats, ints, serial)
+        return None
     return launch
 
 
@@ -132,10 +164,18 @@ def bind_segments(params: np.ndarray, grads: np.ndarray, exp_avg: np.ndarray, ex
     serial = int(segments.sizes.sum()) <= SERIAL_UP_TO
 
     def launch(segment_row: np.ndarray, floats: np.ndarray, ints: np.ndarray, found_inf: bool = False,
-               check_finite: bool = False) -> None:
+               check_finite: bool = False, clip: Clip | None = None) -> float | None:
         rows = segment_row[segment]
+        if clip is not None:
+            norm, go_on = _clipped(clip, lambda code, power: norm_blocks(grads, start, stop, rows, code, power, serial),
+                                   floats, found_inf, check_finite)
+            if go_on:
+                _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, start, stop, rows, index, floats, ints,
+                              serial)
+            return norm
         if not _skipped(found_inf, check_finite, grads, start, stop, rows, serial):
             _radam_blocks(params, grads, exp_avg, exp_avg_sq, master, start, stop, rows, index, floats, ints, serial)
+        return None
     return launch
 
 
@@ -164,16 +204,25 @@ def bind_tensors(params: list[np.ndarray], grads: list[np.ndarray] | None, exp_a
     master_like = None if master is None else np.empty(0, dtype=master[0].dtype)
 
     def launch(tensor_row: np.ndarray, floats: np.ndarray, ints: np.ndarray, found_inf: bool = False,
-               check_finite: bool = False, grads: list[np.ndarray] | None = None) -> None:
-        if not params or found_inf:
-            return
+               check_finite: bool = False, grads: list[np.ndarray] | None = None,
+               clip: Clip | None = None) -> float | None:
+        if not params or (found_inf and clip is None):
+            return None if clip is None else 0.0
         table, g_like = addresses, bound_g_like
         if grads is not None:
             table = addresses.copy()
             table[:, 1] = [0 if g is None else _address(g) for g in grads]
             g_like = np.empty(0, dtype=next(g for g in grads if g is not None).dtype)
+        if clip is not None:
+            norm, go_on = _clipped(clip, lambda code, power: norm_tensor_blocks(
+                table, start, stop, tensor, tensor_row, g_like, code, power, serial), floats, found_inf, check_finite)
+            if go_on:
+                _radam_tensor_blocks(table, sizes, start, stop, tensor, tensor_row, index, floats, ints, p_like,
+                                     g_like, m_like, master_like, serial)
+            return norm
         if check_finite and _non_finite_tensor_blocks(table, start, stop, tensor, tensor_row, g_like, serial) > 0:
-            return
+            return None
         _radam_tensor_blocks(table, sizes, start, stop, tensor, tensor_row, index, floats, ints, p_like, g_like,
                              m_like, master_like, serial)
+        return None
     return launch
